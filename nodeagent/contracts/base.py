@@ -1,0 +1,45 @@
+"""The base of every wire format.
+
+Python attributes are snake_case; the wire (JSON, schemas, receipts) is
+lowerCamelCase. Every model forbids unknown fields so that a typo in a request
+is an error that names the field instead of a silently ignored value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "agent-machine/v1"
+
+
+class Contract(BaseModel):
+    """A part of a wire format (nested object)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-ready dict exactly as it goes on the wire."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class Resource(Contract):
+    """A top-level, versioned kind: carries `apiVersion` and `kind`.
+
+    Subclasses pin `kind` with a Literal default so a document of one kind can
+    never validate as another.
+    """
+
+    api_version: str = API_VERSION
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.api_version != API_VERSION:
+            raise ValueError(f"apiVersion must be {API_VERSION!r}, got {self.api_version!r}")

@@ -1,0 +1,57 @@
+"""The node's SQLite state database.
+
+One file (``state.db`` in the state directory), WAL journal, a busy timeout so
+the daemon and CLI can share it. Each component owns its tables and declares
+its schema as an ordered list of migration steps; ``migrate`` applies the ones
+not yet recorded, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database with the settings every component relies on."""
+    path = Path(path)
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives power loss, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, component: str, steps: Sequence[str]) -> None:
+    """Apply ``steps[i]`` (SQL scripts) for every i not yet applied for ``component``.
+
+    Steps are append-only: never edit a released step, add a new one.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " component TEXT NOT NULL, step INTEGER NOT NULL, PRIMARY KEY (component, step))"
+    )
+    done = {row[0] for row in conn.execute("SELECT step FROM schema_migrations WHERE component = ?", (component,))}
+    for index, script in enumerate(steps):
+        if index in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split(script):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (component, step) VALUES (?, ?)", (component, index))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _split(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]
