@@ -1,0 +1,1 @@
+"""Provider adapters: the one interface the node uses to drive an inference engine."""

@@ -1,0 +1,115 @@
+"""The provider adapter interface (ARCHITECTURE.md, "Providers and launch").
+
+Every engine (embedded llama-cpp-python worker, llama-server, vLLM) is driven
+through `Provider`. The scheduler reasons about a provider only through this
+interface, so the same placement code serves all of them.
+
+Conventions:
+* Token ids are plain ``list[int]``; the provider's own tokenizer is the truth.
+* A *slot* is one independent sequence context inside the provider (the
+  embedded worker has one, llama-server has ``-np`` of them).
+* Saved state is a file: ``save_state`` writes it to a path the node chooses
+  (for llama-server, a file name inside its ``--slot-save-path``) and
+  ``restore_state`` reads it back. The KV-cache tiers move those files.
+* Errors raise `ProviderError` (or a subclass) with a message a person can act
+  on; a crashed engine raises `ProviderCrashed` and never takes the node down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Protocol, runtime_checkable
+
+ProviderKind = Literal["llama_cpp_python", "llama_server", "vllm"]
+
+
+class ProviderError(RuntimeError):
+    """The provider refused or failed a request."""
+
+
+class ProviderCrashed(ProviderError):
+    """The engine process died; the adapter can be restarted."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider is not running or not healthy yet."""
+
+
+class StateUnsupported(ProviderError):
+    """The provider cannot save or restore state (e.g. vLLM, or no --slot-save-path)."""
+
+
+class StateCorrupt(ProviderError):
+    """A saved state could not be restored (bad digest, truncated, wrong model)."""
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str = ""  # "loading", "ok", "connection refused", ...
+    checked_at: float = 0.0  # time.time() of the check
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion over a prompt given as tokens (preferred) or text."""
+
+    prompt_tokens: list[int] | None = None
+    prompt_text: str | None = None
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy, so runs are reproducible
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    slot: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    completion_tokens: list[int]
+    prompt_tokens: int  # length of the whole prompt
+    cached_tokens: int  # prompt tokens reused from the slot's context (not evaluated)
+    evaluated_tokens: int  # prompt tokens actually evaluated (prefill)
+    ttft_s: float  # request start to first generated token
+    total_s: float
+    finish_reason: Literal["stop", "length", "error"] = "stop"
+
+
+@dataclass(frozen=True)
+class SavedState:
+    path: Path
+    n_tokens: int  # the context length the state covers
+    size_bytes: int
+    save_s: float
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured on this machine by the provider; the cost model's inputs."""
+
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    restore_bytes_per_s: float | None = None
+    save_bytes_per_s: float | None = None
+
+
+@runtime_checkable
+class Provider(Protocol):
+    kind: ProviderKind
+    name: str  # unique within the node
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def health(self) -> Health: ...
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
+    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+    def stream(self, request: GenerationRequest) -> Iterator[str]: ...
+    def context_tokens(self, slot: int = 0) -> list[int]:
+        """The tokens whose KV the slot holds now (tier T0)."""
+        ...
+    def save_state(self, slot: int, path: Path) -> SavedState: ...
+    def restore_state(self, slot: int, path: Path) -> int:
+        """Restore into ``slot``; returns the number of tokens restored."""
+        ...
+    def rates(self) -> Rates: ...
