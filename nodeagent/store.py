@@ -55,3 +55,21 @@ def migrate(conn: sqlite3.Connection, component: str, steps: Sequence[str]) -> N
 
 def _split(script: str) -> list[str]:
     return [part.strip() for part in script.split(";") if part.strip()]
+
+
+class transaction:
+    """``with transaction(conn):`` runs BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
+
+    Connections from `connect` are in autocommit mode, so every multi-statement
+    change that must be atomic goes through this.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")

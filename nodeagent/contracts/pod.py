@@ -1,0 +1,172 @@
+"""`AgentPod`: the schedulable envelope of an agent session.
+
+A pod names the model it wants, the context segments that form its prompt
+prefix *in order* (system, tools, memory, retrieval, history), and the turns to
+run. Each turn appends its messages and the model's reply to the context, so
+turn k+1's prompt extends turn k's: the cache saved after turn k serves turn
+k+1, and a later pod of the same agent with the same segments starts warm.
+
+Validation is strict: unknown fields, empty pods, a segment with neither text
+nor digest, or a digest that does not match its text are errors that name the
+field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from nodeagent.contracts.base import Contract, Resource
+
+NAME_RE = r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"
+DIGEST_RE = r"^sha256:[0-9a-f]{64}$"
+
+
+def text_digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class CacheScope(str, Enum):
+    """Who may reuse the KV cache built from a segment.
+
+    private: this tenant's same agent only; tenant: any agent of the tenant;
+    public: anyone (e.g. a shared tool catalogue). A prefix is only as shared
+    as its most private segment so far.
+    """
+
+    private = "private"
+    tenant = "tenant"
+    public = "public"
+
+
+SCOPE_ORDER = {CacheScope.public: 0, CacheScope.tenant: 1, CacheScope.private: 2}
+
+
+class ContextSegment(Contract):
+    role: Literal["system", "tools", "memory", "retrieval", "history"]
+    text: str | None = None
+    # sha256 of the UTF-8 text. Alone, it refers to a segment this node has
+    # seen before (planners need not resend large tool schemas).
+    digest: str | None = Field(default=None, pattern=DIGEST_RE)
+    scope: CacheScope = CacheScope.private
+
+    @model_validator(mode="after")
+    def _text_or_digest(self) -> "ContextSegment":
+        if self.text is None and self.digest is None:
+            raise ValueError("a context segment needs `text` or `digest`")
+        if self.text is not None and self.digest is not None and text_digest(self.text) != self.digest:
+            raise ValueError("`digest` does not match sha256 of `text`")
+        return self
+
+
+class Message(Contract):
+    role: Literal["user", "assistant", "tool"]
+    content: str
+
+
+class Turn(Contract):
+    """Messages appended before the model answers; the answer is appended after."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(default=128, ge=1, le=32768)
+
+
+class ModelRef(Contract):
+    name: str | None = None  # NAME[:TAG]
+    digest: str | None = Field(default=None, pattern=DIGEST_RE)
+    min_context: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _name_or_digest(self) -> "ModelRef":
+        if not self.name and not self.digest:
+            raise ValueError("model needs `name` or `digest`")
+        return self
+
+
+class Resources(Contract):
+    accelerator: Literal["any", "cpu", "gpu"] = "any"
+    memory_bytes: int | None = Field(default=None, ge=0)
+
+
+class PodPolicy(Contract):
+    cache_reuse: bool = True  # false: never restore or save cache for this pod
+    deadline: datetime | None = None  # refuse to start after this instant (UTC)
+
+
+class PodMetadata(Contract):
+    name: str = Field(pattern=NAME_RE)
+    tenant: str = Field(pattern=NAME_RE)
+    agent: str = Field(pattern=NAME_RE)
+    session: str = Field(default="default", pattern=NAME_RE)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class AgentPodSpec(Contract):
+    model: ModelRef
+    context: list[ContextSegment] = Field(default_factory=list)
+    turns: list[Turn] = Field(min_length=1, max_length=256)
+    resources: Resources = Field(default_factory=Resources)
+    policy: PodPolicy = Field(default_factory=PodPolicy)
+    provider: str | None = None  # pin to one provider by name (optional)
+
+
+class PodPhase(str, Enum):
+    pending = "Pending"
+    admitted = "Admitted"
+    placed = "Placed"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    cancelled = "Cancelled"
+    refused = "Refused"
+
+
+TERMINAL_PHASES = frozenset({PodPhase.succeeded, PodPhase.failed, PodPhase.cancelled, PodPhase.refused})
+
+
+class Transition(Contract):
+    phase: PodPhase
+    at: datetime
+    reason: str | None = None
+
+
+class TurnResult(Contract):
+    index: int
+    provider: str
+    prompt_tokens: int
+    cached_tokens: int
+    evaluated_tokens: int
+    completion_tokens: int
+    cache_tier: Literal["T0", "T1", "T2", "none"]
+    ttft_ms: int
+    total_ms: int
+    output: str
+    decision_id: str | None = None
+
+
+class PodStatus(Contract):
+    phase: PodPhase
+    transitions: list[Transition] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)  # refusal or failure reasons
+    turns: list[TurnResult] = Field(default_factory=list)
+    receipt_ids: list[str] = Field(default_factory=list)
+
+
+class AgentPod(Resource):
+    kind: Literal["AgentPod"] = "AgentPod"
+    metadata: PodMetadata
+    spec: AgentPodSpec
+    id: str | None = None  # assigned by the node on submit
+    status: PodStatus | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{8,64}", value):
+            raise ValueError("pod id must be lowercase hex")
+        return value
