@@ -18,6 +18,7 @@ from nodeagent.cli.output import CliError
 COMMAND_MODULES = (
     "nodeagent.cli.core",      # version, paths, contracts
     "nodeagent.cli.probe",     # probe, doctor
+    "nodeagent.cli.config",    # config show
 )
 
 EPILOG = """\

@@ -1,0 +1,153 @@
+"""The node's configuration: one TOML file plus environment overrides.
+
+Precedence, highest first: ``AGENT_MACHINE_<SECTION>_<KEY>`` environment
+variables, the TOML file (``<config dir>/config.toml`` or ``AGENT_MACHINE_CONFIG``),
+built-in defaults. `load_config` records where each value came from, so
+`agent-machine config show` can say it. Unknown sections or keys are errors
+that name them: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nodeagent.paths import Paths, resolve_paths
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ApiConfig(_Section):
+    socket: str | None = None  # default: <runtime dir>/api.sock
+    tcp: str | None = None  # "127.0.0.1:8377" enables TCP (requires a token)
+    token_file: str | None = None  # file holding the bearer token for TCP
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class QueueConfig(_Section):
+    max_pods: int = Field(default=64, ge=1)  # beyond this: 429 with Retry-After
+
+
+class ModelsConfig(_Section):
+    keep_alive: str = "5m"  # "-1" forever, "0" unload when idle
+    max_loaded: int = Field(default=3, ge=1)
+    reserve_bytes: int = Field(default=1 << 30, ge=0)  # kept free on every device
+    default: str | None = None  # model used by OpenAI requests that name none
+
+
+class CacheConfig(_Section):
+    block_tokens: int = Field(default=64, ge=1)
+    ram_dir: str | None = None  # default: a tmpfs (/dev/shm or $XDG_RUNTIME_DIR)
+    ram_budget_bytes: int = Field(default=2 << 30, ge=0)
+    disk_budget_bytes: int = Field(default=20 << 30, ge=0)
+
+
+class PolicyConfig(_Section):
+    path: str | None = None  # admission policy TOML; configured-but-broken fails closed
+
+
+class ReceiptsConfig(_Section):
+    checkpoint_every: int = Field(default=128, ge=1)
+    checkpoint_seconds: float = Field(default=60.0, gt=0)
+    key_file: str | None = None  # default: <state>/keys/machine.key (or a systemd credential)
+
+
+class ReconcileConfig(_Section):
+    interval_s: float = Field(default=5.0, gt=0)
+
+
+class Config(_Section):
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    receipts: ReceiptsConfig = Field(default_factory=ReceiptsConfig)
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    paths: Paths
+    file: Path
+    file_exists: bool
+    sources: Mapping[str, str]  # "section.key" -> "default" | "file <path>" | "env NAME"
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"AGENT_MACHINE_{section.upper()}_{key.upper()}"
+
+
+def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = None) -> LoadedConfig:
+    env = os.environ if env is None else env
+    paths = resolve_paths(env)
+    file = Path(path or env.get("AGENT_MACHINE_CONFIG") or paths.config_file)
+    data: dict[str, Any] = {}
+    exists = file.is_file()
+    if exists:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {file}: {exc}") from exc
+    elif path is not None or env.get("AGENT_MACHINE_CONFIG"):
+        raise ConfigError(f"config file {file} does not exist")
+
+    sources: dict[str, str] = {}
+    for section_name, field in Config.model_fields.items():
+        section_type = field.annotation
+        given = data.get(section_name, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"config file {file}: [{section_name}] must be a table")
+        for key in section_type.model_fields:  # type: ignore[union-attr]
+            dotted = f"{section_name}.{key}"
+            env_value = env.get(_env_name(section_name, key))
+            if env_value is not None:
+                given = {**given, key: env_value}
+                sources[dotted] = f"env {_env_name(section_name, key)}"
+            elif key in given:
+                sources[dotted] = f"file {file}"
+            else:
+                sources[dotted] = "default"
+        data[section_name] = given
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        origin = sources.get(where, f"file {file}")
+        raise ConfigError(f"{where}: {first['msg']} (from {origin})") from exc
+    return LoadedConfig(config=config, paths=paths, file=file, file_exists=exists, sources=sources)
+
+
+def parse_duration(text: str) -> float | None:
+    """'5m' -> 300.0, '90s', '2h', '0' -> 0.0, '-1' -> None (forever)."""
+    text = text.strip()
+    if text in ("-1", "-1s", "forever"):
+        return None
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        suffix, number = "s", text
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h, 0, -1)") from None
+    if value < 0:
+        return None
+    return value * units[suffix]
