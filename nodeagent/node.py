@@ -1,0 +1,237 @@
+"""`Node`: wires probe, models, cache, scheduler, pods and receipts together.
+
+The API, the daemon and the CLI are thin shells over one `Node`. It owns:
+
+* the SQLite connection (one per node; components share it),
+* the cached `MachineProfile`,
+* the pod queue: `submit_pod` admits and enqueues, dispatcher threads run pods
+  one turn at a time through `PodExecutor`, and every pod ends in a terminal
+  phase with a receipt,
+* the reconcile step the daemon calls periodically.
+
+Thread model: the API calls into the node from its threads; pod execution runs
+on the node's dispatcher threads; SQLite access is serialized by ``_db_lock``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from nodeagent.admission import AdmissionRequest, Policy
+from nodeagent.config import LoadedConfig, load_config
+from nodeagent.contracts.machine import MachineProfile
+from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
+from nodeagent.pods import PodNotFound, PodStore
+from nodeagent.store import connect
+
+
+class QueueFull(RuntimeError):
+    """The pod queue is at `queue.max_pods`; retry after ``retry_after_s``."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"pod queue is full ({limit} pods in flight); retry in {retry_after_s}s")
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class NodeClosed(RuntimeError):
+    """The node is draining or stopped and accepts no new pods."""
+
+
+@dataclass
+class _Cancel:
+    event: threading.Event = field(default_factory=threading.Event)
+
+
+class Node:
+    def __init__(self, loaded: LoadedConfig | None = None, *,
+                 probe_fn: Callable[..., MachineProfile] | None = None,
+                 executor_factory: Callable[["Node"], "object"] | None = None,
+                 dispatchers: int = 1) -> None:
+        self.loaded = loaded or load_config()
+        self.config = self.loaded.config
+        self.paths = self.loaded.paths
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db = connect(self.paths.db_file)
+        self._db_lock = threading.RLock()
+        self.pods = PodStore(self.db)
+        self.policy = Policy.load(self.config.policy.path)
+        self._probe_fn = probe_fn
+        self._profile: MachineProfile | None = None
+        self._profile_lock = threading.Lock()
+        self._queue: "queue.Queue[str | None]" = queue.Queue()
+        self._cancels: dict[str, _Cancel] = {}
+        self._accepting = True
+        self._dispatch_paused = threading.Event()
+        self._dispatchers: list[threading.Thread] = []
+        self._n_dispatchers = dispatchers
+        self._executor_factory = executor_factory
+        self.executor = None
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> list[str]:
+        """Recover from a previous crash, then start dispatching. Returns recovered pod ids."""
+        with self._db_lock:
+            recovered = self.pods.recover()
+        if self._executor_factory is not None:
+            self.executor = self._executor_factory(self)
+        for index in range(self._n_dispatchers):
+            thread = threading.Thread(target=self._dispatch_loop, name=f"pod-dispatch-{index}", daemon=True)
+            thread.start()
+            self._dispatchers.append(thread)
+        return recovered
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting pods, let in-flight pods finish within ``timeout_s``, cancel the rest."""
+        self._accepting = False
+        self._dispatch_paused.clear()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self._in_flight_count() > 0:
+            time.sleep(0.05)
+        with self._db_lock:
+            leftovers = [p.id for p in self.pods.in_flight()]
+        for pod_id in leftovers:
+            self.cancel_pod(pod_id, reason="agent draining (SIGTERM)")
+        for _ in self._dispatchers:
+            self._queue.put(None)
+        for thread in self._dispatchers:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()) + 5)
+        self._dispatchers.clear()
+
+    def close(self) -> None:
+        if self._dispatchers:
+            self.drain(timeout_s=0)
+        if self.executor is not None and hasattr(self.executor, "close"):
+            self.executor.close()
+        self.db.close()
+
+    def pause_dispatch(self) -> None:
+        """Keep accepting pods but start none (maintenance); `resume_dispatch` undoes it."""
+        self._dispatch_paused.set()
+
+    def resume_dispatch(self) -> None:
+        self._dispatch_paused.clear()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def ready(self) -> bool:
+        return self._accepting and bool(self._dispatchers) and all(t.is_alive() for t in self._dispatchers)
+
+    # ------------------------------------------------------------ machine
+    def machine(self, refresh: bool = False) -> MachineProfile:
+        with self._profile_lock:
+            if self._profile is None or refresh:
+                probe_fn = self._probe_fn
+                if probe_fn is None:
+                    from nodeagent.probe import probe as probe_fn
+                self._profile = probe_fn(state_dir=self.paths.state_dir, cache_dir=self.paths.cache_dir)
+            return self._profile
+
+    # ------------------------------------------------------------ pods
+    def submit_pod(self, pod: AgentPod) -> AgentPod:
+        """Persist, admit and enqueue ``pod``. Refused pods end at once (with reasons).
+
+        Raises QueueFull before persisting anything when the queue is at capacity.
+        """
+        if not self._accepting:
+            raise NodeClosed("the agent is draining and accepts no new pods")
+        limit = self.config.queue.max_pods
+        with self._db_lock:
+            if self._in_flight_count() >= limit:
+                raise QueueFull(limit, retry_after_s=self._retry_after())
+            stored = self.pods.create(pod)
+            decision = self.policy.decide(AdmissionRequest(pod=stored))
+            if not decision.allowed:
+                self.pods.transition(stored.id, PodPhase.refused, reason="admission", reasons=decision.reasons)
+            else:
+                self.pods.transition(stored.id, PodPhase.admitted)
+        if decision.allowed:
+            self._cancels[stored.id] = _Cancel()
+            self._queue.put(stored.id)
+        elif self.executor is not None and hasattr(self.executor, "on_refused"):
+            self.executor.on_refused(stored.id, decision)
+        return self.get_pod(stored.id)
+
+    def get_pod(self, pod_id: str) -> AgentPod:
+        with self._db_lock:
+            return self.pods.get(pod_id)
+
+    def list_pods(self, *, phase: PodPhase | None = None, tenant: str | None = None, limit: int = 100) -> list[AgentPod]:
+        with self._db_lock:
+            return self.pods.list(phase=phase, tenant=tenant, limit=limit)
+
+    def cancel_pod(self, pod_id: str, reason: str = "cancelled by request") -> AgentPod:
+        """Cancel a pod that has not finished; a finished pod is returned unchanged."""
+        pod = self.get_pod(pod_id)  # raises PodNotFound
+        if pod.status.phase in TERMINAL_PHASES:
+            return pod
+        cancel = self._cancels.get(pod_id)
+        if cancel is not None:
+            cancel.event.set()
+        if pod.status.phase in (PodPhase.pending, PodPhase.admitted):
+            # Not started: end it here. A running pod is ended by its executor
+            # at the next turn boundary (it checks the cancel flag).
+            self._finish(pod_id, PodPhase.cancelled, reason)
+        return self.get_pod(pod_id)
+
+    def is_cancelled(self, pod_id: str) -> bool:
+        cancel = self._cancels.get(pod_id)
+        return cancel is not None and cancel.event.is_set()
+
+    def pod_transition(self, pod_id: str, phase: PodPhase, reason: str | None = None,
+                       reasons: list[str] | None = None) -> None:
+        with self._db_lock:
+            self.pods.transition(pod_id, phase, reason=reason, reasons=reasons or [])
+
+    # ------------------------------------------------------------ internals
+    def _finish(self, pod_id: str, phase: PodPhase, reason: str) -> None:
+        from nodeagent.pods import InvalidTransition
+
+        try:
+            self.pod_transition(pod_id, phase, reason=reason, reasons=[reason])
+        except InvalidTransition:
+            return  # it ended in the meantime
+        if self.executor is not None and hasattr(self.executor, "on_finished_without_run"):
+            self.executor.on_finished_without_run(pod_id, phase, reason)
+
+    def _in_flight_count(self) -> int:
+        counts = self.pods.phase_counts()
+        return sum(n for phase, n in counts.items() if PodPhase(phase) not in TERMINAL_PHASES)
+
+    def _retry_after(self) -> int:
+        return max(1, int(self.config.reconcile.interval_s))
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            pod_id = self._queue.get()
+            if pod_id is None:
+                return
+            while self._dispatch_paused.is_set() and self._accepting:
+                time.sleep(0.05)
+            try:
+                pod = self.get_pod(pod_id)
+            except PodNotFound:
+                continue
+            if pod.status.phase in TERMINAL_PHASES:
+                continue
+            try:
+                if self.executor is None:
+                    self._finish(pod_id, PodPhase.failed, "no executor configured (node started without providers)")
+                else:
+                    self.executor.run(pod)
+            except Exception as exc:  # the dispatcher must survive any pod
+                self._finish(pod_id, PodPhase.failed, f"{type(exc).__name__}: {exc}")
+            finally:
+                self._cancels.pop(pod_id, None)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
