@@ -83,6 +83,13 @@ PRESETS: dict[str, TestModelSpec] = {
     ),
 }
 
+# A ChatML-style template so chat requests go through the model's own template,
+# as with a real release (llama-cpp-python renders it with Jinja2).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 _SPECIAL = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in llama's vocabulary
 _PRINTABLE = [c for c in string.printable if c not in string.whitespace] + [" "]
 MIN_VOCAB = len(_SPECIAL) + 256 + 100
@@ -226,6 +233,7 @@ def create_test_model(out: str | os.PathLike[str], preset: str = "tiny", **overr
         writer.add_eos_token_id(2)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
+        writer.add_chat_template(CHAT_TEMPLATE)
         width = np.float16 if spec.dtype == "f16" else np.float32
         for name, shape, kind in plan:
             dtype = np.dtype(np.float32 if kind == "norm" else width)
