@@ -1,0 +1,178 @@
+"""Measured rates, refined online: the only numbers the cost model uses.
+
+Quantities (per provider, or machine-wide with ``provider=None``):
+
+=============================  =========================================
+``prefill_tokens_per_s``       prompt tokens evaluated per second
+``decode_tokens_per_s``        tokens generated per second
+``restore_bytes_per_s:T1``     saved-state bytes restored per second from T1
+``restore_bytes_per_s:T2``     ... from T2
+``load_bytes_per_s``           model file bytes loaded per second
+=============================  =========================================
+
+Sources, in the order `estimate` trusts them for one provider: observations
+of real runs (an exponentially weighted moving average, weight ``alpha`` on
+the newest), else the provider's own start-up measurement (``Provider.rates()``)
+or a calibration routine, else a machine-wide calibration (``provider=None``,
+e.g. a tier's read throughput measured at start-up), else the **slowest**
+value known for any provider (conservative: it over-estimates the time, so an
+unmeasured provider is not preferred by accident), else unknown. The source
+goes into every decision, so an estimate built on a fallback says so.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+PREFILL = "prefill_tokens_per_s"
+DECODE = "decode_tokens_per_s"
+LOAD = "load_bytes_per_s"
+
+
+def restore_quantity(tier: str) -> str:
+    return f"restore_bytes_per_s:{tier}"
+
+
+QUANTITIES = (PREFILL, DECODE, restore_quantity("T1"), restore_quantity("T2"), LOAD)
+Source = Literal["observed", "provider", "calibrated", "fallback", "unknown"]
+DEFAULT_ALPHA = 0.2
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    quantity: str
+    value: float | None
+    source: Source
+    samples: int = 0
+
+
+@dataclass
+class _Rate:
+    value: float
+    source: Source
+    samples: int
+
+
+class RateRegistry:
+    """Thread-safe store of rates; reads are lock-free snapshots of immutable floats."""
+
+    def __init__(self, alpha: float = DEFAULT_ALPHA) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError("EWMA alpha must be in (0, 1]")
+        self.alpha = alpha
+        self._rates: dict[tuple[str | None, str], _Rate] = {}
+        self._lock = threading.Lock()
+        self.generation = 0  # bumped on every change
+        self._slowest: dict[str, tuple[int, float | None]] = {}  # quantity -> (generation, value)
+
+    @staticmethod
+    def _check(quantity: str, value: float) -> None:
+        if quantity not in QUANTITIES:
+            raise ValueError(f"unknown rate quantity {quantity!r}; one of {', '.join(QUANTITIES)}")
+        if not value > 0:
+            raise ValueError(f"rate {quantity} must be > 0, got {value!r}")
+
+    def set(self, provider: str | None, quantity: str, value: float, source: Source) -> None:
+        """Seed a rate (provider start-up measurement or calibration). An observed
+        average is not overwritten by a seed: real runs beat start-up guesses."""
+        self._check(quantity, value)
+        with self._lock:
+            current = self._rates.get((provider, quantity))
+            if current is not None and current.source == "observed":
+                return
+            self._rates[(provider, quantity)] = _Rate(float(value), source, 0)
+            self.generation += 1
+
+    def seed_from_provider(self, provider: str, rates) -> list[str]:
+        """Take what ``Provider.rates()`` measured (a providers.base.Rates). Returns quantities set."""
+        pairs = [(PREFILL, rates.prefill_tokens_per_s), (DECODE, rates.decode_tokens_per_s)]
+        if rates.restore_bytes_per_s:
+            pairs += [(restore_quantity("T1"), rates.restore_bytes_per_s),
+                      (restore_quantity("T2"), rates.restore_bytes_per_s)]
+        done = []
+        for quantity, value in pairs:
+            if value:
+                self.set(provider, quantity, value, "provider")
+                done.append(quantity)
+        return done
+
+    def observe(self, provider: str | None, quantity: str, amount: float, seconds: float) -> None:
+        """Fold one observed run (``amount`` tokens or bytes in ``seconds``) into the average."""
+        if amount <= 0 or seconds <= 0:
+            return  # nothing was measured (fully cached prompt, empty state)
+        value = amount / seconds
+        self._check(quantity, value)
+        with self._lock:
+            current = self._rates.get((provider, quantity))
+            if current is None or current.source != "observed":
+                # The first observation replaces a seed: it measured this very workload.
+                self._rates[(provider, quantity)] = _Rate(value, "observed", 1)
+            else:
+                current.value = (1 - self.alpha) * current.value + self.alpha * value
+                current.samples += 1
+            self.generation += 1
+
+    def estimate(self, provider: str | None, quantity: str) -> RateEstimate:
+        rate = self._rates.get((provider, quantity))
+        if rate is not None:
+            return RateEstimate(quantity, rate.value, rate.source, rate.samples)
+        machine = self._rates.get((None, quantity))
+        if machine is not None:
+            return RateEstimate(quantity, machine.value, machine.source, machine.samples)
+        slowest = self._slowest_known(quantity)
+        if slowest is not None:
+            return RateEstimate(quantity, slowest, "fallback", 0)
+        return RateEstimate(quantity, None, "unknown", 0)
+
+    def _slowest_known(self, quantity: str) -> float | None:
+        generation = self.generation
+        cached = self._slowest.get(quantity)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        with self._lock:
+            known = [r.value for (_, q), r in self._rates.items() if q == quantity]
+        value = min(known) if known else None
+        self._slowest[quantity] = (generation, value)
+        return value
+
+    def snapshot(self) -> dict[str, dict[str, RateEstimate]]:
+        with self._lock:
+            items = list(self._rates.items())
+        out: dict[str, dict[str, RateEstimate]] = {}
+        for (provider, quantity), rate in items:
+            out.setdefault(provider or "*", {})[quantity] = RateEstimate(quantity, rate.value, rate.source,
+                                                                         rate.samples)
+        return out
+
+
+def calibrate_read_throughput(directory: str | Path, size_bytes: int = 32 << 20) -> float:
+    """Bytes/s reading a freshly written file in ``directory`` (a tier's start-up calibration).
+
+    On tmpfs this is RAM speed; on disk it includes the page cache unless the
+    file is larger than RAM, so it is an optimistic bound for T2 and refined by
+    observed restores.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".calibrate-", dir=directory)
+    try:
+        block = os.urandom(1 << 20)
+        with os.fdopen(fd, "wb") as handle:
+            for _ in range(max(1, size_bytes >> 20)):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        start = time.perf_counter()
+        read = 0
+        with open(name, "rb", buffering=0) as handle:
+            while chunk := handle.read(1 << 20):
+                read += len(chunk)
+        return read / max(time.perf_counter() - start, 1e-9)
+    finally:
+        os.unlink(name)
