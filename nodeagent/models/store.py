@@ -121,7 +121,7 @@ def gguf_info(meta: GGUFMeta) -> GGUFInfo:
 
 
 def meta_from_info(info: GGUFInfo, file_size: int) -> GGUFMeta:
-    data = info.model_dump()
+    data = info.model_dump(by_alias=False)
     data.pop("has_chat_template")
     return GGUFMeta(**data, file_size=file_size)
 
