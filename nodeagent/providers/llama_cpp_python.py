@@ -492,3 +492,19 @@ def _usage(result: GenerationResult) -> dict[str, Any]:
         "total_tokens": result.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
+
+
+def residency_loader(*, n_threads: int | None = None, use_mmap: bool = True) -> Any:
+    """A `nodeagent.models.residency.Loader` that starts one embedded provider per model."""
+
+    def load(request: Any) -> LlamaCppPythonProvider:
+        provider = LlamaCppPythonProvider(
+            f"llama-cpp-python/{request.digest.removeprefix('sha256:')[:12]}", request.path,
+            model_digest=request.digest, model_name=request.name,
+            options=LlamaOptions(n_ctx=request.n_ctx, n_threads=n_threads, n_gpu_layers=request.n_gpu_layers,
+                                 kv_type=request.kv_type, use_mmap=use_mmap),
+        )
+        provider.start()
+        return provider
+
+    return load
