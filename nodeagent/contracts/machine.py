@@ -48,8 +48,11 @@ class HostInfo(Section):
 
 # ----------------------------------------------------------------- cpu
 class CpuCaches(Contract):
-    l1d_bytes: int | None = None
-    l1i_bytes: int | None = None
+    """Sizes as cpu0 sees them (one instance: per core for L1/L2, per cluster/socket for L3)."""
+
+    # Explicit aliases: the generated camelCase of "l1d_bytes" would be "l1DBytes".
+    l1d_bytes: int | None = Field(default=None, alias="l1dBytes")
+    l1i_bytes: int | None = Field(default=None, alias="l1iBytes")
     l2_bytes: int | None = None
     l3_bytes: int | None = None
 
@@ -143,7 +146,7 @@ class VulkanHeap(Contract):
 
 
 class VulkanDevice(Contract):
-    index: int
+    index: int  # vulkaninfo's GPU<n>, the index GGML_VK_VISIBLE_DEVICES uses
     name: str | None = None
     device_type: Literal["discrete", "integrated", "virtual", "cpu", "other"] | None = None
     vendor_id: str | None = None  # "0x10de"
@@ -153,18 +156,21 @@ class VulkanDevice(Contract):
     driver_name: str | None = None
     driver_info: str | None = None
     api_version: str | None = None
+    device_uuid: str | None = None
     memory_heaps: list[VulkanHeap] = Field(default_factory=list)
     # What ggml's Vulkan backend decides its fast paths on; null when unknown.
     fp16: bool | None = None
     int_dot: bool | None = None
     coopmat: bool | None = None
-    storage16bit: bool | None = None
+    storage16bit: bool | None = Field(default=None, alias="storage16bit")
     # Whether llama.cpp's Vulkan backend would use it by default, and why not.
     ggml_usable: bool | None = None
     ggml_reason: str | None = None
 
 
 class VulkanInfo(Section):
+    instance_version: str | None = None  # the loader's; ggml-vulkan needs >= 1.2
+    icd_files: list[str] = Field(default_factory=list)  # installed driver manifests (icd.d/*.json)
     devices: list[VulkanDevice] = Field(default_factory=list)
 
 
@@ -181,7 +187,7 @@ class AsahiInfo(Section):
     evidence: list[str] = Field(default_factory=list)  # which signals matched
     gpu_driver: str | None = None  # asahi, virtio_gpu
     vulkan_driver: str | None = None  # honeykrisp
-    page_size_16k: bool | None = None
+    page_size_16k: bool | None = Field(default=None, alias="pageSize16k")
     unified_memory_bytes: int | None = None
 
 
@@ -199,6 +205,7 @@ class CdiInfo(Section):
 
 class PythonBackendInfo(Section):
     version: str | None = None
+    path: str | None = None  # package directory found (not imported)
     backends: list[str] = Field(default_factory=list)  # cpu, cuda, vulkan, metal, rocm
 
 
@@ -206,7 +213,9 @@ class RuntimeInfo(Section):
     podman: PodmanInfo = Field(default_factory=PodmanInfo)
     cdi: CdiInfo = Field(default_factory=CdiInfo)
     cgroup_version: Literal[1, 2] | None = None
+    user: str | None = None  # the effective user's name (from /etc/passwd)
     systemd_user: bool | None = None  # a reachable systemd user manager
+    systemd_user_state: str | None = None  # `systemctl --user is-system-running`: running, degraded, offline...
     lingering: bool | None = None  # loginctl enable-linger for this user
     llama_cpp_python: PythonBackendInfo = Field(default_factory=PythonBackendInfo)
     vllm: PythonBackendInfo = Field(default_factory=PythonBackendInfo)
@@ -217,6 +226,10 @@ class StorageLocation(Contract):
     role: Literal["state", "cache", "ram_tier"]
     path: str
     exists: bool
+    # Where the figures come from: the path itself or, when it does not exist
+    # yet, its nearest existing parent (where it will be created).
+    measured_path: str | None = None
+    mount_point: str | None = None
     fs_type: str | None = None
     device: str | None = None
     total_bytes: int | None = None
@@ -247,7 +260,8 @@ Platform = Literal["asahi", "nvidia", "amd", "cpu"]
 class BackendRecommendation(Contract):
     backend: str  # llama.cpp-cpu, llama.cpp-vulkan, llama.cpp-cuda, llama.cpp-rocm, vllm, vllm-rocm
     provider: Literal["llama_cpp_python", "llama_server", "vllm"]
-    device: str  # a ComputeDevice id
+    device: str  # the primary ComputeDevice id
+    devices: list[str] = Field(default_factory=list)  # every ComputeDevice id it can use
     reason: str
     ready: bool  # usable now without installing anything
     missing: str | None = None  # what to install or enable when not ready
