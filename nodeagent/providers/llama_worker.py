@@ -214,6 +214,7 @@ class Worker:
     def op_stats(self) -> dict:
         perf = None
         if self.llm is not None:
+            self.llama_cpp.llama_synchronize(self.llm.ctx)  # counters of a queued decode land on sync
             data = self.llama_cpp.llama_perf_context(self.llm.ctx)
             perf = {"n_p_eval": data.n_p_eval, "n_eval": data.n_eval,
                     "t_p_eval_ms": data.t_p_eval_ms, "t_eval_ms": data.t_eval_ms}
@@ -292,6 +293,7 @@ class Worker:
         text, emitted, completion = "", 0, []
         finish, stopped_on_string = "length", False
         ttft = None
+        n_decoded = 0  # generated tokens fed back through decode (each one extends the context)
         decode_start = time.perf_counter()
         for _ in range(max_tokens):
             token = int(sampler.sample(llm._ctx, -1))
@@ -315,12 +317,12 @@ class Worker:
             if llm.n_tokens >= n_ctx:
                 break  # the context is full
             llm.eval([token])
+            n_decoded += 1
         if not stopped_on_string:
             text += decoder.decode(b"", final=True)
         if stream and len(text) > emitted:
             send_frame(self.sock, {"event": "delta", "text": text[emitted:]})
         end = time.perf_counter()
-        n_decoded = max(len(completion) - 1, 0)
         return {
             "text": text, "completion_tokens": completion, "prompt_tokens": len(tokens),
             "cached_tokens": cached, "evaluated_tokens": evaluated,
