@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "nodeagent.cli.core",      # version, paths, contracts
     "nodeagent.cli.probe",     # probe, doctor
     "nodeagent.cli.config",    # config show
+    "nodeagent.cli.service",   # serve, status, ps, install-service
     "nodeagent.cli.models",    # models import/ls/inspect/rm/fit/load/unload/ps
 )
 

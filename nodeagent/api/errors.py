@@ -1,0 +1,163 @@
+"""One error shape for every API failure, and the handlers that produce it.
+
+Body (also what OpenAI clients expect, so their SDKs surface the message)::
+
+    {"error": {"type": "invalid_request", "message": "spec.turns: Field required",
+               "field": "spec.turns", "param": "spec.turns",
+               "details": [{"field": "spec.turns", "message": "Field required", "type": "missing"}]}}
+
+Rules: every 4xx names the offending field where there is one (``field``; the
+body as a whole is ``body``, a query parameter its name, a path parameter its
+name); bad input is a 4xx, never a 5xx; a 5xx means a bug in the agent and says
+so without leaking a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterable, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+log = logging.getLogger("agent_machine.api")
+
+
+class ApiError(Exception):
+    """Raise from a route to answer ``status`` with the standard body."""
+
+    def __init__(self, status: int, type_: str, message: str, *, field: str | None = None,
+                 details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.field = field
+        self.details = details or []
+        self.headers = headers or {}
+
+
+def error_body(type_: str, message: str, field: str | None = None,
+               details: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message, "field": field, "param": field,
+                      "details": list(details)}}
+
+
+def error_response(status: int, type_: str, message: str, field: str | None = None,
+                   details: Sequence[dict[str, Any]] = (), headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type_, message, field, details), status_code=status, headers=headers)
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """('body', 'spec', 'turns', 0, 'messages') -> 'spec.turns[0].messages'.
+
+    A location that is only 'body' (malformed JSON, wrong top-level type) names
+    ``body``; query and path parameters are named bare (``refresh``, ``pod_id``).
+    """
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        origin = parts.pop(0)
+        if not parts:
+            return str(origin)
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-"):
+            continue  # pydantic's validator markers are not field names
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def validation_details(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    details = []
+    for err in errors:
+        loc = err.get("loc", ())
+        # A JSON decode error carries the character offset as the last loc item.
+        if err.get("type") == "json_invalid":
+            details.append({"field": "body", "message": f"invalid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}",
+                            "type": "json_invalid"})
+            continue
+        message = str(err.get("msg", "invalid value"))
+        message = message.removeprefix("Value error, ")
+        details.append({"field": field_path(loc), "message": message, "type": err.get("type", "value_error")})
+    return details
+
+
+def _summary(details: list[dict[str, Any]]) -> str:
+    if not details:
+        return "invalid request"
+    head = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
+    more = len(details) - 3
+    return head + (f" (and {more} more)" if more > 0 else "")
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+async def _on_request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    content_type = request.headers.get("content-type", "")
+    body_not_json = any(tuple(err.get("loc", ())) == ("body",) and err.get("type") == "model_attributes_type"
+                        for err in errors)
+    if body_not_json and content_type and not _is_json(content_type):
+        return error_response(415, "unsupported_media_type",
+                              f"send the body as JSON with Content-Type: application/json (got {content_type})",
+                              "Content-Type")
+    details = validation_details(errors)
+    status = 400 if any(d["type"] == "json_invalid" for d in details) else 422
+    return error_response(status, "invalid_request", _summary(details), details[0]["field"] if details else "body",
+                          details)
+
+
+async def _on_pydantic_validation(request: Request, exc: ValidationError) -> JSONResponse:
+    # A contract validated inside a route (e.g. a node method re-validating input).
+    details = validation_details(exc.errors(include_url=False))
+    return error_response(422, "invalid_request", _summary(details), details[0]["field"] if details else "body",
+                          details)
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.type, exc.message, exc.field, exc.details, exc.headers)
+
+
+_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message, field = f"no route {request.method} {request.url.path}", "path"
+    elif exc.status_code == 405:
+        message, field = f"method {request.method} is not allowed on {request.url.path}", "method"
+    elif exc.status_code == 413:
+        message, field = str(exc.detail), "body"
+    else:
+        message, field = str(exc.detail), None
+    return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), message, field,
+                          headers=getattr(exc, "headers", None))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error",
+                          f"the agent failed on this request ({type(exc).__name__}); this is a bug, see the agent's log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_request_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ValidationError, _on_pydantic_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,180 @@
+"""OpenAI-compatible endpoints: any OpenAI client can use the agent.
+
+* ``POST /v1/chat/completions`` and ``POST /openai/v1/chat/completions`` run the
+  request as a one-turn pod (``node.chat_completion(body)``).
+* ``GET /openai/v1/models`` lists models in OpenAI's shape. It lives under the
+  ``/openai/v1`` prefix because the agent's own ``GET /v1/models`` returns
+  ModelRecords with residency. Point an OpenAI client at
+  ``base_url=<agent>/openai/v1``.
+
+Contract with the node: ``node.chat_completion(body: dict)`` takes the
+validated request (wire names, unset fields dropped) and returns the OpenAI
+``chat.completion`` object as a dict, or, when ``body["stream"]`` is true, an
+iterator of ``chat.completion.chunk`` dicts which this route frames as SSE
+ending with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Literal
+
+import anyio
+from fastapi import APIRouter, Body, Depends
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response, StreamingResponse
+
+from nodeagent.api.errors import json_bytes
+from nodeagent.api.routes.common import error_responses, get_node, node_method, wire_response
+
+router = APIRouter(tags=["openai"])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    """The OpenAI fields the agent understands; any other field is an error that names it."""
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: dict[str, Any]
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: dict[str, Any] | None = None
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "agent-machine"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+def _sse(chunks: Iterator[Any]) -> Iterator[bytes]:
+    for chunk in chunks:
+        yield b"data: " + json_bytes(chunk if isinstance(chunk, dict) else wire_dict(chunk)) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def wire_dict(value: Any) -> dict[str, Any]:
+    from nodeagent.api.routes.common import to_wire
+
+    return to_wire(value)
+
+
+def _chat(request: ChatCompletionRequest, node: Any) -> Response:
+    from nodeagent.api.errors import ApiError
+    from nodeagent.node import NodeClosed, QueueFull
+
+    method = node_method(node, "chat_completion")
+    body = request.model_dump(mode="json", exclude_none=True)
+    try:
+        result = method(body)
+    except QueueFull as exc:
+        raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+    except NodeClosed as exc:
+        raise ApiError(503, "draining", str(exc), headers={"Retry-After": "30"}) from exc
+    if request.stream:
+        return StreamingResponse(_iterate_in_thread(_sse(iter(result))), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return wire_response(result)
+
+
+async def _iterate_in_thread(sync_iter: Iterator[bytes]):  # type: ignore[no-untyped-def]
+    """Pull a blocking iterator (tokens from a provider) without blocking the event loop."""
+    sentinel = object()
+    while True:
+        item = await anyio.to_thread.run_sync(next, sync_iter, sentinel)
+        if item is sentinel:
+            return
+        yield item
+
+
+_CHAT_DOC = dict(response_model=ChatCompletion, responses=error_responses(400, 404, 413, 422, 429, 501, 503),
+                 summary="OpenAI chat completion, run as a one-turn pod (stream=true gives SSE chunks)")
+
+
+@router.post("/v1/chat/completions", **_CHAT_DOC)
+def chat_completions(request: ChatCompletionRequest = Body(...), node: Any = Depends(get_node)) -> Response:
+    return _chat(request, node)
+
+
+@router.post("/openai/v1/chat/completions", **_CHAT_DOC)
+def chat_completions_prefixed(request: ChatCompletionRequest = Body(...), node: Any = Depends(get_node)) -> Response:
+    return _chat(request, node)
+
+
+@router.get("/openai/v1/models", response_model=OpenAIModelList, responses=error_responses(501),
+            summary="models in OpenAI's list shape (ids are the names chat completions accept)")
+def openai_models(node: Any = Depends(get_node)) -> Response:
+    records = node_method(node, "list_models")()
+    data: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for record in records:
+        wire = wire_dict(record)
+        created = _epoch(wire.get("importedAt") or wire.get("loadedAt"))
+        names = wire.get("names") or ([wire["name"]] if wire.get("name") else []) or [wire.get("digest", "?")]
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                data.append(OpenAIModel(id=name, created=created).model_dump())
+    return wire_response({"object": "list", "data": data})
+
+
+def _epoch(value: Any) -> int:
+    from datetime import datetime
+
+    if isinstance(value, str):
+        try:
+            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            pass
+    return int(time.time())

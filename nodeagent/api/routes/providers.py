@@ -1,0 +1,18 @@
+"""`GET /v1/providers`: the node's providers and their health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from starlette.responses import Response
+
+from nodeagent.api.routes.common import error_responses, get_node, items_response, node_method
+
+router = APIRouter(tags=["providers"])
+
+
+@router.get("/v1/providers", responses=error_responses(501),
+            summary="providers: kind, launch mode, unit/container/pid, model, health, drift (node.list_providers())")
+def list_providers(node: Any = Depends(get_node)) -> Response:
+    return items_response(node_method(node, "list_providers")())
