@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 from nodeagent.contracts.provider import ProviderSpec
+from nodeagent.fsutil import atomic_write_text
 from nodeagent.launch.container import ContainerShape, RenderError, parse_duration_s
+from nodeagent.launch.health import wait_healthy
 from nodeagent.launch.podman_versions import (
     NOTIFY_HEALTHY_MIN,
     QUADLET_MIN,
@@ -37,6 +41,7 @@ from nodeagent.launch.podman_versions import (
     container_key_supported,
     unsupported_keys,
 )
+from nodeagent.launch.registry import LaunchRecord, Registry
 from nodeagent.launch.units import (
     UnitFile,
     UnitParseError,
@@ -327,3 +332,117 @@ def compare_unit_with_spec(
         problems.append(f"timeout_start_s: expected {spec.start_timeout_s}, found {parsed.timeout_start_s}")
     problems += [f"key gate: {p}" for p in unsupported_keys(parse_unit(text).as_pairs(), version)]
     return problems
+
+
+# ------------------------------------------------------------------ install and run
+QUADLET_GENERATORS = ("/usr/libexec/podman/quadlet", "/usr/lib/podman/quadlet")
+
+
+class QuadletUnavailable(RuntimeError):
+    """Quadlet mode cannot work on this host; the message says why and what to use instead."""
+
+
+def find_quadlet_generator(candidates: tuple[str, ...] = QUADLET_GENERATORS) -> str | None:
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+@dataclass
+class QuadletLauncher:
+    """Write a unit, ``systemctl [--user] daemon-reload``, start it, wait for health.
+
+    ``version`` is the probed Podman version (`MachineProfile.runtime.podman.version`);
+    units are rendered for it. Rootless (``scope="user"``) units need a
+    reachable systemd user manager, and lingering (``loginctl enable-linger``)
+    to start at boot without a login; `warnings` says when lingering is off.
+    """
+
+    registry: Registry
+    version: PodmanVersion
+    options: QuadletOptions = QuadletOptions()
+    unit_dir: Path | None = None
+    run: Callable[[list[str]], subprocess.CompletedProcess[str]] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def _run(self, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        if self.run is not None:
+            return self.run(argv)
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: not installed")
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(argv, 124, "", f"{' '.join(argv)}: timed out after {timeout:g}s")
+
+    def _systemctl(self, *args: str) -> list[str]:
+        return ["systemctl", *(["--user"] if self.options.scope == "user" else []), *args]
+
+    def directory(self) -> Path:
+        return self.unit_dir or quadlet_dir(self.options.scope)
+
+    def check_available(self) -> None:
+        """Raise `QuadletUnavailable` unless units written now would run."""
+        version = PodmanVersion.parse(self.version)
+        if version < QUADLET_MIN:
+            raise QuadletUnavailable(
+                f"Podman {version} has no Quadlet (it starts at {QUADLET_MIN.short}); "
+                "use --mode podman, or install Podman >= 4.4")
+        probe = self._run(self._systemctl("show-environment"))
+        if probe.returncode != 0:
+            who = "user manager" if self.options.scope == "user" else "system manager"
+            raise QuadletUnavailable(
+                f"no systemd {who} is reachable ({(probe.stderr or probe.stdout).strip().splitlines()[-1:] or ['?']}); "
+                "quadlet mode needs systemd: use --mode podman here, or log in / `loginctl enable-linger` first")
+        if self.options.scope == "user":
+            user = os.environ.get("USER") or str(os.getuid())
+            linger = self._run(["loginctl", "show-user", user, "--property=Linger"])
+            if linger.returncode != 0 or "Linger=yes" not in linger.stdout:
+                self.warnings.append(f"lingering is off for {user}: the provider stops at logout and does not "
+                                     f"start at boot (`loginctl enable-linger {user}`)")
+
+    def write_unit(self, spec: ProviderSpec) -> Path:
+        text = render_quadlet_text(spec, self.version, self.options)
+        path = self.directory() / unit_file_name(spec)
+        atomic_write_text(path, text)
+        return path
+
+    def up(self, spec: ProviderSpec, wait: bool = True) -> LaunchRecord:
+        self.check_available()
+        path = self.write_unit(spec)
+        for argv in (self._systemctl("daemon-reload"), self._systemctl("start", service_name(spec))):
+            done = self._run(argv, timeout=spec.start_timeout_s + 30)
+            if done.returncode != 0:
+                raise QuadletUnavailable(f"`{' '.join(argv)}` failed: {(done.stderr or done.stdout).strip()[-1500:]}")
+        record = LaunchRecord(spec=spec, started_at=time.time(), unit_path=str(path))
+        self.registry.save(record)
+        if wait:
+            wait_healthy(spec.base_url, spec.health.path, spec.start_timeout_s,
+                         still_running=lambda: None if self.state(spec.name) in ("active", "activating")
+                         else f"{service_name(spec)} is {self.state(spec.name)}:\n{self.logs(spec.name, 30)}")
+        return record
+
+    def state(self, name: str) -> str:
+        done = self._run(self._systemctl("is-active", service_name(name)))
+        return done.stdout.strip() or "unknown"
+
+    def logs(self, name: str, lines: int = 100) -> str:
+        argv = ["journalctl", *(["--user"] if self.options.scope == "user" else []),
+                "-u", service_name(name), "-n", str(lines), "--no-pager"]
+        done = self._run(argv)
+        return (done.stdout + done.stderr).strip()
+
+    def down(self, name: str, missing_ok: bool = False) -> bool:
+        """Stop the service and remove its unit (so it does not come back at boot)."""
+        record = self.registry.load(name)
+        path = Path(record.unit_path) if record and record.unit_path else self.directory() / unit_file_name(name)
+        if not path.exists() and record is None:
+            if missing_ok:
+                return False
+            raise QuadletUnavailable(f"no quadlet unit for {name} in {self.directory()}")
+        self._run(self._systemctl("stop", service_name(name)))
+        path.unlink(missing_ok=True)
+        self._run(self._systemctl("daemon-reload"))
+        self.registry.remove(name)
+        return True
