@@ -16,8 +16,11 @@
   ``u x n_vocab`` f32 logits plus ``3 n_embd`` activations per token).
   These coefficients were fitted to llama.cpp's own ``compute buffer size``
   log lines (llama-cpp-python 0.3.36) and checked by ``bench/fit.py``.
-* **overhead** — the logits output buffer (``n_vocab x 4`` per sequence) and
-  the graph metadata llama.cpp keeps per context.
+* **overhead** — the logits output buffer (``n_vocab x 4`` per sequence) plus
+  what a loaded model costs beyond its buffers (graph metadata, vocabulary
+  tables, allocator slack): a fixed part and a part per vocabulary entry,
+  both measured as worker RSS growth at load on llama-cpp-python 0.3.36, CPU
+  (``bench/fit.py``: RSS at load vs weights + KV + overhead, within 1%).
 
 Unified memory (Apple Silicon under Asahi, integrated GPUs) is one pool: the
 caller charges every device's bytes to the same budget (see residency).
@@ -39,11 +42,9 @@ KV_TYPE_BYTES: dict[str, float] = {
     "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32,
 }
 
-# Graph metadata: llama.cpp sizes its graph for max(65536, 5 x n_tensors)
-# nodes and keeps tensor headers for them (ggml_tensor_overhead() = 368 B +
-# graph bookkeeping); measured as RSS on CPU, see bench/fit.py.
-GRAPH_NODE_BYTES = 400
-MIN_GRAPH_NODES = 65536
+# Measured RSS beyond the reported buffers at load (see the module docstring).
+FIXED_OVERHEAD_BYTES = 5 * MiB
+OVERHEAD_PER_VOCAB_ENTRY = 160
 
 DeviceRole = Literal["cpu", "gpu"]
 
@@ -131,9 +132,8 @@ def compute_bytes(meta: GGUFMeta, cells: int, ubatch: int, *, with_output: bool 
     return max(attention, output)
 
 
-def graph_overhead_bytes(meta: GGUFMeta) -> int:
-    n_tensors = 9 * meta.n_layer + 3  # order of magnitude; the floor dominates for llama-shaped models
-    return max(MIN_GRAPH_NODES, 5 * n_tensors) * GRAPH_NODE_BYTES
+def process_overhead_bytes(meta: GGUFMeta) -> int:
+    return FIXED_OVERHEAD_BYTES + OVERHEAD_PER_VOCAB_ENTRY * meta.vocab_size
 
 
 def estimate(
@@ -187,7 +187,7 @@ def estimate(
     devices.append(DeviceFit(
         device_id=cpu_device_id, role="cpu", memory_kind="system",
         weights_bytes=cpu_weights, kv_bytes=kv_layer * first_gpu_layer,
-        compute_bytes=cpu_compute, overhead_bytes=output_buffer + graph_overhead_bytes(meta),
+        compute_bytes=cpu_compute, overhead_bytes=output_buffer + process_overhead_bytes(meta),
         layers=first_gpu_layer,
     ))
     if gpu_layers > 0:
