@@ -89,12 +89,26 @@ class PodmanHostConfig:
             reasons.append(f"ulimits {ulimits}: from AGENT_MACHINE_PODMAN_ULIMITS")
         else:
             read = rlimits or (lambda name: resource.getrlimit(_RLIMIT_IDS[name]))
+            pid_max = _read_int(Path(root) / "proc/sys/kernel/pid_max")
             for name, podman_default in PODMAN_DEFAULT_RLIMITS.items():
-                soft, hard = read(name)
-                if hard != resource.RLIM_INFINITY and hard < podman_default:
-                    ulimits.append(f"{name}={hard}:{hard}")
-                    reasons.append(f"ulimit {name}={hard}:{hard}: host hard limit {hard} < podman default {podman_default}")
+                _soft, hard = read(name)
+                ceiling = podman_default if hard == resource.RLIM_INFINITY else hard
+                why = f"host hard limit {hard}"
+                if name == "nproc" and pid_max is not None and pid_max < ceiling:
+                    # Podman caps its own (and so conmon's) nproc at pid_max; the
+                    # runtime cannot raise the container above that.
+                    ceiling, why = pid_max, f"kernel pid_max {pid_max}"
+                if ceiling < podman_default:
+                    ulimits.append(f"{name}={ceiling}:{ceiling}")
+                    reasons.append(f"ulimit {name}={ceiling}:{ceiling}: {why} < podman default {podman_default}")
         return cls(podman=podman, runtime=runtime, ulimits=tuple(ulimits), reasons=tuple(reasons))
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def cgroup_layout(root: str | os.PathLike[str] = "/") -> str:
@@ -365,3 +379,44 @@ class PodmanLauncher:
         self._podman("rm", "--force", name, timeout=60)
         self.registry.remove(name)
         return True
+
+
+# ------------------------------------------------------------------ local images
+def shared_libraries(binary: str | os.PathLike[str]) -> list[Path]:
+    """The shared objects ``binary`` loads (``ldd``), including the dynamic loader."""
+    done = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise PodmanError(f"ldd {binary}: {done.stderr.strip() or done.stdout.strip()}")
+    libraries = []
+    for line in done.stdout.splitlines():
+        for word in line.split():
+            if word.startswith("/") and os.path.exists(word):
+                libraries.append(Path(word))
+    return libraries
+
+
+def build_local_image(binary: str | os.PathLike[str], tag: str, host: PodmanHostConfig | None = None,
+                      entrypoint: str = "/app/llama-server", timeout_s: float = 600) -> str:
+    """Build ``tag`` offline: FROM scratch with ``binary`` at ``entrypoint`` and
+    the libraries it links. No network, no base image. Returns the image id."""
+    import tempfile
+
+    host = host or PodmanHostConfig()
+    binary = Path(binary)
+    with tempfile.TemporaryDirectory(prefix="agent-machine-image-") as tmp:
+        context = Path(tmp) / "root"
+        target = context / entrypoint.lstrip("/")
+        target.parent.mkdir(parents=True)
+        shutil.copy2(binary, target)
+        for library in shared_libraries(binary):
+            dest = context / str(library).lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(library.resolve(), dest)
+            os.chmod(dest, 0o755)
+        containerfile = Path(tmp) / "Containerfile"
+        containerfile.write_text(f'FROM scratch\nCOPY . /\nENTRYPOINT ["{entrypoint}"]\n')
+        done = subprocess.run([host.podman, "build", "--quiet", "--pull=never", "-t", tag, "-f", str(containerfile),
+                               str(context)], capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise PodmanError(f"podman build {tag}: {done.stderr.strip()[-1500:]}")
+    return done.stdout.strip().splitlines()[-1]

@@ -271,6 +271,18 @@ def _param_text(value: ParamValue) -> str:
     return str(value)
 
 
+LOAD_BYTES_PER_S = 100 * 1024 * 1024  # a slow disk; TimeoutStartSec must cover the model load
+
+
+def _load_allowance_s(model: Path) -> int:
+    """Extra start time for a large model: its size at a slow disk's speed."""
+    try:
+        size = model.stat().st_size if model.is_file() else sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+    return int(size // LOAD_BYTES_PER_S)
+
+
 def device_passthrough(accelerator: str, gpus: str = "all") -> tuple[list[DeviceSpec], list[str]]:
     """Devices and extra groups a container needs for ``accelerator``.
 
@@ -411,7 +423,7 @@ def resolve_spec(
             health=health,
             metrics_path=entry.metrics_path,
             slot_save_dir=slot_dir_host,
-            start_timeout_s=start_timeout_s or entry.start_timeout_s,
+            start_timeout_s=start_timeout_s or entry.start_timeout_s + _load_allowance_s(model),
             stop_timeout_s=entry.stop_timeout_s,
             labels=labels,
             capabilities=entry.capabilities,

@@ -583,3 +583,39 @@ def parse_prometheus(text: str) -> dict[str, float]:
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
     return values
+
+
+# ------------------------------------------------------------------ the binary
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-llama-server.sh"
+
+
+def locate_llama_server(build: bool = False, timeout_s: float = 3600) -> tuple[Path | None, str]:
+    """Find a ``llama-server`` binary: ``$AGENT_MACHINE_LLAMA_SERVER``, the
+    cache of ``scripts/build-llama-server.sh`` (building it when ``build``),
+    then ``PATH``. Returns (path, how it was found) or (None, why not)."""
+    import subprocess
+
+    configured = os.environ.get("AGENT_MACHINE_LLAMA_SERVER")
+    if configured:
+        path = Path(configured)
+        if os.access(path, os.X_OK):
+            return path, "from AGENT_MACHINE_LLAMA_SERVER"
+        return None, f"AGENT_MACHINE_LLAMA_SERVER={configured} is not an executable file"
+    reasons = []
+    if BUILD_SCRIPT.exists():
+        args = [str(BUILD_SCRIPT)] + ([] if build else ["--path"])
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            done = subprocess.CompletedProcess(args, 124, "", f"build did not finish in {timeout_s:g}s")
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines and os.access(lines[-1], os.X_OK):
+            return Path(lines[-1]), f"built by {BUILD_SCRIPT.name}"
+        reasons.append(f"{BUILD_SCRIPT.name}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+    else:
+        reasons.append(f"{BUILD_SCRIPT} not found (not a source checkout)")
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found), "from PATH"
+    reasons.append("no llama-server on PATH")
+    return None, "; ".join(reasons)
