@@ -63,8 +63,8 @@ class Listener:
 def parse_tcp(value: str) -> tuple[str, int]:
     """'127.0.0.1:8377' / '[::1]:8377' / 'localhost:8377' -> (host, port)."""
     host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ServeError(f"api.tcp must be HOST:PORT (e.g. 127.0.0.1:8377), got {value!r}")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ServeError(f"api.tcp must be HOST:PORT (e.g. 127.0.0.1:8377; port 0 picks a free one), got {value!r}")
     return host.strip("[]"), int(port)
 
 
