@@ -158,12 +158,13 @@ def _system_hardening(options: ServiceOptions) -> list[str]:
 
 def render_service(options: ServiceOptions) -> Unit:
     exec_path = agent_executable(options.exec_path)
-    socket_deps = [f"Requires={UNIT}.socket", f"After={UNIT}.socket"] if options.socket else []
+    # The same service works with or without agent-machine.socket: activated, it
+    # serves the socket systemd passes (a socket unit orders itself before its
+    # service); started alone, it binds its own.
     unit_section = [
         "Description=agent-machine node agent for local LLM inference",
         "StartLimitIntervalSec=300",
         "StartLimitBurst=5",
-        *socket_deps,
     ]
     service = _service_common(options, exec_path)
     if options.scope == "user":
@@ -187,8 +188,8 @@ def render_service(options: ServiceOptions) -> Unit:
         "CacheDirectoryMode=0700",
         f"RuntimeDirectory={UNIT}",
         "RuntimeDirectoryMode=0700",
-        # The socket unit's socket lives in the runtime directory: keep it across restarts.
-        *(["RuntimeDirectoryPreserve=yes"] if options.socket else []),
+        # A socket unit's socket lives in the runtime directory: keep it across restarts.
+        "RuntimeDirectoryPreserve=yes",
         f"ConfigurationDirectory={UNIT}",
     ]
     text = _lines(("Unit", unit_section), ("Service", service + directories + _system_hardening(options)),
