@@ -175,11 +175,12 @@ def _placeholders(word: str) -> list[str]:
 def _format_error(path: Path, exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(file)"
+        where = ".".join(str(part) for part in error["loc"])
         message = error["msg"]
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]
-        lines.append(f"{path}: {where}: {message}")
+        # Whole-entry checks already start their message with the field they concern.
+        lines.append(f"{path}: {where}: {message}" if where else f"{path}: {message}")
     return "\n".join(lines)
 
 
