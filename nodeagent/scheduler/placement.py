@@ -12,20 +12,24 @@ CacheManager.lookup). `place` then, for each candidate:
    none; and keeps the one with the lowest TTFT (cost.ttft_terms);
 2. marks it ineligible if the caller gave refusal reasons;
 3. applies the load guard (below) to the eligible ones;
-4. chooses the minimum estimated TTFT (ties: less queued work, then name).
+4. chooses the minimum estimated TTFT (ties: lower load, less queued work, then name).
    If no eligible candidate has every rate known, it chooses by (model hot,
    fewest uncached tokens, least queued work) and says that rates were unknown.
 
 Load guard (`LoadGuard`): cache affinity can pile work onto one warm provider
-while others idle. The queue-wait term already pushes back, but only once the
-queue costs more than the prefix saves. The guard is the explicit rule, in the
-spirit of SGLang's router: with ``load`` = a candidate's outstanding work in
-tokens and ``floor`` = the least-loaded eligible candidate's,
+while others idle (a popular agent's pods all want the provider that holds its
+context). The queue-wait term pushes back only once the queue costs more than
+the prefix saves, which under light load is never. The guard is the explicit
+rule: with ``load`` = the context tokens of the live sessions (pods) a
+candidate holds and ``floor`` = the least-loaded eligible candidate's,
 
-    a candidate is excluded when  load > floor * rel + abs_tokens
+    when a session is placed for the first time, a candidate is excluded
+    if load > floor * rel + abs_tokens (default rel 1.5, abs 0),
 
-unless that would exclude every eligible candidate. The benchmark measures
-placement with and without it (bench/README.md, "## scheduler").
+unless that would exclude every eligible candidate. A session's later turns
+are not moved by the guard, only by the cost model: moving a pod away from its
+own history costs more than the imbalance it would fix. Measured with and
+without the guard in bench/README.md ("## scheduler").
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class CandidateState:
     queued_prefill_tokens: int = 0  # uncached prompt tokens of work queued ahead
     queued_decode_tokens: int = 0  # decode tokens queued ahead that block this request
     running_remaining_s: float = 0.0
-    load: float = 0.0  # outstanding work in tokens, for the load guard
+    load: float = 0.0  # context tokens of live sessions (pods) it holds, for the load guard and ties
     rejected: tuple[str, ...] = ()  # memory-fit / policy / health refusals, from the caller
 
 
@@ -75,19 +79,22 @@ class PlacementRequest:
     tenant: str | None = None
     block_tokens: int = 64
     dry_run: bool = False
+    # The provider already holding this session's (pod's) own context from an
+    # earlier turn; None when the session is placed for the first time.
+    session_provider: str | None = None
 
 
 @dataclass(frozen=True)
 class LoadGuard:
     rel: float = 1.5
-    abs_tokens: float = 4096.0
+    abs_tokens: float = 0.0
     enabled: bool = True
 
     def rule(self) -> str:
         if not self.enabled:
             return "off"
-        return (f"exclude a candidate whose outstanding tokens exceed {self.rel:g} x the least-loaded "
-                f"eligible candidate's + {self.abs_tokens:g}, unless that excludes all")
+        return (f"placing a new session, exclude a candidate whose live-session tokens exceed {self.rel:g} x "
+                f"the least-loaded eligible candidate's + {self.abs_tokens:g}, unless that excludes all")
 
     def limit(self, floor: float) -> float:
         return floor * self.rel + self.abs_tokens
@@ -205,14 +212,17 @@ def place(
 
     def key(a: Assessment) -> tuple:
         known = a.ttft_s is not None
+        # Ties (common: several idle providers, none holding the prefix) go to the
+        # least-loaded one; falling through to the name would pile them on one.
         if known:
-            return (0, a.ttft_s, a.state.queued_prefill_tokens + a.state.queued_decode_tokens, a.state.provider)
-        return (1, not a.state.model_hot, request.prompt_tokens - a.cached_tokens,
+            return (0, a.ttft_s, a.state.load, a.state.queued_prefill_tokens + a.state.queued_decode_tokens,
+                    a.state.provider)
+        return (1, not a.state.model_hot, request.prompt_tokens - a.cached_tokens, a.state.load,
                 a.state.queued_prefill_tokens + a.state.queued_decode_tokens, a.state.provider)
 
     guard_applied = False
     pool = eligible
-    if guard.enabled and len(eligible) > 1:
+    if guard.enabled and request.session_provider is None and len(eligible) > 1:
         limit = guard.limit(min(a.state.load for a in eligible))
         kept = [a for a in eligible if a.state.load <= limit]
         if kept and len(kept) < len(eligible):

@@ -1,0 +1,617 @@
+"""Benchmarks 2 and 3: routing arms over simulated workers, side by side, one run.
+
+    python -m bench.routing                       # both traces, every arm, sglang-router if installed
+    python -m bench.routing --trace gsp --arms ours,round_robin
+    python -m bench.routing --router mine=http://127.0.0.1:9000   # any external router in front
+                                                                  # of the same workers (URLs printed)
+
+For each trace, every arm runs the same requests against the same N simulated
+workers (bench.simworker; reset between arms, loopback only). Arms:
+
+* ``ours``           the scheduler core (nodeagent.scheduler.placement.place) with its load guard
+* ``ours-noguard``   the same cost model without the guard (what the guard is worth)
+* ``round_robin``, ``least_loaded`` (fewest in-flight requests), ``consistent_hash``
+  (hash ring over the session id), ``random`` (seeded)
+* ``sglang-cache_aware``, ``sglang-round_robin``: the real sglang-router from
+  PyPI, launched per run with its defaults apart from host/ports (loopback)
+* ``--router NAME=URL``: any external OpenAI-compatible router
+
+Metrics: token hit rate (sum cached / sum prompt tokens, from the workers'
+logs) absolute and as a fraction of O1 and O2 computed on the order in which
+the workers saw the requests; max/mean prompt-token load over workers and
+Jain's index; simulated TTFT p50/p90/p99 (seconds of simulated time); router
+cost: decision time for in-process arms, and the extra wall time an external
+router adds over the median direct hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+
+from bench.oracle import Bound, capped_hit, keys_of, o1, o2
+from bench.simworker import HOST, BlockLRU, WorkerConfig, read_headers, read_message_body
+from bench.traces import TRACES, Trace, TraceRequest, encode
+from nodeagent.scheduler.placement import CandidateState, LoadGuard, PlacementRequest, place
+from nodeagent.scheduler.rates import DECODE, PREFILL, RateRegistry
+
+IN_PROCESS = ("ours", "ours-noguard", "round_robin", "least_loaded", "consistent_hash", "random")
+SGLANG = ("sglang-cache_aware", "sglang-round_robin")
+# Simulated seconds per wall second. GSP sends everything at once: the ~1 s of
+# wall time the client needs to push 1024 requests must stay small against the
+# simulated work, so it runs slowly; the agent trace's arrivals are spread by
+# design and can run fast.
+SPEEDUP = {"gsp": 2.0, "agent": 20.0}
+MODEL = "sim-model"
+
+
+def free_port_block(count: int) -> int:
+    """A base port with ``count`` consecutive free loopback ports."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - count)
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind((HOST, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free loopback port range")
+
+
+# ------------------------------------------------------------------ processes
+class Process:
+    """A child process we started; stopped by its own pid only."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def start_workers(count: int, config: WorkerConfig, log_dir: Path) -> tuple[Process, list[str]]:
+    port = free_port_block(count)
+    proc = Process([sys.executable, "-m", "bench.simworker", "--workers", str(count), "--port", str(port),
+                    "--capacity-blocks", str(config.capacity_blocks), "--prefill-tps", str(config.prefill_tps),
+                    "--decode-tps", str(config.decode_tps), "--speedup", str(config.speedup)],
+                   log_dir / "simworkers.log")
+    line = proc.proc.stdout.readline()  # type: ignore[union-attr]
+    if not line:
+        proc.stop()
+        raise RuntimeError(f"simulated workers did not start; see {log_dir / 'simworkers.log'}")
+    return proc, json.loads(line)["ready"]
+
+
+def sglang_available() -> str | None:
+    """None if sglang-router can be launched, else why not."""
+    try:
+        import sglang_router  # noqa: F401
+    except ImportError as exc:
+        return f"sglang-router is not installed ({exc}); pip install 'agent-machine[bench]'"
+    return None
+
+
+def start_sglang(policy: str, workers: list[str], log_dir: Path) -> tuple[Process, str]:
+    port = free_port_block(2)
+    argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(port),
+            "--prometheus-host", HOST, "--prometheus-port", str(port + 1), "--policy", policy,
+            "--log-level", "warn", "--worker-urls", *workers]
+    proc = Process(argv, log_dir / f"sglang-{policy}.log")
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"sglang-router exited with {proc.proc.returncode}; see {proc.log.name}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                # Registration is asynchronous: wait until a request really goes through.
+                r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": encode([1, 2, 3]),
+                                                              "max_tokens": 1, "user": "warmup"}, timeout=5)
+                if r.status_code == 200:
+                    return proc, url
+        time.sleep(0.3)
+    proc.stop()
+    raise RuntimeError(f"sglang-router did not become ready in 60 s; see {proc.log.name}")
+
+
+# ------------------------------------------------------------------ a lean HTTP client
+class HttpClient:
+    """HTTP/1.1 keep-alive client over asyncio streams, one connection per in-flight
+    request (no pool limit). httpx spends milliseconds per request at 1000-way
+    concurrency, which would spread an all-at-once trace over many simulated seconds."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def request(self, method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        address = (parts.hostname or HOST, parts.port or 80)
+        path = parts.path or "/"
+        for attempt in range(2):
+            pool = self.idle.setdefault(address, [])
+            reused = bool(pool)
+            reader, writer = pool.pop() if pool else await asyncio.open_connection(*address, limit=1 << 22)
+            try:
+                head = (f"{method} {path} HTTP/1.1\r\nhost: {address[0]}:{address[1]}\r\n"
+                        f"content-type: application/json\r\ncontent-length: {len(body or b'')}\r\n\r\n")
+                writer.write(head.encode("latin-1") + (body or b""))
+                await writer.drain()
+                status_line = await reader.readline()
+                if not status_line:
+                    raise ConnectionResetError("connection closed before the response")
+                status = int(status_line.split(b" ", 2)[1])
+                headers = await read_headers(reader)
+                data = await read_message_body(reader, headers)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                if reused and attempt == 0:
+                    continue  # a kept-alive connection the server had closed: retry once on a new one
+                raise
+            if headers.get("connection", "").lower() == "close":
+                writer.close()
+            else:
+                pool.append((reader, writer))
+            return status, data
+        raise ConnectionError("unreachable")  # pragma: no cover
+
+    async def post_json(self, url: str, payload: dict | bytes) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        status, data = await self.request("POST", url, body)
+        return status, _json_or_error(data)
+
+    async def get_json(self, url: str) -> tuple[int, dict]:
+        status, data = await self.request("GET", url)
+        return status, _json_or_error(data)
+
+    def close(self) -> None:
+        for pool in self.idle.values():
+            for _, writer in pool:
+                writer.close()
+        self.idle.clear()
+
+
+def _json_or_error(data: bytes) -> dict:
+    try:
+        value = json.loads(data or b"{}")
+    except json.JSONDecodeError:
+        return {"error": {"message": data[:200].decode("utf-8", "replace")}}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+# ------------------------------------------------------------------ in-process routers
+class Router:
+    name = "base"
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.in_flight = [0] * n
+
+    def choose(self, req: TraceRequest, keys: list[bytes], now_sim: float) -> int:
+        raise NotImplementedError
+
+    def done(self, worker: int, req: TraceRequest, body: dict) -> None:
+        pass
+
+
+class RoundRobin(Router):
+    name = "round_robin"
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__(n, seed)
+        self.next = 0
+
+    def choose(self, req, keys, now_sim):
+        self.next = (self.next + 1) % self.n
+        return self.next
+
+
+class LeastLoaded(Router):
+    name = "least_loaded"
+
+    def choose(self, req, keys, now_sim):
+        return min(range(self.n), key=lambda i: (self.in_flight[i], i))
+
+
+class RandomRouter(Router):
+    name = "random"
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__(n, seed)
+        self.rng = random.Random(seed)
+
+    def choose(self, req, keys, now_sim):
+        return self.rng.randrange(self.n)
+
+
+class ConsistentHash(Router):
+    name = "consistent_hash"
+    VNODES = 64
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__(n, seed)
+        ring = sorted((int.from_bytes(hashlib.sha256(f"w{i}#{v}".encode()).digest()[:8], "big"), i)
+                      for i in range(n) for v in range(self.VNODES))
+        self.points = [p for p, _ in ring]
+        self.owners = [w for _, w in ring]
+
+    def choose(self, req, keys, now_sim):
+        h = int.from_bytes(hashlib.sha256(req.session.encode()).digest()[:8], "big")
+        return self.owners[bisect.bisect(self.points, h) % len(self.points)]
+
+
+class Ours(Router):
+    """The scheduler core over snapshots the router keeps of each worker.
+
+    T0: a mirror of each worker's block LRU (same capacity: a node knows its
+    providers' KV size), updated with what we route. Queue: a virtual FIFO
+    prefill clock per worker advanced by our own estimate of each request's
+    uncached prefill time. Load: context tokens of the live sessions on each
+    worker (a node knows which pods run where and when a pod's last turn is
+    done; here, from the trace's turn structure). Rates: calibrated by one
+    request per worker before the run, then refined from each response's
+    timings (EWMA).
+    """
+
+    name = "ours"
+
+    def __init__(self, n: int, seed: int, capacity_blocks: int, guard: LoadGuard,
+                 registry: RateRegistry, final_requests: set[str]) -> None:
+        super().__init__(n, seed)
+        self.mirror = [BlockLRU(capacity_blocks) for _ in range(n)]
+        self.free_at = [0.0] * n
+        self.load = [0.0] * n
+        self.sessions: dict[str, tuple[int, int]] = {}  # live session -> (worker, context tokens)
+        self.final_requests = final_requests
+        self.guard = guard
+        self.registry = registry
+        self.decide_us: list[int] = []
+
+    def choose(self, req, keys, now_sim):
+        n_tokens = len(req.tokens)
+        candidates = []
+        for i in range(self.n):
+            candidates.append(CandidateState(
+                provider=f"w{i}", model_hot=True,
+                t0_cached_tokens=capped_hit(self.mirror[i].matched_blocks(keys), n_tokens),
+                queued_requests=self.in_flight[i], running_remaining_s=max(0.0, self.free_at[i] - now_sim),
+                load=self.load[i]))
+        previous = self.sessions.get(req.session)
+        request = PlacementRequest(MODEL, n_tokens, session_provider=f"w{previous[0]}" if previous else None)
+        decision = place(request, candidates, self.registry, self.guard)
+        self.decide_us.append(decision.decision_us)
+        i = int(decision.provider[1:])  # type: ignore[index]
+        chosen = decision.chosen
+        self.mirror[i].touch(keys)
+        prefill_s = chosen.terms.prefill_s or 0.0  # type: ignore[union-attr]
+        self.free_at[i] = max(now_sim, self.free_at[i]) + prefill_s
+        if previous:
+            self.load[previous[0]] -= previous[1]
+        self.sessions[req.session] = (i, n_tokens)
+        self.load[i] += n_tokens
+        return i
+
+    def done(self, worker, req, body):
+        if req.rid in self.final_requests and req.session in self.sessions:
+            w, tokens = self.sessions.pop(req.session)
+            self.load[w] -= tokens
+        timings = body.get("timings") or {}
+        if timings.get("prompt_n") and timings.get("prompt_ms"):
+            self.registry.observe(f"w{worker}", PREFILL, timings["prompt_n"], timings["prompt_ms"] / 1000)
+        if timings.get("predicted_n") and timings.get("predicted_ms"):
+            self.registry.observe(f"w{worker}", DECODE, timings["predicted_n"], timings["predicted_ms"] / 1000)
+
+
+# ------------------------------------------------------------------ one run
+@dataclass
+class Sent:
+    rid: str
+    worker: str | None
+    client_wall_s: float
+    server_wall_s: float | None
+    status: int
+    error: str | None = None
+
+
+async def calibrate(client: HttpClient, workers: list[str], registry: RateRegistry, seed: int) -> None:
+    """One unique 512-token prompt per worker: measured prefill and decode rates."""
+    rng = random.Random(seed ^ 0x5EED)
+    for i, url in enumerate(workers):
+        tokens = [rng.randrange(1 << 20) for _ in range(512)]
+        status, payload = await client.post_json(f"{url}/v1/completions", {
+            "model": MODEL, "prompt": encode(tokens), "max_tokens": 32, "user": "calibration"})
+        if status != 200:
+            raise RuntimeError(f"calibration request to {url} failed: {status} {payload}")
+        t = payload["timings"]
+        registry.set(f"w{i}", PREFILL, t["prompt_n"] / (t["prompt_ms"] / 1000), "calibrated")
+        registry.set(f"w{i}", DECODE, t["predicted_n"] / (t["predicted_ms"] / 1000), "calibrated")
+
+
+async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConfig, *,
+                  router_url: str | None, seed: int, guard: LoadGuard, timeout_s: float,
+                  bodies: dict[str, bytes], keys: dict[str, list[bytes]]) -> dict:
+    client = HttpClient()
+    try:
+        router: Router | None = None
+        if router_url is None:
+            n = len(workers)
+            if arm in ("ours", "ours-noguard"):
+                registry = RateRegistry()
+                await calibrate(client, workers, registry, seed)
+                afters = {r.after for r in trace.requests if r.after}
+                router = Ours(n, seed, config.capacity_blocks,
+                              guard if arm == "ours" else LoadGuard(enabled=False), registry,
+                              {r.rid for r in trace.requests if r.rid not in afters})
+            else:
+                router = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "random": RandomRouter,
+                          "consistent_hash": ConsistentHash}[arm](n, seed)
+        for url in workers:
+            status, payload = await client.post_json(f"{url}/bench/reset", asdict(config))
+            if status != 200:
+                raise RuntimeError(f"reset of {url} failed: {payload}")
+        sent: list[Sent] = []
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+
+        def now_sim() -> float:
+            return (time.monotonic() - t0) * config.speedup
+
+        async def send(req: TraceRequest) -> None:
+            worker_index = None
+            if router is not None:
+                worker_index = router.choose(req, keys[req.rid], now_sim())
+                router.in_flight[worker_index] += 1
+                url = workers[worker_index]
+            else:
+                url = router_url
+            start = time.monotonic()
+            payload: dict = {}
+            try:
+                status, payload = await asyncio.wait_for(
+                    client.post_json(f"{url}/v1/completions", bodies[req.rid]),
+                    timeout=max(1.0, deadline - time.monotonic()))
+                ok = status == 200
+                sent.append(Sent(req.rid, payload.get("worker"), time.monotonic() - start,
+                                 (payload.get("timings") or {}).get("server_wall_ms", 0) / 1000 or None,
+                                 status, None if ok else json.dumps(payload)[:200]))
+                if not ok:
+                    payload = {}
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+                sent.append(Sent(req.rid, None, time.monotonic() - start, None, 0, f"{type(exc).__name__}: {exc}"))
+            finally:
+                if router is not None and worker_index is not None:
+                    router.in_flight[worker_index] -= 1
+                    router.done(worker_index, req, payload)
+
+        async def session(chain: list[TraceRequest]) -> None:
+            for req in chain:
+                if req.after is None:
+                    await asyncio.sleep(max(0.0, t0 + req.arrival_s / config.speedup - time.monotonic()))
+                else:
+                    await asyncio.sleep(req.think_s / config.speedup)
+                if time.monotonic() > deadline:
+                    return
+                await send(req)
+
+        chains: dict[str, list[TraceRequest]] = {}
+        for req in trace.requests:
+            chains.setdefault(req.session, []).append(req)
+        await asyncio.gather(*(session(c) for c in chains.values()))
+        wall = time.monotonic() - t0
+        logs = []
+        for url in workers:
+            _, payload = await client.get_json(f"{url}/bench/log")
+            logs.extend(payload["log"])
+    finally:
+        client.close()
+    decide = getattr(router, "decide_us", None)
+    return {"arm": arm, "wall_s": wall, "sent": [asdict(s) for s in sent], "logs": logs, "decide_us": decide}
+
+
+# ------------------------------------------------------------------ metrics
+def pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int) -> dict:
+    by_id = trace.by_id()
+    logs = [rec for rec in run["logs"] if rec.get("request_id") in by_id]
+    logs.sort(key=lambda rec: rec["arrival_s"])
+    served = {rec["request_id"] for rec in logs}
+    prompt = sum(rec["prompt_tokens"] for rec in logs)
+    cached = sum(rec["cached_tokens"] for rec in logs)
+    seqs = [by_id[rec["request_id"]].tokens for rec in logs]
+    seen_keys = [keys_of(s) for s in seqs]
+    b1 = o1(seqs, keys=seen_keys)
+    b2 = o2(seqs, capacity_blocks * n_workers, keys=seen_keys)
+    per_worker = {f"w{i}": 0 for i in range(n_workers)}
+    for rec in logs:
+        per_worker[rec["worker"]] = per_worker.get(rec["worker"], 0) + rec["prompt_tokens"]
+    loads = list(per_worker.values())
+    mean = sum(loads) / len(loads) if loads else 0
+    jain = (sum(loads) ** 2) / (len(loads) * sum(x * x for x in loads)) if any(loads) else 0
+    ttft = [rec["ttft_s"] for rec in logs]
+    hop = [s["client_wall_s"] - s["server_wall_s"] for s in run["sent"] if s["server_wall_s"]]
+    errors = [s for s in run["sent"] if s["status"] != 200]
+    hit = cached / prompt if prompt else 0.0
+    return {
+        "arm": run["arm"], "requests": len(trace.requests), "served": len(served), "errors": len(errors),
+        "error_sample": errors[0]["error"] if errors else None,
+        "hit_rate": hit, "o1": b1.rate, "o2": b2.rate,
+        "frac_o1": hit / b1.rate if b1.rate else None, "frac_o2": hit / b2.rate if b2.rate else None,
+        "load_max_over_mean": max(loads) / mean if mean else None, "jain": jain, "load_tokens": per_worker,
+        "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+        "hop_p50_ms": (pct(hop, 50) or 0) * 1000, "hop_p99_ms": (pct(hop, 99) or 0) * 1000,
+        "decide_p50_us": pct(run["decide_us"], 50) if run["decide_us"] else None,
+        "decide_p99_us": pct(run["decide_us"], 99) if run["decide_us"] else None,
+        "wall_s": run["wall_s"],
+    }
+
+
+def nominal_bounds(trace: Trace, n_workers: int, capacity_blocks: int) -> dict:
+    seqs = [r.tokens for r in trace.nominal_order()]
+    keys = [keys_of(s) for s in seqs]
+    return {"o1": o1(seqs, keys=keys).rate, "o2": o2(seqs, capacity_blocks * n_workers, keys=keys).rate}
+
+
+def table(summaries: list[dict]) -> str:
+    direct_hops = [s["hop_p50_ms"] for s in summaries if s["arm"] in IN_PROCESS and s["hop_p50_ms"]]
+    baseline = statistics.median(direct_hops) if direct_hops else 0.0
+    head = ("arm", "hit", "xO1", "xO2", "max/mean", "jain", "ttft p50", "p90", "p99", "router", "errors")
+    rows = []
+    for s in summaries:
+        if s["decide_p50_us"] is not None:
+            router = f"{s['decide_p50_us'] / 1000:.2f}/{s['decide_p99_us'] / 1000:.2f} ms decide"
+        elif s["arm"] in IN_PROCESS:
+            router = "~0 (in-process)"
+        else:
+            router = f"+{s['hop_p50_ms'] - baseline:.1f} ms hop p50"
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        rows.append((s["arm"], fmt(s["hit_rate"], ".3f"), fmt(s["frac_o1"], ".3f"), fmt(s["frac_o2"], ".3f"),
+                     fmt(s["load_max_over_mean"], ".3f"), fmt(s["jain"], ".3f"), fmt(s["ttft_p50_s"], ".2f"),
+                     fmt(s["ttft_p90_s"], ".2f"), fmt(s["ttft_p99_s"], ".2f"), router, str(s["errors"])))
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(head)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_trace(name: str, seed: int, scale: float) -> Trace:
+    if name == "gsp":
+        if scale == 1.0:
+            return TRACES["gsp"](seed=seed)
+        return TRACES["gsp"](seed=seed, groups=max(2, int(64 * scale)))
+    if scale == 1.0:
+        return TRACES["agent"](seed=seed)
+    return TRACES["agent"](seed=seed, pods=max(2, int(96 * scale)), agents=max(2, int(16 * scale)))
+
+
+def run(args: argparse.Namespace) -> dict:
+    base_config = WorkerConfig(args.capacity_blocks, args.prefill_tps, args.decode_tps)
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
+    external = dict(item.split("=", 1) for item in args.router)
+    sglang_note = None
+    if any(a in SGLANG for a in arms):
+        sglang_note = sglang_available()
+        if sglang_note:
+            print(f"skipping sglang-router arms: {sglang_note}", file=sys.stderr)
+            arms = [a for a in arms if a not in SGLANG]
+    guard = LoadGuard(rel=args.guard_rel, abs_tokens=args.guard_abs)
+    workers_proc, workers = start_workers(args.workers, base_config, log_dir)
+    print(f"simulated workers: {' '.join(workers)}", file=sys.stderr)
+    results: dict = {"config": asdict(base_config), "workers": args.workers, "seed": args.seed,
+                     "guard": guard.rule(), "sglang": sglang_note or "ran", "traces": {}}
+    try:
+        for name in args.trace.split(","):
+            trace = build_trace(name, args.seed, args.scale)
+            config = WorkerConfig(args.capacity_blocks, args.prefill_tps, args.decode_tps,
+                                  args.speedup or SPEEDUP.get(name, WorkerConfig.speedup))
+            # Encoded once, outside the timed runs: every arm sends the same bytes.
+            bodies = {r.rid: json.dumps({"model": MODEL, "prompt": encode(r.tokens), "max_tokens": r.output_tokens,
+                                         "user": r.rid}).encode() for r in trace.requests}
+            keys = {r.rid: keys_of(r.tokens) for r in trace.requests}
+            summaries = []
+            for arm in arms + list(external):
+                router_proc = None
+                url = external.get(arm)
+                if arm in SGLANG:
+                    router_proc, url = start_sglang(arm.split("-", 1)[1], workers, log_dir)
+                try:
+                    started = time.monotonic()
+                    out = asyncio.run(run_arm(trace, arm, workers, config, router_url=url, seed=args.seed,
+                                              guard=guard, timeout_s=args.timeout,
+                                              bodies=bodies, keys=keys))
+                finally:
+                    if router_proc:
+                        router_proc.stop()
+                summary = summarize(trace, out, args.workers, config.capacity_blocks)
+                summaries.append(summary)
+                print(f"[{name}] {arm}: hit {summary['hit_rate']:.3f} (x{summary['frac_o2'] or 0:.3f} of O2), "
+                      f"max/mean {summary['load_max_over_mean'] or 0:.3f}, ttft p50 {summary['ttft_p50_s'] or 0:.2f} s, "
+                      f"{summary['errors']} errors, {time.monotonic() - started:.1f} s", file=sys.stderr)
+            results["traces"][name] = {"summary": trace.summary(), "speedup": config.speedup,
+                                       "nominal": nominal_bounds(trace, args.workers, config.capacity_blocks),
+                                       "arms": summaries}
+    finally:
+        workers_proc.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default="gsp,agent", help="comma list of: gsp, agent")
+    parser.add_argument("--arms", default=",".join(IN_PROCESS + SGLANG))
+    parser.add_argument("--router", action="append", default=[], metavar="NAME=URL",
+                        help="an external router in front of the workers (repeatable)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--capacity-blocks", type=int, default=WorkerConfig.capacity_blocks,
+                        help="KV capacity of each worker in 64-token blocks")
+    parser.add_argument("--prefill-tps", type=float, default=WorkerConfig.prefill_tps)
+    parser.add_argument("--decode-tps", type=float, default=WorkerConfig.decode_tps)
+    parser.add_argument("--speedup", type=float, default=None,
+                        help="simulated seconds per wall second (default: per trace, "
+                        + ", ".join(f"{k} {v:g}" for k, v in SPEEDUP.items()) + ")")
+    parser.add_argument("--guard-rel", type=float, default=LoadGuard.rel)
+    parser.add_argument("--guard-abs", type=float, default=LoadGuard.abs_tokens)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink traces (tests use 0.1)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="wall-clock bound per arm")
+    parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp") + "/agent-machine-bench")
+    parser.add_argument("--out", help="write the full results as JSON here")
+    args = parser.parse_args(argv)
+    results = run(args)
+    for name, data in results["traces"].items():
+        s = data["summary"]
+        print(f"\n### {name}: {s['requests']} requests, {s['prompt_tokens']} prompt tokens; "
+              f"O1 {data['nominal']['o1']:.3f}, O2 {data['nominal']['o2']:.3f} (nominal order)\n")
+        print(table(data["arms"]))
+    if args.out:
+        from nodeagent.fsutil import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
