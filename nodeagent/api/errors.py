@@ -151,7 +151,52 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
                           f"the agent failed on this request ({type(exc).__name__}); this is a bug, see the agent's log")
 
 
+# Errors of lower layers that mean "the request cannot be served as asked", not
+# "the agent is broken": (module, class) -> (status, type, field). Looked up
+# lazily so the API does not pull those modules in before they are used, and a
+# component that is not installed simply contributes no mapping.
+DOMAIN_ERRORS: dict[tuple[str, str], tuple[int, str, str | None]] = {
+    ("nodeagent.pods", "PodNotFound"): (404, "not_found", "pod_id"),
+    ("nodeagent.pods", "InvalidTransition"): (409, "conflict", None),
+    ("nodeagent.models.store", "ModelNotFound"): (404, "not_found", "model"),
+    ("nodeagent.models.store", "ModelInUse"): (409, "conflict", "model"),
+    ("nodeagent.models.residency", "OverCommit"): (409, "over_commit", "model"),
+    ("nodeagent.providers.base", "ProviderUnavailable"): (503, "provider_unavailable", None),
+}
+
+
+def _domain_handler(status: int, type_: str, field: str | None):  # type: ignore[no-untyped-def]
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        message = str(exc.args[0]) if type(exc).__name__ == "PodNotFound" and exc.args else str(exc)
+        if type(exc).__name__ == "PodNotFound":
+            message = f"no pod with pod_id {message!r}"
+        return error_response(status, type_, message or type(exc).__name__, field)
+
+    return handler
+
+
+async def _on_queue_full(request: Request, exc: Exception) -> JSONResponse:
+    retry = getattr(exc, "retry_after_s", 1)
+    return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(retry)})
+
+
+async def _on_node_closed(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(503, "draining", str(exc), headers={"Retry-After": "30"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    import importlib
+
+    from nodeagent.node import NodeClosed, QueueFull
+
+    app.add_exception_handler(QueueFull, _on_queue_full)
+    app.add_exception_handler(NodeClosed, _on_node_closed)
+    for (module_name, class_name), (status, type_, field) in DOMAIN_ERRORS.items():
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        app.add_exception_handler(cls, _domain_handler(status, type_, field))
     app.add_exception_handler(RequestValidationError, _on_request_validation)  # type: ignore[arg-type]
     app.add_exception_handler(ValidationError, _on_pydantic_validation)  # type: ignore[arg-type]
     app.add_exception_handler(ApiError, _on_api_error)  # type: ignore[arg-type]

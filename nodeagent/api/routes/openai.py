@@ -111,17 +111,9 @@ def wire_dict(value: Any) -> dict[str, Any]:
 
 
 def _chat(request: ChatCompletionRequest, node: Any) -> Response:
-    from nodeagent.api.errors import ApiError
-    from nodeagent.node import NodeClosed, QueueFull
-
     method = node_method(node, "chat_completion")
     body = request.model_dump(mode="json", exclude_none=True)
-    try:
-        result = method(body)
-    except QueueFull as exc:
-        raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
-    except NodeClosed as exc:
-        raise ApiError(503, "draining", str(exc), headers={"Retry-After": "30"}) from exc
+    result = method(body)  # QueueFull, NodeClosed, ModelNotFound... map to 4xx/503 in errors.py
     if request.stream:
         return StreamingResponse(_iterate_in_thread(_sse(iter(result))), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
