@@ -115,7 +115,8 @@ def _section_rows(p: "MachineProfile") -> list[tuple[str, str, str]]:
     host_bits = [h.hostname or "?", h.os_pretty_name or h.os_id or "?", h.kernel_release or "?",
                  h.architecture or "?", f"page {human_bytes(h.page_size)}" if h.page_size else ""]
     where = ", ".join(x for x in (f"container {h.container}" if h.container else "",
-                                  f"VM {h.virtualization}" if h.virtualization else "") if x)
+                                  ("VM" if h.virtualization == "vm" else f"VM {h.virtualization}")
+                                  if h.virtualization else "") if x)
     rows.append(("host", h.status.value, " · ".join(b for b in host_bits if b) + (f" ({where})" if where else "")))
     topo = f"{c.sockets or '?'} socket(s), {c.cores or '?'} cores, {c.threads or '?'} threads, " \
            f"{c.numa_nodes or '?'} NUMA node(s)"

@@ -99,6 +99,7 @@ class MigDevice(Contract):
     uuid: str | None = None
     name: str | None = None
     memory_total_bytes: int | None = None
+    memory_free_bytes: int | None = None
 
 
 class NvidiaGpu(Contract):

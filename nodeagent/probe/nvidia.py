@@ -4,6 +4,7 @@ The module is taken from ``System.modules`` when given (captured machines hand
 in `nodeagent.probe.replay.ReplayNvml`), else imported lazily. Errors are
 mapped to what an admin can act on:
 
+* no NVIDIA display/3D controller on the PCI bus -> absent, NVML not loaded;
 * no pynvml -> absent, naming the ``nvidia`` extra;
 * NVMLError_LibraryNotFound at init -> absent (no NVIDIA driver installed);
 * NVMLError_DriverNotLoaded, NoPermission, LibRmVersionMismatch... -> error;
@@ -117,6 +118,7 @@ def _mig_devices(nvml: Any, handle: Any, fields: _Fields) -> list[MigDevice]:
             uuid=_maybe_text(fields.get(f"mig_device[{index}].uuid", lambda: nvml.nvmlDeviceGetUUID(mig))),
             name=_maybe_text(fields.get(f"mig_device[{index}].name", lambda: nvml.nvmlDeviceGetName(mig))),
             memory_total_bytes=int(memory.total) if memory is not None else None,
+            memory_free_bytes=int(memory.free) if memory is not None else None,
         ))
     return devices
 
@@ -165,7 +167,23 @@ def _gpu(nvml: Any, index: int) -> NvidiaGpu:
     )
 
 
+def nvidia_pci_gpus(system: System) -> list[str]:
+    """PCI slots of NVIDIA display/3D controllers (vendor 0x10de, class 0x03xxxx)."""
+    slots = []
+    for slot in system.listdir("/sys/bus/pci/devices"):
+        base = f"/sys/bus/pci/devices/{slot}"
+        if (system.read_text(f"{base}/vendor") or "").strip().lower() != "0x10de":
+            continue
+        if (system.read_text(f"{base}/class") or "").strip().lower().startswith("0x03"):
+            slots.append(slot)
+    return slots
+
+
 def probe_nvidia(system: System) -> NvidiaInfo:
+    # Without NVIDIA hardware there is nothing for NVML to say; skipping it saves
+    # importing pynvml/ctypes and a dlopen attempt on every probe.
+    if not nvidia_pci_gpus(system) and not system.listdir("/proc/driver/nvidia/gpus"):
+        return NvidiaInfo(status=ProbeStatus.absent, reason="no NVIDIA GPU on the PCI bus")
     nvml = _load_pynvml(system)
     if nvml is None:
         return NvidiaInfo(status=ProbeStatus.absent, reason=f"pynvml is not installed; {INSTALL_HINT}")

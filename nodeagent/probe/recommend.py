@@ -35,6 +35,7 @@ LLAMA_CPP_VULKAN = "llama-cpp-python built with Vulkan: CMAKE_ARGS='-DGGML_VULKA
 LLAMA_CPP_HIP = "llama-cpp-python built with ROCm/HIP: CMAKE_ARGS='-DGGML_HIP=on' pip install llama-cpp-python"
 LLAMA_CPP = "llama-cpp-python: pip install llama-cpp-python"
 VLLM = "vLLM: pip install 'agent-machine[vllm]' (or its container image)"
+VLLM_ROCM = "vLLM for ROCm: the rocm/vllm container image or a ROCm build of vllm"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def compute_devices(cpu: CpuInfo, memory: MemoryInfo, nvidia: NvidiaInfo, amd: A
             for mig in gpu.mig_devices:
                 devices.append(ComputeDevice(id=f"nvidia:{mig.uuid or f'{gpu.index}/{mig.index}'}", kind="nvidia",
                                              name=mig.name, memory_kind="dedicated",
-                                             memory_total_bytes=mig.memory_total_bytes))
+                                             memory_total_bytes=mig.memory_total_bytes,
+                                             memory_free_bytes=mig.memory_free_bytes))
             continue
         devices.append(ComputeDevice(id=f"nvidia:{gpu.uuid or gpu.index}", kind="nvidia", name=gpu.name,
                                      memory_kind="dedicated", memory_total_bytes=gpu.memory_total_bytes,
@@ -181,7 +183,7 @@ def recommend(platform: Platform, cpu: CpuInfo, nvidia: NvidiaInfo, amd: AmdInfo
             recs.append(_rec("vllm-rocm", "vllm", vllm_ids,
                              "AMD: vLLM's ROCm build for throughput on "
                              + ", ".join(sorted({g.gfx_target for g in amd.gpus if f'amd:{g.card}' in vllm_ids})),
-                             [] if runtime.vllm.status == ProbeStatus.ok else [VLLM + " built for ROCm"]))
+                             [] if runtime.vllm.status == ProbeStatus.ok else [VLLM_ROCM]))
         recs.append(_cpu_rec(cpu, runtime, "fallback when no GPU has room"))
         return recs
 

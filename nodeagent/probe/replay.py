@@ -73,10 +73,10 @@ class ReplayStatfs:
 
     def __call__(self, path: Path) -> FsUsage | None:
         try:
-            inside = "/" + str(Path(path).relative_to(self.root)).lstrip(".").lstrip("/")
+            relative = str(Path(path).relative_to(self.root))
         except ValueError:
             return None
-        inside = posixpath.normpath(inside)
+        inside = posixpath.normpath("/" + ("" if relative == "." else relative))
         best = None
         for point in self.by_mount:
             if inside == point or point == "/" or inside.startswith(point.rstrip("/") + "/"):

@@ -57,10 +57,18 @@ def mount_for(mounts: list[Mount], path: str) -> Mount | None:
     return best
 
 
-def _rotational(system: System, major_minor: str) -> bool | None:
-    if major_minor.startswith("0:"):
+def _rotational(system: System, mount: Mount) -> bool | None:
+    """From the block device's queue/rotational; a partition asks its disk.
+
+    Filesystems such as btrfs report an anonymous device number (0:N); their
+    source (/dev/nvme0n1p6) still names the block device.
+    """
+    if not mount.major_minor.startswith("0:"):
+        base = f"/sys/dev/block/{mount.major_minor}"
+    elif mount.source.startswith("/dev/"):
+        base = f"/sys/class/block/{posixpath.basename(mount.source)}"
+    else:
         return None  # no block device: tmpfs, overlay, nfs...
-    base = f"/sys/dev/block/{major_minor}"
     value = system.read_text(f"{base}/queue/rotational")
     if value is None and system.exists(f"{base}/partition"):
         value = system.read_text(f"{base}/../queue/rotational")
@@ -90,7 +98,7 @@ def _location(system: System, role: str, path: str, mounts: list[Mount]) -> Stor
         device=mount.source if mount else None,
         total_bytes=usage.total_bytes if usage else None,
         free_bytes=usage.free_bytes if usage else None,
-        rotational=_rotational(system, mount.major_minor) if mount else None,
+        rotational=_rotational(system, mount) if mount else None,
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -58,23 +59,31 @@ def run_command(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
                 env: Mapping[str, str] | None = None) -> CommandResult:
     """Run ``argv`` with a hard timeout; never raises.
 
-    On timeout the child is killed (``subprocess.run`` kills and reaps it), so a
-    hanging tool costs at most ``timeout`` seconds.
+    The command runs in its own session; on timeout the whole process group is
+    killed, so a hanging tool (or a wrapper script whose child hangs and keeps
+    our pipes open) costs at most ``timeout`` seconds and leaves nothing behind.
     """
     argv = tuple(argv)
     if shutil.which(argv[0]) is None:
         return CommandResult(argv, None, error=f"{argv[0]}: command not found")
     merged = None if env is None else {**os.environ, **env}
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=merged,
-            stdin=subprocess.DEVNULL, errors="replace",
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=merged,
+            text=True, errors="replace", start_new_session=True,
         )
-    except subprocess.TimeoutExpired:
-        return CommandResult(argv, None, error=f"{argv[0]}: timed out after {timeout:g}s")
     except OSError as exc:
         return CommandResult(argv, None, error=f"{argv[0]}: {exc.strerror or exc}")
-    return CommandResult(argv, done.returncode, done.stdout, done.stderr)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            process.kill()
+        process.communicate()
+        return CommandResult(argv, None, error=f"{argv[0]}: timed out after {timeout:g}s")
+    return CommandResult(argv, process.returncode, stdout, stderr)
 
 
 @dataclass(frozen=True)
