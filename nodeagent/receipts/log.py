@@ -67,9 +67,11 @@ from nodeagent.receipts.verify import (
     CHECKPOINT_SUFFIX,
     KEYS_DIR,
     LOG_FILE,
+    SELECTOR_HELP,
     ChainChecker,
     extend_trust,
     load_public_keys,
+    selector_candidates,
     split_lines,
 )
 from nodeagent.store import connect, migrate
@@ -710,25 +712,24 @@ class LogReader:
         return max(0, size - end)
 
     def find(self, selector: str | int) -> LogRow:
-        """A seq number, a receipt id (or >= 8 hex digit prefix), or a pod run id (latest)."""
+        """The entry ``selector`` names: a seq, a receipt id (prefix) or a run id (its latest receipt)."""
         if self._conn is None:
             raise ReceiptError("the log has no index yet")
-        text = str(selector).strip()
         sql = ("SELECT seq, leaf_hash, kind, signer, run_id, pod, tenant, model, status, finished_at, offset, length "
                "FROM receipt_entries WHERE ")
-        if text.isdigit():
-            rows = self._conn.execute(sql + "seq = ?", (int(text),)).fetchall()
-        else:
-            rows = self._conn.execute(sql + "run_id = ? ORDER BY seq DESC LIMIT 1", (text,)).fetchall()
-            lowered = text.lower()
-            if not rows and len(lowered) >= 8 and all(c in "0123456789abcdef" for c in lowered):
-                rows = [r for r in self._conn.execute(sql + "1 ORDER BY seq") if r[1].hex().startswith(lowered)]
+        for kind, value in selector_candidates(selector):
+            if kind == "seq":
+                rows = self._conn.execute(sql + "seq = ?", (value,)).fetchall()
+            elif kind == "id":
+                rows = self._conn.execute(sql + "hex(leaf_hash) LIKE ? LIMIT 2", (value.upper() + "%",)).fetchall()
                 if len(rows) > 1:
-                    raise ReceiptError(f"receipt id prefix {text!r} is ambiguous ({len(rows)} matches)")
-        if not rows:
-            raise ReceiptError(f"no receipt matches {text!r} (give a seq, a receipt id, or a run id)")
-        r = rows[0]
-        return LogRow(r[0], r[1].hex(), *r[2:])
+                    raise ReceiptError(f"receipt id prefix {value!r} is ambiguous")
+            else:
+                rows = self._conn.execute(sql + "run_id = ? ORDER BY seq DESC LIMIT 1", (value,)).fetchall()
+            if rows:
+                r = rows[0]
+                return LogRow(r[0], r[1].hex(), *r[2:])
+        raise ReceiptError(f"no entry matches {str(selector)!r} ({SELECTOR_HELP})")
 
     def line(self, row: LogRow) -> bytes:
         with open(self.directory / LOG_FILE, "rb") as handle:

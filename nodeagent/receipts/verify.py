@@ -220,27 +220,54 @@ def _pool_inspect(lines: Sequence[bytes]) -> list[EntryFacts]:
     return [inspect_line(line, _POOL_KEYS) for line in lines]
 
 
-def select_entry(facts: Sequence[EntryFacts], selector: str | int) -> int:
-    """Resolve a receipt selector: a seq number, a receipt id (leaf hash, or a prefix of
-    at least 8 hex digits), or a pod run id."""
-    text = str(selector).strip()
-    if text.isdigit():
-        seq = int(text)
-        if seq >= len(facts):
-            raise ReceiptError(f"no receipt with seq {seq}: the log has {len(facts)} entries")
-        return seq
+SELECTOR_HELP = "a seq number, a receipt id (its leaf hash, or a prefix of >= 8 hex digits), or a pod run id"
+_HEX = frozenset("0123456789abcdef")
+
+
+def selector_candidates(selector: str | int) -> list[tuple[str, Any]]:
+    """How to read a receipt selector, most likely first: ("seq", int), ("id", hex prefix), ("run", text).
+
+    ``seq:N``, ``id:HEX`` and ``run:ID`` say it explicitly. Otherwise digits shorter than
+    8 are a seq, 8+ hex digits an id prefix (then a seq if all digits), and anything
+    may be a run id.
+    """
+    if isinstance(selector, int):
+        return [("seq", selector)]
+    text = selector.strip()
+    kind, _, value = text.partition(":")
+    if kind in ("seq", "id", "run") and value:
+        if kind == "seq" and not value.isdigit():
+            raise ReceiptError(f"seq must be a number, got {value!r}")
+        return [(kind, int(value) if kind == "seq" else value.lower() if kind == "id" else value)]
     lowered = text.lower()
-    if len(lowered) >= 8 and all(c in "0123456789abcdef" for c in lowered):
-        hits = [i for i, f in enumerate(facts) if f.leaf_hash.hex().startswith(lowered)]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise ReceiptError(f"receipt id prefix {text!r} is ambiguous ({len(hits)} matches)")
-    hits = [i for i, f in enumerate(facts)
-            if f.kind == KIND_EXECUTION and f.statement and f.statement["predicate"]["pod"].get("runId") == text]
-    if not hits:
-        raise ReceiptError(f"no receipt matches {text!r} (give a seq, a receipt id, or a run id)")
-    return hits[-1]
+    out: list[tuple[str, Any]] = []
+    if text.isdigit() and len(text) < 8:
+        out.append(("seq", int(text)))
+    if len(lowered) >= 8 and set(lowered) <= _HEX:
+        out.append(("id", lowered))
+        if text.isdigit():
+            out.append(("seq", int(text)))
+    out.append(("run", text))
+    return out
+
+
+def select_entry(facts: Sequence[EntryFacts], selector: str | int) -> int:
+    """The position of the entry ``selector`` names (see `selector_candidates`)."""
+    for kind, value in selector_candidates(selector):
+        if kind == "seq" and 0 <= value < len(facts):
+            return value
+        if kind == "id":
+            hits = [i for i, f in enumerate(facts) if f.leaf_hash.hex().startswith(value)]
+            if len(hits) > 1:
+                raise ReceiptError(f"receipt id prefix {value!r} is ambiguous ({len(hits)} matches)")
+            if hits:
+                return hits[0]
+        if kind == "run":
+            hits = [i for i, f in enumerate(facts) if f.kind == KIND_EXECUTION and f.statement
+                    and f.statement["predicate"]["pod"].get("runId") == value]
+            if hits:
+                return hits[-1]
+    raise ReceiptError(f"no entry matches {str(selector)!r} in {len(facts)} entries ({SELECTOR_HELP})")
 
 
 def verify_log(
@@ -441,34 +468,41 @@ def verify_proof(proof: Any, anchors: Mapping[str, PublicKey] | None = None) -> 
     chain_lines = [e.line.encode() for e in proof.key_chain]
     trusted = extend_trust(chain_lines, anchors)
     report.trusted_keys = sorted(trusted)
+    signed: SignedCheckpoint | None = None
     try:
         signed = open_checkpoint(proof.checkpoint, trusted.values(), proof.origin)
     except CheckpointError as exc:
         report.failures.append(Failure(None, exc.check, exc.detail))
-        return report
-    cp = signed.checkpoint
-    report.checkpoints.append({"name": "checkpoint", "size": cp.size, "keyId": signed.key_id, "root": cp.root.hex()})
-    report.covered = cp.size
-    if cp.size != proof.tree_size:
-        report.failures.append(Failure(None, "inclusion", f"proof is for tree size {proof.tree_size}, checkpoint signs {cp.size}"))
-        return report
+    if signed is not None:
+        cp = signed.checkpoint
+        report.checkpoints.append({"name": "checkpoint", "size": cp.size, "keyId": signed.key_id, "root": cp.root.hex()})
+        report.covered = cp.size
+        if cp.size != proof.tree_size:
+            report.failures.append(Failure(None, "inclusion", f"proof is for tree size {proof.tree_size}, "
+                                                              f"the checkpoint signs {cp.size}"))
+            signed = None
 
     def included(entry: Any) -> EntryFacts:
+        """The entry's own checks, and its inclusion when there is a checkpoint to prove it against."""
         line = entry.line.encode()
         facts = inspect_line(line, trusted)
         for check, detail in facts.failures:
             report.failures.append(Failure(entry.seq, check, detail))
         if facts.seq is not None and facts.seq != entry.seq:
             report.failures.append(Failure(entry.seq, "chain-seq", f"entry says seq {facts.seq}, proof says {entry.seq}"))
-        root = root_from_inclusion(leaf_hash(line), entry.seq, cp.size, [bytes.fromhex(h) for h in entry.inclusion_proof])
-        if root != cp.root:
-            report.failures.append(Failure(entry.seq, "inclusion", f"not included in the checkpoint's tree of size {cp.size}"))
+        if signed is not None:
+            size, root = signed.checkpoint.size, signed.checkpoint.root
+            path = [bytes.fromhex(h) for h in entry.inclusion_proof]
+            if root_from_inclusion(leaf_hash(line), entry.seq, size, path) != root:
+                report.failures.append(Failure(entry.seq, "inclusion", f"not included in the checkpoint's tree of size {size}"))
         return facts
 
     rotations = sorted(((e.seq, included(e)) for e in proof.key_chain), key=lambda pair: pair[0])
     facts = included(proof.entry)
     report.receipts = int(facts.kind == KIND_EXECUTION)
     report.rotations = len(rotations)
+    if signed is None:
+        return report
     # The key schedule from the rotations: the receipt must be signed by the key
     # active at its seq, and the checkpoint by the key active at its size.
     schedule: list[tuple[int, str]] = []
@@ -493,13 +527,13 @@ def verify_proof(proof: Any, anchors: Mapping[str, PublicKey] | None = None) -> 
     if schedule:
         if facts.signers and facts.rotation is None and active(proof.entry.seq) not in facts.signers:
             report.failures.append(Failure(proof.entry.seq, "key", "not signed by the key active at its position"))
-        if active(cp.size) != signed.key_id:
+        if active(signed.checkpoint.size) != signed.key_id:
             report.failures.append(Failure(None, "checkpoint-signature", "checkpoint not signed by the key active at its size"))
     elif facts.signers and signed.key_id not in facts.signers:
         report.failures.append(Failure(proof.entry.seq, "key", "receipt and checkpoint are signed by different keys "
                                                                "and the proof carries no key rotation linking them"))
     report.inclusion = {"seq": proof.entry.seq, "receiptId": leaf_hash(proof.entry.line.encode()).hex(),
-                        "treeSize": cp.size, "proof": proof.entry.inclusion_proof,
+                        "treeSize": signed.checkpoint.size, "proof": proof.entry.inclusion_proof,
                         "verified": not any(f.check == "inclusion" for f in report.failures)}
     return report
 
