@@ -56,6 +56,7 @@ from nodeagent.providers.base import (
     GenerationRequest,
     GenerationResult,
     Health,
+    ProviderCrashed,
     ProviderError,
     ProviderUnavailable,
     Rates,
@@ -272,6 +273,9 @@ class LlamaServerProvider:
             raise ProviderUnavailable(f"{self.name}: {self.base_url} refused the connection (not running?)") from None
         except httpx.TimeoutException:
             raise ProviderUnavailable(f"{self.name}: {method} {path} timed out") from None
+        except httpx.RemoteProtocolError:
+            raise ProviderCrashed(f"{self.name}: the server closed the connection during {method} {path} "
+                                  "(crashed? see its log)") from None
         except httpx.HTTPError as exc:
             raise ProviderError(f"{self.name}: {method} {path}: {exc}") from None
 
@@ -456,16 +460,23 @@ class LlamaServerProvider:
             self._measured.update("save", size / (save_ms / 1000))
         return SavedState(path=path, n_tokens=n_tokens, size_bytes=size, save_s=elapsed)
 
-    def restore_state(self, slot: int, path: Path) -> int:
+    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> int:
         """Restore ``path`` into ``slot`` (any slot, not only the one it came from).
 
-        Raises `StateCorrupt` for a digest mismatch (checked before the server
-        reads it) or a file the server refuses; the slot is then empty.
+        Raises `StateCorrupt` for a digest or size mismatch (checked before the
+        server reads the file) or a file the server refuses; the slot is then
+        empty. With ``verify`` (the default) a file without its sidecar is
+        refused too: llama-server aborts the whole process on some truncated
+        state files (``GGML_ASSERT(nread <= state_size)`` in
+        ``state_seq_load_file``), so only files whose size and digest we
+        recorded at save time are handed to it.
         """
         slot_dir = self._require_slot_dir()
         path = Path(path)
         try:
-            verify_state_file(path)
+            if verify and verify_state_file(path) is None:
+                raise StateCorrupt(f"{path}: no {META_SUFFIX} sidecar with its digest; refusing an unverified "
+                                   "state (a truncated file can abort llama-server)")
             tokens = read_slot_file_tokens(path)
         except StateCorrupt:
             self._context.pop(slot, None)
