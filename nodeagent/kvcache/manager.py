@@ -519,3 +519,17 @@ class CacheManager:
             created_at=_iso(row.created_at), last_used_at=_iso(row.last_used_at), pinned=row.pinned,
             in_use=bool(self._in_use.get(row.id)), priority=row.priority,
         )
+
+
+def open_from_config(loaded) -> CacheManager:
+    """The node's CacheManager from a `nodeagent.config.LoadedConfig`: T1 in ``cache.ram_dir``
+    (default a tmpfs directory), T2 in ``<state>/kvcache``, index in ``<state>/state.db``."""
+    cache = loaded.config.cache
+    return CacheManager.open(
+        loaded.paths.db_file,
+        t1_dir=cache.ram_dir or None,
+        t2_dir=loaded.paths.state_dir / "kvcache",
+        t1_budget=cache.ram_budget_bytes,
+        t2_budget=cache.disk_budget_bytes,
+        block_tokens=cache.block_tokens,
+    )
