@@ -39,8 +39,10 @@ class QueueConfig(_Section):
 class ModelsConfig(_Section):
     keep_alive: str = "5m"  # "-1" forever, "0" unload when idle
     max_loaded: int = Field(default=3, ge=1)
-    reserve_bytes: int = Field(default=1 << 30, ge=0)  # kept free on every device
+    reserve_bytes: int | None = Field(default=None, ge=0)  # kept free per memory pool (None: 10%)
     default: str | None = None  # model used by OpenAI requests that name none
+    context: int = Field(default=4096, ge=64)  # context length providers load models with
+    threads: int | None = Field(default=None, ge=1)  # llama.cpp threads per provider (None: its default)
 
 
 class CacheConfig(_Section):

@@ -143,21 +143,21 @@ class Node:
         """
         if not self._accepting:
             raise NodeClosed("the agent is draining and accepts no new pods")
+        if self.executor is not None and hasattr(self.executor, "validate"):
+            self.executor.validate(pod)  # raises PodInvalid naming the field
         limit = self.config.queue.max_pods
         with self._db_lock:
             if self._in_flight_count() >= limit:
                 raise QueueFull(limit, retry_after_s=self._retry_after())
             stored = self.pods.create(pod)
             decision = self.policy.decide(AdmissionRequest(pod=stored))
-            if not decision.allowed:
-                self.pods.transition(stored.id, PodPhase.refused, reason="admission", reasons=decision.reasons)
-            else:
+            if decision.allowed:
                 self.pods.transition(stored.id, PodPhase.admitted)
         if decision.allowed:
             self._cancels[stored.id] = _Cancel()
             self._queue.put(stored.id)
-        elif self.executor is not None and hasattr(self.executor, "on_refused"):
-            self.executor.on_refused(stored.id, decision)
+        else:
+            self._finish(stored.id, PodPhase.refused, "admission", reasons=decision.reasons)
         return self.get_pod(stored.id)
 
     def get_pod(self, pod_id: str) -> AgentPod:
@@ -191,16 +191,28 @@ class Node:
         with self._db_lock:
             self.pods.transition(pod_id, phase, reason=reason, reasons=reasons or [])
 
+    def record_turn(self, pod_id: str, result) -> None:
+        with self._db_lock:
+            self.pods.record_turn(pod_id, result)
+
+    def add_receipt(self, pod_id: str, receipt_id: str) -> None:
+        with self._db_lock:
+            self.pods.add_receipt(pod_id, receipt_id)
+
     # ------------------------------------------------------------ internals
-    def _finish(self, pod_id: str, phase: PodPhase, reason: str) -> None:
+    def _finish(self, pod_id: str, phase: PodPhase, reason: str, reasons: list[str] | None = None) -> None:
+        """End a pod that ran no turn: its receipt is made durable first, then the phase changes."""
         from nodeagent.pods import InvalidTransition
 
+        pod = self.get_pod(pod_id)
+        if pod.status.phase in TERMINAL_PHASES:
+            return
+        if self.executor is not None and hasattr(self.executor, "before_end"):
+            self.executor.before_end(pod, phase, reason)
         try:
-            self.pod_transition(pod_id, phase, reason=reason, reasons=[reason])
+            self.pod_transition(pod_id, phase, reason=reason, reasons=reasons or [reason])
         except InvalidTransition:
             return  # it ended in the meantime
-        if self.executor is not None and hasattr(self.executor, "on_finished_without_run"):
-            self.executor.on_finished_without_run(pod_id, phase, reason)
 
     def _in_flight_count(self) -> int:
         counts = self.pods.phase_counts()
@@ -235,3 +247,64 @@ class Node:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def default_executor(node: Node):
+    """The embedded default: models from the store, loaded by the residency manager
+    into llama-cpp-python workers, KV states in the T1/T2 tiers, receipts signed
+    with the machine key."""
+    from nodeagent.config import parse_duration
+    from nodeagent.execution import PodExecutor, ProviderPool
+    from nodeagent.kvcache.manager import CacheManager
+    from nodeagent.models.residency import LoadRequest, ResidencyManager, budgets_from_devices
+    from nodeagent.models.store import ModelStore
+    from nodeagent.providers.llama_cpp_python import residency_loader
+    from nodeagent.receipts import open_machine_log
+
+    cfg = node.config
+    state = node.paths.state_dir
+    models = ModelStore(state)
+    profile = node.machine()
+    budgets = budgets_from_devices(profile.devices)
+    if cfg.models.reserve_bytes is not None:
+        budgets = budgets_from_devices(profile.devices,
+                                       reserve_bytes={b.pool: cfg.models.reserve_bytes for b in budgets})
+    residency = ResidencyManager(
+        budgets,
+        residency_loader(n_threads=cfg.models.threads),
+        max_loaded=cfg.models.max_loaded,
+        default_keep_alive_s=_keep_alive(parse_duration(cfg.models.keep_alive)),
+        conn=connect(node.paths.db_file),
+    )
+
+    def load(record):
+        request = LoadRequest(digest=record.digest, name=record.names[0] if record.names else None,
+                              path=record.path, meta=models.meta(record), n_ctx=cfg.models.context)
+        return residency.load(request).handle
+
+    cache = CacheManager.open(
+        node.paths.db_file, t1_dir=cfg.cache.ram_dir, t2_dir=state / "kvcache",
+        t1_budget=cfg.cache.ram_budget_bytes, t2_budget=cfg.cache.disk_budget_bytes,
+        block_tokens=cfg.cache.block_tokens,
+    )
+    receipts = open_machine_log(state, key_file=cfg.receipts.key_file,
+                                checkpoint_every=cfg.receipts.checkpoint_every,
+                                checkpoint_seconds=cfg.receipts.checkpoint_seconds)
+    executor = PodExecutor(node, pool=ProviderPool(loader=load, residency=residency), models=models,
+                           cache=cache, receipts=receipts, block_tokens=cfg.cache.block_tokens)
+    calibrate_restore_rates(executor)
+    return executor
+
+
+def calibrate_restore_rates(executor) -> None:
+    """Seed T1/T2 restore rates from a read of each tier's directory, so the first
+    placement can weigh a restore at all; observed restores then refine them."""
+    from nodeagent.scheduler.rates import calibrate_read_throughput, restore_quantity
+
+    for tier, store in executor.cache.stores.items():
+        executor.rates.set(None, restore_quantity(tier), calibrate_read_throughput(store.directory, 8 << 20),
+                           "calibrated")
+
+
+def _keep_alive(seconds: float | None) -> float:
+    return -1.0 if seconds is None else seconds

@@ -62,6 +62,10 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     slot: int = 0
+    # At most this many tokens of the slot's live context may be reused (None:
+    # any common prefix). The node sets it so that a context built under
+    # another tenant's private scope is recomputed, never reused.
+    reuse_limit: int | None = None
 
 
 @dataclass(frozen=True)

@@ -375,7 +375,7 @@ class LlamaCppPythonProvider:
         return {
             "prompt_tokens": request.prompt_tokens, "prompt_text": request.prompt_text,
             "max_tokens": request.max_tokens, "temperature": request.temperature, "seed": request.seed,
-            "stop": list(request.stop), **sampling,
+            "stop": list(request.stop), "reuse_limit": request.reuse_limit, **sampling,
         }
 
     def _result(self, info: dict[str, Any]) -> GenerationResult:

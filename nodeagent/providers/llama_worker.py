@@ -252,7 +252,7 @@ class Worker:
     def op_generate(self, prompt_tokens: list[int] | None = None, prompt_text: str | None = None,
                     max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
                     stop: list[str] | None = None, top_k: int = 40, top_p: float = 0.95,
-                    stream: bool = False) -> dict:
+                    stream: bool = False, reuse_limit: int | None = None) -> dict:
         llm = self._need_model()
         start = time.perf_counter()
         if prompt_tokens is None:
@@ -277,6 +277,8 @@ class Worker:
             if a != b:
                 break
             cached += 1
+        if reuse_limit is not None:
+            cached = min(cached, max(0, int(reuse_limit)))  # the caller's isolation bound
         if max_tokens > 0 and cached == len(tokens):
             cached -= 1  # the last prompt token is re-evaluated to get fresh logits
         llm.n_tokens = cached  # eval() drops the KV from here on before decoding

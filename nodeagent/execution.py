@@ -1,0 +1,585 @@
+"""Running pods: place each turn where its context is cached, restore, generate, save, sign.
+
+One turn of a pod, end to end:
+
+1. its context grows by the turn's messages (`SessionContext`, token-exact);
+2. candidates are every provider with the model hot, plus — when none is —
+   one that would have to load it; each is described by what its live context
+   (T0) shares with the prompt and its queued work, and the node-wide saved
+   states matching the prompt (T1/T2) come from the `CacheManager`;
+3. `nodeagent.scheduler.placement.place` picks the lowest estimated TTFT;
+4. on the chosen provider: restore the chosen saved state (digest-checked; a
+   corrupt one is dropped and the prefix recomputed), generate, and measure
+   what was really cached vs evaluated;
+5. save the provider's new state to T1 for the next turn, fold the observed
+   rates into the registry, record the turn and append a signed receipt
+   (durable before the turn is reported).
+
+Receipts are per turn (one model execution each; ``runId`` = ``<pod>-t<i>``),
+plus one for a pod that ends without running a turn (refused, cancelled,
+failed before placement), so every pod leaves at least one receipt.
+
+Isolation: a provider's live context is matched by *block keys*, which are
+salted by cache scope, so placement never counts another tenant's private
+context as a hit, and the generation request carries that bound
+(``reuse_limit``) so the engine recomputes what the pod may not see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+import rfc8785
+
+from nodeagent.admission import AdmissionRequest
+from nodeagent.contracts.pod import AgentPod, ContextSegment, PodPhase, TurnResult, text_digest
+from nodeagent.kvcache.blocks import block_keys
+from nodeagent.kvcache.manager import CacheManager
+from nodeagent.providers.base import GenerationRequest, Provider, ProviderError, StateCorrupt
+from nodeagent.scheduler.placement import (
+    CandidateState,
+    Decision,
+    LoadGuard,
+    PlacementRequest,
+    TierMatch,
+    common_prefix_tokens,
+    place,
+)
+from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
+from nodeagent.session import SessionContext
+from nodeagent.store import migrate, transaction
+
+
+class PodInvalid(ValueError):
+    """The pod cannot run here as written; the message names the field."""
+
+
+# ------------------------------------------------------------------ segments
+_SEGMENTS_SCHEMA = ["CREATE TABLE segments (digest TEXT PRIMARY KEY, text TEXT NOT NULL, first_seen TEXT NOT NULL)"]
+
+
+class SegmentStore:
+    """Context segments this node has seen, by digest, so planners may send a digest alone."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock) -> None:
+        self._conn, self._lock = conn, lock
+        with lock:
+            migrate(conn, "segments", _SEGMENTS_SCHEMA)
+
+    def remember(self, segments: Iterable[ContextSegment]) -> None:
+        rows = [(text_digest(s.text), s.text, datetime.now(timezone.utc).isoformat())
+                for s in segments if s.text is not None]
+        if rows:
+            with self._lock, transaction(self._conn):
+                self._conn.executemany("INSERT OR IGNORE INTO segments (digest, text, first_seen) VALUES (?, ?, ?)", rows)
+
+    def texts(self, segments: Sequence[ContextSegment]) -> list[str]:
+        out = []
+        for index, segment in enumerate(segments):
+            if segment.text is not None:
+                out.append(segment.text)
+                continue
+            with self._lock:
+                row = self._conn.execute("SELECT text FROM segments WHERE digest = ?", (segment.digest,)).fetchone()
+            if row is None:
+                raise PodInvalid(f"spec.context[{index}].digest {segment.digest} is unknown to this node; "
+                                 f"send the segment's text once")
+            out.append(row[0])
+        return out
+
+
+# ------------------------------------------------------------------ providers
+@dataclass
+class ManagedProvider:
+    """A provider as the executor sees it: one request at a time, with its queue and live context."""
+
+    provider: Provider
+    model_digest: str
+    launch_mode: str = "embedded"
+    version: str = "unknown"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # What its context holds after the last request (kept here so placement never
+    # waits on a busy provider), and whose it is: (first token, namespace) spans.
+    context: list[int] = field(default_factory=list)
+    context_spans: list[tuple[int, Any]] = field(default_factory=list)
+    queued_requests: int = 0
+    queued_prefill_tokens: int = 0
+    queued_decode_tokens: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    @property
+    def kind(self) -> str:
+        return self.provider.kind
+
+    def forget_context(self) -> None:
+        self.context = []
+        self.context_spans = []
+
+    def visible_prefix(self, owners: Sequence[str]) -> int:
+        """How many leading context tokens a pod seeing ``owners`` may reuse.
+
+        Scopes only narrow along a context, so the visible part is a prefix: it
+        ends where the first span owned by someone else begins.
+        """
+        for start, namespace in self.context_spans:
+            if namespace.owner not in owners:
+                return start
+        return len(self.context)
+
+
+class ProviderPool:
+    """The providers that can serve pods, by name.
+
+    Static providers are added explicitly (benchmarks, configured replicas);
+    with a `loader` the pool asks it for one when a model has no provider (the
+    node's loader goes through the residency manager, which evicts by expected
+    cost and refuses over-commit with a clear error).
+    """
+
+    def __init__(self, loader: Callable[[Any], Provider] | None = None, residency: Any | None = None) -> None:
+        self._providers: dict[str, ManagedProvider] = {}
+        self._lock = threading.Lock()
+        self._loader = loader
+        self.residency = residency
+
+    def using(self, digest: str):
+        """While a request runs, the residency manager must not evict its model."""
+        if self.residency is None or digest not in self.residency.loaded_digests():
+            return contextlib.nullcontext()
+        return self.residency.use(digest)
+
+    def add(self, managed: ManagedProvider) -> ManagedProvider:
+        with self._lock:
+            self._providers[managed.name] = managed
+        return managed
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._providers.pop(name, None)
+
+    def all(self) -> list[ManagedProvider]:
+        with self._lock:
+            return list(self._providers.values())
+
+    def for_model(self, digest: str) -> list[ManagedProvider]:
+        return [m for m in self.all() if m.model_digest == digest and _running(m.provider)]
+
+    def load(self, record: Any) -> ManagedProvider:
+        if self._loader is None:
+            raise ProviderError(f"no provider holds model {model_name(record)} and this node cannot load models")
+        provider = self._loader(record)
+        return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
+
+
+def _running(provider: Provider) -> bool:
+    running = getattr(provider, "running", None)
+    return True if running is None else bool(running)
+
+
+def _version_of(provider: Provider) -> str:
+    if provider.kind == "llama_cpp_python":
+        try:
+            from importlib.metadata import version
+
+            return f"llama-cpp-python {version('llama-cpp-python')}"
+        except Exception:
+            return "llama-cpp-python"
+    return getattr(provider, "version", None) or provider.kind
+
+
+# ------------------------------------------------------------------ receipts
+@dataclass(frozen=True)
+class MachineFacts:
+    identity_hash: str
+    host: str
+    agent_version: str
+    profile_digest: str
+
+
+def machine_facts(profile: Any) -> MachineFacts:
+    from nodeagent import __version__
+    from nodeagent.probe import profile_digest
+
+    host = profile.host.hostname or "unknown-host"
+    identity = profile.host.machine_id_hash or hashlib.sha256(f"agent-machine/no-machine-id/{host}".encode()).hexdigest()
+    return MachineFacts(identity, host, __version__, profile_digest(profile))
+
+
+def request_digest(pod: AgentPod, turn: int | None) -> str:
+    body = {"metadata": pod.metadata.to_wire(), "spec": pod.spec.to_wire(), "turn": turn}
+    return "sha256:" + hashlib.sha256(rfc8785.dumps(body)).hexdigest()
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _us(seconds: float | None) -> int:
+    return 0 if seconds is None else max(0, int(round(seconds * 1e6)))
+
+
+# ------------------------------------------------------------------ executor
+@dataclass
+class TurnOutcome:
+    result: TurnResult
+    decision: Decision
+    managed: ManagedProvider
+    started: float
+    first_token: float
+    finished: float
+    completion_tokens: list[int]
+
+
+class PodExecutor:
+    """Runs admitted pods for a `Node` (see module docstring)."""
+
+    def __init__(self, node: Any, *, pool: ProviderPool, models: Any, cache: CacheManager | None,
+                 receipts: Any | None, rates: RateRegistry | None = None, guard: LoadGuard | None = None,
+                 machine: MachineFacts | None = None, block_tokens: int = 64) -> None:
+        self.node = node
+        self.pool = pool
+        self.models = models
+        self.cache = cache
+        self.receipts = receipts
+        self.rates = rates or RateRegistry()
+        self.guard = guard or LoadGuard()
+        self.block_tokens = block_tokens
+        self.segments = SegmentStore(node.db, node._db_lock)
+        self._machine = machine
+        self._place_lock = threading.Lock()  # placement + queue accounting are one step
+        self.decisions: dict[str, list[Decision]] = {}  # pod id -> one per turn (recent pods)
+
+    # ------------------------------------------------------------ node hooks
+    @property
+    def machine(self) -> MachineFacts:
+        if self._machine is None:
+            self._machine = machine_facts(self.node.machine())
+        return self._machine
+
+    def validate(self, pod: AgentPod) -> None:
+        """Checks that need node state, run at submit time (raise PodInvalid)."""
+        self.segments.remember(pod.spec.context)
+        self.segments.texts(pod.spec.context)
+        if pod.spec.provider is not None and pod.spec.provider not in {m.name for m in self.pool.all()}:
+            known = ", ".join(sorted(m.name for m in self.pool.all())) or "none"
+            raise PodInvalid(f"spec.provider {pod.spec.provider!r} is not a provider of this node (known: {known})")
+
+    def before_end(self, pod: AgentPod, phase: PodPhase, reason: str) -> None:
+        """Node hook: the pod ends without running a turn; sign that first (receipt before report)."""
+        status = {PodPhase.refused: "refused", PodPhase.cancelled: "cancelled"}.get(phase, "failed")
+        error = {"refused": "PolicyRefused", "cancelled": None}.get(status, "NotRun")
+        self._receipt(pod, None, status, error, queued=_created(pod))
+
+    def close(self) -> None:
+        for managed in self.pool.all():
+            try:
+                managed.provider.stop()
+            except Exception:
+                pass
+        if self.receipts is not None:
+            self.receipts.close()
+
+    # ------------------------------------------------------------ running
+    def run(self, pod: AgentPod) -> None:
+        queued = _created(pod)
+        try:
+            record = self.models.resolve(pod.spec.model.digest or pod.spec.model.name)
+        except Exception as exc:
+            return self._fail(pod, f"model {pod.spec.model.name or pod.spec.model.digest}: {exc}",
+                              type(exc).__name__, queued, turn=None)
+        texts = self.segments.texts(pod.spec.context)
+        session: SessionContext | None = None
+        for index, turn in enumerate(pod.spec.turns):
+            if self.node.is_cancelled(pod.id):
+                self._receipt(pod, index, "cancelled", None, queued=queued, record=record)
+                self.node.pod_transition(pod.id, PodPhase.cancelled, reason="cancelled by request",
+                                         reasons=["cancelled by request"])
+                return
+            try:
+                if session is None:
+                    tokenizer = self._tokenizer_for(record)
+                    session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent,
+                                             lambda text, bos: tokenizer.tokenize(text, add_bos=bos))
+                    session.add_segments(pod.spec.context, texts)
+                session.add_turn(turn.messages)
+                if index == 0:
+                    refusal = self._admit_with_tokens(pod, record, len(session.tokens))
+                    if refusal:
+                        self._receipt(pod, None, "refused", "PolicyRefused", queued=queued, record=record)
+                        self.node.pod_transition(pod.id, PodPhase.refused, reason="admission", reasons=refusal)
+                        return
+                outcome = self._run_turn(pod, record, session, index, turn.max_tokens, first=index == 0)
+            except Exception as exc:
+                return self._fail(pod, f"turn {index}: {type(exc).__name__}: {exc}", type(exc).__name__,
+                                  queued, turn=index, record=record)
+            session.add_reply(outcome.completion_tokens)
+            self.node.record_turn(pod.id, outcome.result)
+            appended = self._receipt(pod, index, "succeeded", None, queued=queued, record=record, outcome=outcome)
+            if appended is not None:
+                self.node.add_receipt(pod.id, appended)
+        self.node.pod_transition(pod.id, PodPhase.succeeded)
+
+    def score(self, pod: AgentPod) -> Decision:
+        """A dry-run placement of the pod's first turn (nothing runs, nothing is reserved)."""
+        record = self.models.resolve(pod.spec.model.digest or pod.spec.model.name)
+        tokenizer = self._tokenizer_for(record, load=False)
+        if tokenizer is None:
+            raise PodInvalid(f"spec.model: no provider holds {model_name(record)} yet, so its "
+                             f"prompt cannot be tokenized for a dry run; load it first")
+        session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent,
+                                 lambda text, bos: tokenizer.tokenize(text, add_bos=bos))
+        session.add_segments(pod.spec.context, self.segments.texts(pod.spec.context))
+        session.add_turn(pod.spec.turns[0].messages)
+        decision, _, _ = self._place(pod, record, session, dry_run=True)
+        return decision
+
+    # ------------------------------------------------------------ steps
+    def _tokenizer_for(self, record: Any, load: bool = True) -> Provider | None:
+        found = self.pool.for_model(record.digest)
+        if found:
+            return found[0].provider
+        return self.pool.load(record).provider if load else None
+
+    def _admit_with_tokens(self, pod: AgentPod, record: Any, prompt_tokens: int) -> list[str]:
+        decision = self.node.policy.decide(AdmissionRequest(
+            pod=pod, model_name=model_name(record), model_digest=record.digest, prompt_tokens=prompt_tokens))
+        return decision.reasons
+
+    def _candidates(self, record: Any, session: SessionContext, pinned: str | None) -> tuple[list[CandidateState], dict[str, ManagedProvider]]:
+        managed = self.pool.for_model(record.digest)
+        owners = _owners(session)
+        states, by_name = [], {}
+        for m in managed:
+            t0 = min(common_prefix_tokens(m.context, session.tokens), m.visible_prefix(owners))
+            rejected = () if pinned in (None, m.name) else (f"pod is pinned to provider {pinned}",)
+            states.append(CandidateState(
+                provider=m.name, model_hot=True, t0_cached_tokens=t0,
+                state_format=m.kind if self.cache is not None else None,
+                queued_requests=m.queued_requests, queued_prefill_tokens=m.queued_prefill_tokens,
+                queued_decode_tokens=m.queued_decode_tokens,
+                load=m.queued_prefill_tokens + m.queued_decode_tokens, rejected=rejected))
+            by_name[m.name] = m
+        if not managed:
+            states.append(CandidateState(provider=f"load:{model_name(record)}", model_hot=False,
+                                         model_bytes=int(record.size_bytes), state_format=None))
+        return states, by_name
+
+    def _place(self, pod: AgentPod, record: Any, session: SessionContext, *, dry_run: bool = False):
+        keys = block_keys(session.tokens, session.spans, block_tokens=self.block_tokens)
+        matches: tuple[TierMatch, ...] = ()
+        lookup = None
+        if self.cache is not None and pod.spec.policy.cache_reuse:
+            kinds = {m.kind for m in self.pool.for_model(record.digest)} or {"llama_cpp_python"}
+            found = []
+            for kind in kinds:
+                lookup = self.cache.lookup_keys(keys, _owners(session), state_format=kind,
+                                                prompt_tokens=len(session.tokens))
+                found += [TierMatch(m.tier, m.cached_tokens, m.bytes, kind, m.entry_id)
+                          for m in lookup.by_tier.values()]
+            matches = tuple(found)
+        states, by_name = self._candidates(record, session, pod.spec.provider)
+        if not pod.spec.policy.cache_reuse:
+            states = [CandidateState(**{**s.__dict__, "t0_cached_tokens": 0}) for s in states]
+        request = PlacementRequest(model=model_name(record), prompt_tokens=len(session.tokens),
+                                   tier_matches=matches, pod=pod.metadata.name, tenant=pod.metadata.tenant,
+                                   block_tokens=self.block_tokens, dry_run=dry_run)
+        return place(request, states, self.rates, self.guard), by_name, keys
+
+    def _run_turn(self, pod: AgentPod, record: Any, session: SessionContext, index: int, max_tokens: int,
+                  *, first: bool) -> TurnOutcome:
+        with self._place_lock:
+            decision, by_name, keys = self._place(pod, record, session)
+            if decision.chosen is None:
+                raise ProviderError(f"no provider can run this turn: {decision.reason}")
+            chosen = decision.chosen
+            managed = by_name.get(chosen.state.provider)
+            uncached = len(session.tokens) - chosen.cached_tokens
+            if managed is not None:
+                managed.queued_requests += 1
+                managed.queued_prefill_tokens += uncached
+                managed.queued_decode_tokens += max_tokens
+        self.decisions.setdefault(pod.id, []).append(decision)
+        while len(self.decisions) > 256:
+            self.decisions.pop(next(iter(self.decisions)))
+        if first:
+            self.node.pod_transition(pod.id, PodPhase.placed, reason=decision.reason)
+            self.node.pod_transition(pod.id, PodPhase.running)
+        if managed is None:  # the chosen candidate must load the model first
+            started_load = time.perf_counter()
+            managed = self.pool.load(record)
+            self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
+            managed.queued_requests += 1
+            managed.queued_prefill_tokens += uncached
+            managed.queued_decode_tokens += max_tokens
+        try:
+            return self._execute(pod, session, index, max_tokens, decision, managed)
+        finally:
+            with self._place_lock:
+                managed.queued_requests -= 1
+                managed.queued_prefill_tokens -= uncached
+                managed.queued_decode_tokens -= max_tokens
+
+    def _execute(self, pod: AgentPod, session: SessionContext, index: int, max_tokens: int,
+                 decision: Decision, managed: ManagedProvider) -> TurnOutcome:
+        chosen = decision.chosen
+        provider = managed.provider
+        tier = chosen.cache_source if chosen.cache_source in ("T0", "T1", "T2") else "none"
+        # Reuse of the live context is bounded by what its scope-salted block keys
+        # allow this pod to see; a restored state is one this pod may see whole.
+        reuse_limit: int | None = chosen.state.t0_cached_tokens if pod.spec.policy.cache_reuse else 0
+        with managed.lock:
+            started = time.time()
+            if tier in ("T1", "T2"):
+                match = next(m for m in decision.request.tier_matches
+                             if m.tier == tier and m.state_format == managed.kind)
+                tier = self._restore(managed, match) or "none"
+                if tier != "none":
+                    reuse_limit = None
+            if self.cache is not None:
+                self.cache.record_lookup(len(session.tokens), t0_tokens=chosen.cached_tokens if tier == "T0" else 0,
+                                         miss=tier == "none")
+            try:
+                with self.pool.using(managed.model_digest):
+                    result = provider.generate(GenerationRequest(
+                        prompt_tokens=list(session.tokens), max_tokens=max_tokens, temperature=0.0,
+                        reuse_limit=reuse_limit))
+            except ProviderError:
+                managed.forget_context()
+                raise
+            first_token = started + result.ttft_s
+            self.rates.observe(managed.name, PREFILL, result.evaluated_tokens, result.ttft_s)
+            if len(result.completion_tokens) > 1:
+                self.rates.observe(managed.name, DECODE, len(result.completion_tokens) - 1,
+                                   max(result.total_s - result.ttft_s, 1e-9))
+            context = list(session.tokens) + list(result.completion_tokens)
+            self._remember_context(managed, context, session)
+            if self.cache is not None and pod.spec.policy.cache_reuse:
+                self._save(managed, session)
+            finished = time.time()
+        turn = TurnResult(
+            index=index, provider=managed.name, prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens, evaluated_tokens=result.evaluated_tokens,
+            completion_tokens=len(result.completion_tokens),
+            cache_tier=tier if result.cached_tokens else "none",
+            ttft_ms=int((first_token - started) * 1000), total_ms=int((finished - started) * 1000),
+            output=result.text, decision_id=decision.id)
+        return TurnOutcome(turn, decision, managed, started, first_token, finished, list(result.completion_tokens))
+
+    def _restore(self, managed: ManagedProvider, match: TierMatch) -> str | None:
+        """Restore ``match`` into the provider; the tier served, or None (recompute)."""
+        from nodeagent.kvcache.manager import PrefixMatch
+
+        prefix = PrefixMatch(match.entry_id, match.tier, match.cached_tokens // self.block_tokens,
+                             match.cached_tokens, match.cached_tokens, match.bytes)
+        with self.cache.restoring(prefix) as restore:
+            if restore is None:
+                return None  # corrupt or gone: dropped and counted by the cache
+            began = time.perf_counter()
+            try:
+                provider_tokens = managed.provider.restore_state(0, restore.path)
+            except StateCorrupt:
+                self.cache.report_corrupt(match.entry_id)
+                managed.forget_context()
+                return None
+            self.rates.observe(managed.name, restore_quantity(restore.served_from), restore.entry.bytes,
+                               time.perf_counter() - began)
+            del provider_tokens
+            managed.forget_context()  # the turn's generate sets it from what the provider now holds
+            return restore.served_from
+
+    def _remember_context(self, managed: ManagedProvider, context: list[int], session: SessionContext) -> None:
+        managed.context = context
+        managed.context_spans = session.spans_for(len(context))
+
+    def _save(self, managed: ManagedProvider, session: SessionContext) -> None:
+        staging = self.cache.staging_path()
+        try:
+            managed.provider.save_state(0, staging)
+            covered = managed.provider.context_tokens(0)
+            self.cache.put(staging, covered, session.spans_for(len(covered)), state_format=managed.kind)
+        except Exception:
+            # A failed save costs the next turn a recompute, never this turn's answer.
+            staging.unlink(missing_ok=True)
+            return
+
+    # ------------------------------------------------------------ endings
+    def _fail(self, pod: AgentPod, message: str, error_class: str, queued: float, *, turn: int | None,
+              record: Any = None) -> None:
+        from nodeagent.pods import InvalidTransition
+
+        self._receipt(pod, turn, "failed", error_class, queued=queued, record=record)
+        try:
+            self.node.pod_transition(pod.id, PodPhase.failed, reason=error_class, reasons=[message])
+        except InvalidTransition:
+            pass
+
+    def _receipt(self, pod: AgentPod, turn: int | None, status: str, error_class: str | None, *,
+                 queued: float, record: Any = None, outcome: TurnOutcome | None = None) -> str | None:
+        if self.receipts is None:
+            return None
+        from nodeagent.contracts.receipt import ReceiptInput
+
+        facts = self.machine
+        now = time.time()
+        data: dict[str, Any] = {
+            "machine": {"identityHash": facts.identity_hash, "host": facts.host,
+                        "agentVersion": facts.agent_version, "profileDigest": facts.profile_digest},
+            "pod": {"name": pod.metadata.name, "runId": f"{pod.id}-t{turn}" if turn is not None else pod.id,
+                    "tenant": pod.metadata.tenant, "agent": pod.metadata.agent, "session": pod.metadata.session,
+                    "requestDigest": request_digest(pod, turn)},
+            "model": {"name": model_name(record) if record is not None else (pod.spec.model.name or pod.spec.model.digest),
+                      "digest": record.digest if record is not None else None},
+            "timing": {"queuedAt": _utc(min(queued, now)), "finishedAt": _utc(now)},
+            "outcome": {"status": status, "errorClass": error_class},
+        }
+        if outcome is not None:
+            chosen = outcome.decision.chosen
+            terms = chosen.terms
+            data["provider"] = {"kind": outcome.managed.kind, "version": outcome.managed.version,
+                                "launchMode": outcome.managed.launch_mode}
+            data["placement"] = {
+                "decisionId": outcome.decision.id,
+                "chosen": {"candidateId": chosen.state.provider, "provider": chosen.state.provider,
+                           "terms": {"queueWaitUs": _us(terms.queue_wait_s), "loadUs": _us(terms.load_s),
+                                     "restoreUs": _us(terms.restore_s), "prefillUs": _us(terms.prefill_s),
+                                     "ttftUs": _us(terms.total)}},
+                "alternatives": len(outcome.decision.assessments) - 1,
+            }
+            result = outcome.result
+            data["cache"] = {"tierHit": result.cache_tier, "cachedTokens": result.cached_tokens,
+                             "evaluatedTokens": result.evaluated_tokens}
+            data["timing"].update(startedAt=_utc(outcome.started), firstTokenAt=_utc(outcome.first_token),
+                                  finishedAt=_utc(outcome.finished), queuedAt=_utc(min(queued, outcome.started)))
+            data["usage"] = {"promptTokens": result.prompt_tokens, "completionTokens": result.completion_tokens}
+            data["outputDigest"] = text_digest(result.output)
+        appended = self.receipts.append(ReceiptInput.model_validate(data))
+        receipt_id = appended.receipt_id
+        if turn is None or outcome is None:
+            self.node.add_receipt(pod.id, receipt_id)
+        return receipt_id
+
+
+def model_name(record: Any) -> str:
+    """How a stored model is named to people: its first NAME:TAG, else its short digest."""
+    names = getattr(record, "names", None) or []
+    return names[0] if names else record.digest[:19]
+
+
+def _owners(session: SessionContext) -> list[str]:
+    from nodeagent.kvcache.manager import visible_owners
+
+    return visible_owners(session.spans)
+
+
+def _created(pod: AgentPod) -> float:
+    return pod.status.transitions[0].at.timestamp() if pod.status and pod.status.transitions else time.time()
