@@ -19,7 +19,7 @@ examples:
   agent-machine providers render vllm --mode podman --model /srv/models/Qwen2.5-7B --accelerator nvidia
       print the podman run command line
   agent-machine providers up llama-server --mode subprocess --model tiny.gguf \\
-        --executable "$(scripts/build-llama-server.sh)" --slot-save-dir /var/tmp/slots
+        --executable "$(scripts/build-llama-server.sh)" --slot-save-dir /var/tmp/slots --engine-args '--threads 4'
       start a native llama-server and wait until /health answers
   agent-machine providers ls --format json
   agent-machine providers logs llama-server-tiny -n 50
@@ -98,8 +98,8 @@ def _spec_options(parser: argparse.ArgumentParser, for_up: bool) -> None:
     parser.add_argument("--executable", help="subprocess mode: the engine binary (default: from PATH)")
     parser.add_argument("--scope", default="user", choices=("user", "system"),
                         help="quadlet mode: rootless user units or system units (default user)")
-    parser.add_argument("extra", nargs="*", metavar="-- ENGINE_ARG",
-                        help="extra engine arguments after --")
+    parser.add_argument("--engine-args", default="", metavar="'ARGS'",
+                        help="extra engine arguments, one shell-quoted string, e.g. --engine-args '--threads 4'")
     if for_up:
         parser.add_argument("--no-wait", action="store_true", help="return once started, without waiting for health")
 
@@ -186,7 +186,7 @@ def _build_spec(args: argparse.Namespace, for_up: bool) -> Any:
             executable=args.executable,
             image=args.image,
             pull=args.pull,
-            extra_args=args.extra,
+            extra_args=shlex.split(args.engine_args),
         )
     except (CatalogError, ValueError) as exc:
         raise CliError(str(exc), exit_code=2) from exc
