@@ -108,6 +108,7 @@ def probe_cdi(system: System) -> CdiInfo:
     files: list[str] = []
     devices: list[str] = []
     problems: list[str] = []
+    parsed = 0
     for directory in CDI_DIRS:
         for name in system.listdir(directory):
             if not name.endswith((".yaml", ".yml", ".json")):
@@ -126,11 +127,12 @@ def probe_cdi(system: System) -> CdiInfo:
             if not kind:
                 problems.append(f"{path}: no kind")
                 continue
+            parsed += 1
             devices.extend(f"{kind}={n}" for n in names)
-    if not files:
-        return CdiInfo(status=ProbeStatus.error if problems else ProbeStatus.absent,
-                       reason="; ".join(problems) or f"no CDI spec files in {' or '.join(CDI_DIRS)}")
-    return CdiInfo(status=ProbeStatus.ok, reason="; ".join(problems) or None, spec_files=files, devices=devices)
+    if not files and not problems:
+        return CdiInfo(status=ProbeStatus.absent, reason=f"no CDI spec files in {' or '.join(CDI_DIRS)}")
+    return CdiInfo(status=ProbeStatus.ok if parsed else ProbeStatus.error, reason="; ".join(problems) or None,
+                   spec_files=files, devices=devices)
 
 
 def user_name(system: System) -> str | None:
