@@ -41,6 +41,7 @@ import rfc8785
 from nodeagent.admission import AdmissionRequest
 from nodeagent.contracts.pod import AgentPod, ContextSegment, PodPhase, TurnResult, text_digest
 from nodeagent.kvcache.blocks import block_keys
+from nodeagent.pods import PodInvalid
 from nodeagent.kvcache.manager import CacheManager
 from nodeagent.providers.base import GenerationRequest, Provider, ProviderError, StateCorrupt
 from nodeagent.scheduler.placement import (
@@ -55,10 +56,6 @@ from nodeagent.scheduler.placement import (
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.session import SessionContext
 from nodeagent.store import migrate, transaction
-
-
-class PodInvalid(ValueError):
-    """The pod cannot run here as written; the message names the field."""
 
 
 # ------------------------------------------------------------------ segments
@@ -102,7 +99,7 @@ class ManagedProvider:
 
     provider: Provider
     model_digest: str
-    launch_mode: str = "embedded"
+    launch_mode: str = "subprocess"  # the embedded worker is our own subprocess
     version: str = "unknown"
     lock: threading.Lock = field(default_factory=threading.Lock)
     # What its context holds after the last request (kept here so placement never

@@ -199,6 +199,172 @@ class Node:
         with self._db_lock:
             self.pods.add_receipt(pod_id, receipt_id)
 
+    # ------------------------------------------------------------ models
+    def _need_executor(self):
+        if self.executor is None:
+            raise NodeClosed("this node runs without providers (started without an executor)")
+        return self.executor
+
+    def list_models(self) -> list:
+        from nodeagent.models.store import ModelStore
+
+        store = ModelStore(self.paths.state_dir)
+        try:
+            return store.list()
+        finally:
+            store.close()
+
+    def list_residency(self) -> list:
+        executor = self.executor
+        residency = getattr(getattr(executor, "pool", None), "residency", None)
+        return residency.snapshot() if residency is not None else []
+
+    def load_model(self, name: str, *, keep_alive_s: float | None = None, pin: bool | None = None):
+        """Load ``name`` into a provider (evicting by expected cost); returns its residency row."""
+        executor = self._need_executor()
+        record = executor.models.resolve(name)
+        if not executor.pool.for_model(record.digest):
+            executor.pool.load(record)
+        residency = executor.pool.residency
+        if residency is not None and (keep_alive_s is not None or pin is not None):
+            residency.load(next(r.request for r in residency.resident.values() if r.digest == record.digest),
+                           keep_alive_s=keep_alive_s, pin=pin)
+        return next((r for r in self.list_residency() if r.digest == record.digest), None)
+
+    def unload_model(self, name: str, *, force: bool = False) -> bool:
+        executor = self._need_executor()
+        record = executor.models.resolve(name)
+        residency = executor.pool.residency
+        unloaded = residency.unload(record.digest, force=force) if residency is not None else False
+        for managed in executor.pool.all():
+            if managed.model_digest == record.digest and not getattr(managed.provider, "running", True):
+                executor.pool.remove(managed.name)
+        return unloaded
+
+    # ------------------------------------------------------------ providers, cache, placement
+    def list_providers(self) -> list:
+        from nodeagent.contracts.provider import ProviderStatus
+
+        executor = self.executor
+        if executor is None:
+            return []
+        rows = []
+        for managed in executor.pool.all():
+            health = managed.provider.health()
+            running = getattr(managed.provider, "running", health.ok)
+            rows.append(ProviderStatus(
+                name=managed.name, provider=managed.kind, mode=managed.launch_mode,
+                state="running" if running and health.ok else ("unhealthy" if running else "stopped"),
+                pid=getattr(managed.provider, "pid", None), health=health.detail,
+                model_digest=managed.model_digest, checked_at=utcnow(),
+                reason=None if health.ok else health.detail))
+        return rows
+
+    def cache_summary(self):
+        executor = self._need_executor()
+        if executor.cache is None:
+            raise NodeClosed("this node runs without a KV cache")
+        return executor.cache.stats()
+
+    def score_pod(self, pod: AgentPod):
+        """A dry-run PlacementDecision for the pod's first turn: nothing runs, nothing is reserved."""
+        executor = self._need_executor()
+        executor.validate(pod)
+        return executor.score(pod).to_contract()
+
+    def pod_decisions(self, pod_id: str) -> list:
+        executor = self.executor
+        return [d.to_contract() for d in getattr(executor, "decisions", {}).get(pod_id, [])]
+
+    # ------------------------------------------------------------ receipts
+    def _receipt_reader(self):
+        from nodeagent.receipts import LogReader, receipts_dir
+
+        return LogReader(receipts_dir(self.paths.state_dir))
+
+    def get_receipt(self, selector: str):
+        """The receipt by id (leaf hash), seq, or run id, as an ExecutionReceipt."""
+        import json
+
+        from nodeagent.contracts.receipt import DsseEnvelope, ExecutionReceipt
+        from nodeagent.receipts.dsse import parse_envelope
+
+        with self._receipt_reader() as reader:
+            row = reader.find(int(selector) if selector.isdigit() else selector)
+            line = reader.line(row)
+        statement = json.loads(parse_envelope(line).payload)
+        return ExecutionReceipt(seq=row.seq, receipt_id=row.receipt_id,
+                                envelope=DsseEnvelope.model_validate_json(line), statement=statement)
+
+    def list_receipts(self, since: int = 0, limit: int = 100) -> list:
+        """Receipts with seq >= ``since``, oldest first (a planner polls with the last seq + 1)."""
+        with self._receipt_reader() as reader:
+            rows = [r for r in reader.rows(newest_first=False) if r.seq >= since and r.kind == "execution"]
+        return [self.get_receipt(str(r.seq)) for r in rows[:limit]]
+
+    def latest_checkpoint(self) -> dict | None:
+        executor = self.executor
+        log = getattr(executor, "receipts", None)
+        if log is not None:
+            log.checkpoint()  # on demand: a planner asking wants the current size signed
+        with self._receipt_reader() as reader:
+            found = reader.latest_checkpoint()
+        return None if found is None else {"size": found[0], "checkpoint": found[1]}
+
+    # ------------------------------------------------------------ OpenAI
+    def chat_completion(self, body: dict, *, tenant: str = "default", timeout_s: float = 600.0) -> dict:
+        """Run an OpenAI chat request as a one-turn pod and answer in OpenAI's shape."""
+        from nodeagent.openai_compat import chat_request_to_pod, pod_to_chat_response
+
+        pod = chat_request_to_pod(body, tenant=tenant, default_model=self.config.models.default)
+        submitted = self.submit_pod(pod)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            current = self.get_pod(submitted.id)
+            if current.status.phase in TERMINAL_PHASES:
+                return pod_to_chat_response(current)
+            if time.monotonic() > deadline:
+                self.cancel_pod(submitted.id, reason="request timed out")
+                raise TimeoutError(f"pod {submitted.id} did not finish within {timeout_s:g}s")
+            time.sleep(0.01)
+
+    # ------------------------------------------------------------ daemon hooks
+    def reconcile_once(self) -> dict:
+        """One pass of the daemon's loop: keep-alive unloads, crashed providers, checkpoints."""
+        report: dict = {"unloaded": [], "restarted": [], "checkpoint": False}
+        executor = self.executor
+        if executor is None:
+            return report
+        residency = executor.pool.residency
+        if residency is not None:
+            report["unloaded"] = residency.tick()
+        loaded = residency.loaded_digests() if residency is not None else None
+        for managed in executor.pool.all():
+            if loaded is not None and managed.model_digest not in loaded:
+                executor.pool.remove(managed.name)  # evicted or expired: the worker is gone
+                continue
+            if not managed.provider.health().ok and not managed.lock.locked() and hasattr(managed.provider, "restart"):
+                managed.forget_context()
+                managed.provider.restart()
+                report["restarted"].append(managed.name)
+        if executor.receipts is not None:
+            report["checkpoint"] = executor.receipts.maybe_checkpoint()
+        return report
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and the admission policy."""
+        self.loaded = load_config()
+        self.config = self.loaded.config
+        self.policy = Policy.load(self.config.policy.path)
+
+    def status_line(self) -> str:
+        with self._db_lock:
+            counts = self.pods.phase_counts()
+        running = counts.get(PodPhase.running.value, 0)
+        queued = sum(counts.get(p.value, 0) for p in (PodPhase.pending, PodPhase.admitted, PodPhase.placed))
+        providers = len(self.executor.pool.all()) if self.executor is not None else 0
+        return f"{providers} provider(s), {running} pod(s) running, {queued} queued"
+
     # ------------------------------------------------------------ internals
     def _finish(self, pod_id: str, phase: PodPhase, reason: str, reasons: list[str] | None = None) -> None:
         """End a pod that ran no turn: its receipt is made durable first, then the phase changes."""

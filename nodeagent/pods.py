@@ -92,6 +92,11 @@ class InvalidTransition(ValueError):
     pass
 
 
+class PodInvalid(ValueError):
+    """The pod cannot run here as written (unknown segment digest or provider, bad
+    OpenAI request); the message names the field. The API answers 422."""
+
+
 def _now(now: datetime | None) -> datetime:
     return now or datetime.now(timezone.utc)
 

@@ -9,7 +9,7 @@ import pytest
 
 from nodeagent.config import load_config
 from nodeagent.contracts.pod import PodPhase
-from nodeagent.execution import PodInvalid
+from nodeagent.pods import PodInvalid
 from nodeagent.models.store import ModelStore
 from nodeagent.node import Node, default_executor
 

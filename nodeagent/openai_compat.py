@@ -1,0 +1,115 @@
+"""OpenAI chat completions as one-turn pods.
+
+`chat_request_to_pod` maps a request body onto an `AgentPod`: ``system``
+messages become context segments (so repeated system prompts hit the cache
+like any agent's), the rest become the turn's messages. `pod_to_chat_response`
+maps the finished pod back. Unknown OpenAI parameters are accepted and
+ignored; the ones we cannot honour are refused with the field named.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nodeagent.contracts.pod import AgentPod, PodPhase
+from nodeagent.pods import PodInvalid
+
+_NAME_SAFE = re.compile(r"[^a-z0-9_.-]+")
+
+
+class _ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[_ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    user: str | None = None
+
+
+def _label(text: str | None, default: str) -> str:
+    cleaned = _NAME_SAFE.sub("-", (text or "").lower()).strip("-._")[:63]
+    return cleaned or default
+
+
+def chat_request_to_pod(body: dict[str, Any], *, tenant: str, default_model: str | None) -> AgentPod:
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PodInvalid(f"{where}: {first['msg']}") from exc
+    if request.stream:
+        raise PodInvalid("stream: streaming is not supported on this endpoint yet; send stream=false")
+    model = request.model or default_model
+    if not model:
+        raise PodInvalid("model: required (no models.default is configured)")
+    system = [m for m in request.messages if m.role in ("system", "developer")]
+    rest = [m for m in request.messages if m.role not in ("system", "developer")]
+    if not rest:
+        raise PodInvalid("messages: at least one user message is required")
+    max_tokens = request.max_completion_tokens or request.max_tokens or 256
+    document = {
+        "kind": "AgentPod",
+        "metadata": {"name": f"chat-{secrets.token_hex(4)}", "tenant": _label(tenant, "default"),
+                     "agent": "openai", "session": _label(request.user, "default")},
+        "spec": {
+            "model": {"name": model} if not model.startswith("sha256:") else {"digest": model},
+            "context": [{"role": "system", "text": m.text(), "scope": "private"} for m in system],
+            "turns": [{"messages": [{"role": m.role, "content": m.text()} for m in rest], "maxTokens": max_tokens}],
+        },
+    }
+    try:
+        return AgentPod.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PodInvalid(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+
+
+class ChatCompletionFailed(RuntimeError):
+    def __init__(self, pod: AgentPod) -> None:
+        reasons = "; ".join(pod.status.reasons) or pod.status.phase.value
+        super().__init__(f"pod {pod.id} {pod.status.phase.value}: {reasons}")
+        self.pod = pod
+
+
+def pod_to_chat_response(pod: AgentPod) -> dict[str, Any]:
+    if pod.status.phase is not PodPhase.succeeded or not pod.status.turns:
+        raise ChatCompletionFailed(pod)
+    turn = pod.status.turns[-1]
+    max_tokens = pod.spec.turns[-1].max_tokens
+    return {
+        "id": f"chatcmpl-{pod.id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": pod.spec.model.name or pod.spec.model.digest,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": turn.output},
+            "finish_reason": "length" if turn.completion_tokens >= max_tokens else "stop",
+        }],
+        "usage": {
+            "prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
+            "total_tokens": turn.prompt_tokens + turn.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": turn.cached_tokens},
+        },
+        "system_fingerprint": pod.status.receipt_ids[-1][:16] if pod.status.receipt_ids else None,
+    }
