@@ -120,3 +120,29 @@ def test_a_container_that_exits_fails_fast_and_is_removed(podman_image, tmp_path
     with pytest.raises(StartFailed, match=f"container {name} is exited"):
         launcher.up(spec)
     assert launcher.state(name) == "absent"
+
+
+def test_cli_up_ls_down_in_podman_mode(podman_image, tiny_model_path, tmp_path, monkeypatch, capsys):
+    import json
+
+    from nodeagent.cli import main
+
+    monkeypatch.setenv("AGENT_MACHINE_STATE_DIR", str(tmp_path / "state"))
+    name = f"am-test-cli-{uuid.uuid4().hex[:6]}"
+    code = main(["providers", "up", "llama-server", "--mode", "podman", "--model", str(tiny_model_path),
+                 "--image", IMAGE, "--pull", "never", "--no-container-health", "--name", name,
+                 "--engine-args", "--threads 1", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    try:
+        assert json.loads(out)["state"] == "running"
+        assert main(["providers", "ls", "--format", "json"]) == 0
+        listed = json.loads(capsys.readouterr()[0])
+        assert [(s["name"], s["mode"], s["state"]) for s in listed] == [(name, "podman", "running")]
+        assert listed[0]["containerId"]
+    finally:
+        assert main(["providers", "down", name]) == 0
+    host, _ = podman_image
+    leftover = subprocess.run([host.podman, "ps", "-a", "--filter", f"name={name}", "--format", "{{.Names}}"],
+                              capture_output=True, text=True, timeout=60)
+    assert leftover.stdout.strip() == ""

@@ -96,6 +96,9 @@ def _spec_options(parser: argparse.ArgumentParser, for_up: bool) -> None:
     parser.add_argument("--pull", default="missing", choices=("missing", "never", "always", "newer"),
                         help="image pull policy (default missing)")
     parser.add_argument("--executable", help="subprocess mode: the engine binary (default: from PATH)")
+    parser.add_argument("--no-container-health", action="store_true",
+                        help="no health command inside the container (images without curl, e.g. FROM scratch); "
+                        "the agent still polls the health path over HTTP")
     parser.add_argument("--scope", default="user", choices=("user", "system"),
                         help="quadlet mode: rootless user units or system units (default user)")
     parser.add_argument("--engine-args", default="", metavar="'ARGS'",
@@ -187,6 +190,7 @@ def _build_spec(args: argparse.Namespace, for_up: bool) -> Any:
             image=args.image,
             pull=args.pull,
             extra_args=shlex.split(args.engine_args),
+            **({"health_command": None} if args.no_container_health else {}),
         )
     except (CatalogError, ValueError) as exc:
         raise CliError(str(exc), exit_code=2) from exc
