@@ -276,6 +276,56 @@ class Node:
         executor = self.executor
         return [d.to_contract() for d in getattr(executor, "decisions", {}).get(pod_id, [])]
 
+    def pod_conflicts(self) -> list[dict]:
+        """In-flight pods that contend for one provider or would evict each other's cache.
+
+        * provider: pods placed on the same provider take turns on its one
+          context, so each turn displaces the other's live prefix (T0) and must
+          restore or recompute it;
+        * cache: the saved states the in-flight pods need together exceed the
+          RAM tier (T1), so keeping one warm demotes another's to disk (T2).
+        """
+        from nodeagent.models.fit import kv_bytes_per_layer
+
+        executor = self.executor
+        with self._db_lock:
+            in_flight = self.pods.in_flight()
+        decisions = getattr(executor, "decisions", {})
+        conflicts: list[dict] = []
+        by_provider: dict[str, list[str]] = {}
+        for pod in in_flight:
+            placed = decisions.get(pod.id)
+            provider = placed[-1].provider if placed else pod.spec.provider
+            if provider:
+                by_provider.setdefault(provider, []).append(pod.id)
+        for provider, ids in sorted(by_provider.items()):
+            if len(ids) > 1:
+                conflicts.append({"kind": "provider", "provider": provider, "pods": ids,
+                                  "detail": f"{len(ids)} pods share {provider}'s context: each turn displaces "
+                                            f"the others' live prefix (T0), which must be restored or recomputed"})
+        cache = getattr(executor, "cache", None)
+        if cache is None or not in_flight:
+            return conflicts
+        needs: dict[str, int] = {}
+        for pod in in_flight:
+            placed = decisions.get(pod.id)
+            if not placed:
+                continue
+            try:
+                record = executor.models.resolve(pod.spec.model.digest or pod.spec.model.name)
+                meta = executor.models.meta(record)
+            except Exception:
+                continue
+            tokens = placed[-1].request.prompt_tokens + sum(t.max_tokens for t in pod.spec.turns)
+            needs[pod.id] = kv_bytes_per_layer(meta, tokens, "f16") * meta.n_layer
+        budget = cache.stores["T1"].budget_bytes
+        if len(needs) > 1 and sum(needs.values()) > budget:
+            conflicts.append({"kind": "cache", "tier": "T1", "pods": sorted(needs),
+                              "needBytes": sum(needs.values()), "budgetBytes": budget,
+                              "detail": f"their saved states need {sum(needs.values())} bytes together; the RAM "
+                                        f"tier holds {budget}: keeping one warm demotes another's to disk"})
+        return conflicts
+
     # ------------------------------------------------------------ receipts
     def _receipt_reader(self):
         from nodeagent.receipts import LogReader, receipts_dir

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "nodeagent.cli.service",   # serve, status, ps, install-service
     "nodeagent.cli.models",    # models import/ls/inspect/rm/fit/load/unload/ps
     "nodeagent.cli.cache",     # cache ls/stats/evict/pin/unpin
+    "nodeagent.cli.pods",      # pods submit/ls/get/cancel/score/conflicts
     "nodeagent.cli.providers", # providers catalog/render/up/down/ls/logs
     "nodeagent.cli.receipts",  # key show/rotate; receipts ls/show/export/verify/checkpoint
 )
