@@ -12,7 +12,6 @@ from nodeagent.cli.output import CliError, add_format_option, human_bytes, rende
 
 if TYPE_CHECKING:
     from nodeagent.contracts.machine import MachineProfile
-    from nodeagent.probe.system import System
 
 PROBE_EPILOG = """\
 examples:
@@ -68,35 +67,14 @@ def register(subparsers: Any) -> None:
 
 
 # ------------------------------------------------------------------ probe
-def system_for_root(root: Path) -> "System | None":
-    """None for the real root; a replaying System for a capture; else files-only."""
-    from nodeagent.probe.system import CommandResult, System
-
-    if root.resolve() == Path("/"):
-        return None
-    if not root.is_dir():
-        raise CliError(f"--root {root}: not a directory", exit_code=2)
-    from nodeagent.probe.replay import CaptureError, is_capture, load_capture
-
-    if is_capture(root):
-        try:
-            return load_capture(root)
-        except CaptureError as exc:
-            raise CliError(f"--root {root}: {exc}", exit_code=2) from exc
-
-    def no_commands(argv: Sequence[str], timeout: float, env: Any = None) -> CommandResult:
-        return CommandResult(tuple(argv), None,
-                             error=f"{argv[0]}: not run (--root reads files only; a capture.json replays commands)")
-
-    # Host Python modules (NVML) and host commands would describe this machine, not the tree.
-    return System(root=root.resolve(), runner=no_commands, modules={})
-
-
 def _probe(args: argparse.Namespace) -> int:
     from nodeagent.probe import probe
+    from nodeagent.probe.replay import CaptureError
 
-    system = system_for_root(args.root)
-    profile = probe(args.root, system=system)
+    try:
+        profile = probe(args.root)
+    except CaptureError as exc:
+        raise CliError(f"--root {exc}", exit_code=2) from exc
     if args.format == "json":
         sys.stdout.write(json.dumps(profile.to_wire(), indent=2))
         sys.stdout.write("\n")

@@ -51,6 +51,10 @@ def probe(root: str | Path = "/", system: System | None = None, *, state_dir: st
           timings: dict[str, float] | None = None) -> "MachineProfile":
     """Probe the machine below ``root`` (or the given ``system``) into a MachineProfile.
 
+    ``root`` other than ``/`` is a captured machine (a directory with
+    ``capture.json``, replayed) or a plain tree (files only, no commands); see
+    `nodeagent.probe.replay.system_for_root`, which raises `CaptureError` for
+    a root it cannot read.
     ``state_dir``/``cache_dir`` default to `resolve_paths` over the system's
     environment. ``now`` fixes ``probedAt`` (tests); ``timings``, when given,
     receives seconds per sub-probe (bench).
@@ -59,7 +63,9 @@ def probe(root: str | Path = "/", system: System | None = None, *, state_dir: st
 
     own_system = system is None
     if system is None:
-        system = System(root=Path(root))
+        from nodeagent.probe.replay import system_for_root
+
+        system = system_for_root(root)
     system.prefetch(commands.PREFETCH)
     try:
         return _probe(system, state_dir, cache_dir, now, timings)

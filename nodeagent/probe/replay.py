@@ -281,3 +281,27 @@ def load_capture(directory: str | Path, *, nvml_faults: Mapping[str, str] | None
         statfs=ReplayStatfs(root, spec.get("statfs", {})),
         label=f"capture:{directory.resolve().name}",
     )
+
+
+def _files_only_runner(argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None) -> CommandResult:
+    return CommandResult(tuple(argv), None,
+                         error=f"{argv[0]}: not run (--root reads files only; a capture.json replays commands)")
+
+
+def system_for_root(root: str | Path) -> System:
+    """The `System` for probing ``root``.
+
+    ``/``: this machine. A directory with ``capture.json``: that captured
+    machine, replayed. Any other directory: its files only, with no commands
+    run and no Python modules loaded, since the host's tools and NVML would
+    describe the host rather than the tree. Raises `CaptureError` for a root
+    that is not a directory or a capture that cannot be read.
+    """
+    root = Path(root)
+    if root.resolve() == Path("/"):
+        return System()
+    if not root.is_dir():
+        raise CaptureError(f"{root}: not a directory")
+    if is_capture(root):
+        return load_capture(root)
+    return System(root=root.resolve(), runner=_files_only_runner, modules={})
