@@ -105,7 +105,7 @@ def check_cdi(profile: MachineProfile) -> Check:
 
 
 def check_vulkan(profile: MachineProfile) -> Check:
-    name = "vulkan driver for the GPU"
+    name = "vulkan ICD for the GPU"
     vk = profile.vulkan
     gpu_vulkan = [d for d in vk.devices if d.device_type not in ("cpu", None)]
     kinds = []
@@ -121,6 +121,9 @@ def check_vulkan(profile: MachineProfile) -> Check:
         names = ", ".join(f"{d.name} ({d.driver_name})" for d in gpu_vulkan)
         return Check(name, "pass", f"Vulkan GPU device(s): {names}")
     icds = ", ".join(Path(f).name for f in vk.icd_files) or "none"
+    if vk.icd_files and vk.reason and "vulkaninfo is not installed" in vk.reason:
+        return Check(name, "warn", f"cannot list Vulkan devices without vulkaninfo; ICD files: {icds}",
+                     "install vulkan-tools so the probe can see which GPU the Vulkan driver exposes")
     seen = f"no Vulkan GPU device ({vk.reason or 'vulkaninfo lists only CPU devices'}); ICD files: {icds}"
     if "asahi" in kinds:
         return Check(name, "fail", f"Apple GPU present but {seen}; llama.cpp's Vulkan backend cannot use it",

@@ -47,7 +47,7 @@ def test_h100_host(profiles, paths):
     assert checks["nvidia CDI spec"].status == "pass" and "21 nvidia.com/gpu devices" in checks["nvidia CDI spec"].message
     assert checks["quadlet"].status == "pass"
     # NVIDIA without a Vulkan ICD is only a warning: CUDA backends do not need it.
-    assert checks["vulkan driver for the GPU"].status == "warn"
+    assert checks["vulkan ICD for the GPU"].status == "warn"
     assert checks["recommended backend"].status == "pass"
 
 
@@ -61,17 +61,17 @@ def test_nvidia_without_cdi_spec_fails(profiles, paths):
 
 def test_amd_without_vulkan_gpu_fails_and_with_radv_passes(profiles, paths):
     profile = profiles["amd-mi210-rx7900xtx"]
-    assert by_name(run_checks(profile, paths))["vulkan driver for the GPU"].status == "pass"
+    assert by_name(run_checks(profile, paths))["vulkan ICD for the GPU"].status == "pass"
     only_cpu = profile.vulkan.model_copy(update={"devices": [d for d in profile.vulkan.devices
                                                              if d.device_type == "cpu"]})
-    check = by_name(run_checks(profile.model_copy(update={"vulkan": only_cpu}), paths))["vulkan driver for the GPU"]
+    check = by_name(run_checks(profile.model_copy(update={"vulkan": only_cpu}), paths))["vulkan ICD for the GPU"]
     assert check.status == "fail" and "mesa-vulkan-drivers" in check.fix and "radeon_icd" in check.message
 
 
 def test_asahi_rootless_without_linger_warns(profiles, paths):
     checks = by_name(run_checks(profiles["asahi-m2pro"], paths))
     assert checks["lingering"].status == "warn" and checks["lingering"].fix == "loginctl enable-linger alice"
-    assert checks["vulkan driver for the GPU"].status == "pass"
+    assert checks["vulkan ICD for the GPU"].status == "pass"
     assert checks["systemd user manager"].status == "pass"
 
 
@@ -133,3 +133,11 @@ def test_doctor_exits_1_on_a_failing_check(tmp_path, monkeypatch, capsys):
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  state directory writable" in out and "fix:" in out
+
+
+def test_vulkan_icd_without_vulkaninfo_is_a_warning(profiles, paths):
+    profile = profiles["amd-mi210-rx7900xtx"]
+    unverified = profile.vulkan.model_copy(update={"status": "absent", "devices": [],
+                                                   "reason": "vulkaninfo is not installed (package vulkan-tools)"})
+    check = by_name(run_checks(profile.model_copy(update={"vulkan": unverified}), paths))["vulkan ICD for the GPU"]
+    assert check.status == "warn" and "radeon_icd.x86_64.json" in check.message and "vulkan-tools" in check.fix
