@@ -19,9 +19,11 @@ workers (bench.simworker; reset between arms, loopback only). Arms:
 Metrics: token hit rate (sum cached / sum prompt tokens, from the workers'
 logs) absolute and as a fraction of O1 and O2 computed on the order in which
 the workers saw the requests; max/mean prompt-token load over workers and
-Jain's index; simulated TTFT p50/p90/p99 (seconds of simulated time); router
-cost: decision time for in-process arms, and the extra wall time an external
-router adds over the median direct hop.
+Jain's index; TTFT p50/p90/p99 in simulated seconds, end to end (from the
+client's send, so routing and router queueing count, scaled by the speedup)
+and at the worker (queue + prefill only); router cost: decision time for
+in-process arms, and the extra wall time an external router adds over the
+median direct hop.
 """
 
 from __future__ import annotations
@@ -343,6 +345,7 @@ class Sent:
     server_wall_s: float | None
     status: int
     error: str | None = None
+    send_mono: float = 0.0
 
 
 async def calibrate(client: HttpClient, workers: list[str], registry: RateRegistry, seed: int) -> None:
@@ -389,6 +392,7 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
             return (time.monotonic() - t0) * config.speedup
 
         async def send(req: TraceRequest) -> None:
+            send_mono = time.monotonic()  # before the routing decision: it is part of the TTFT
             worker_index = None
             if router is not None:
                 worker_index = router.choose(req, keys[req.rid], now_sim())
@@ -405,11 +409,12 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
                 ok = status == 200
                 sent.append(Sent(req.rid, payload.get("worker"), time.monotonic() - start,
                                  (payload.get("timings") or {}).get("server_wall_ms", 0) / 1000 or None,
-                                 status, None if ok else json.dumps(payload)[:200]))
+                                 status, None if ok else json.dumps(payload)[:200], send_mono))
                 if not ok:
                     payload = {}
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
-                sent.append(Sent(req.rid, None, time.monotonic() - start, None, 0, f"{type(exc).__name__}: {exc}"))
+                sent.append(Sent(req.rid, None, time.monotonic() - start, None, 0, f"{type(exc).__name__}: {exc}",
+                                 send_mono))
             finally:
                 if router is not None and worker_index is not None:
                     router.in_flight[worker_index] -= 1
@@ -449,7 +454,7 @@ def pct(values: Sequence[float], q: float) -> float | None:
     return ordered[index]
 
 
-def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int) -> dict:
+def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, speedup: float) -> dict:
     by_id = trace.by_id()
     logs = [rec for rec in run["logs"] if rec.get("request_id") in by_id]
     logs.sort(key=lambda rec: rec["arrival_s"])
@@ -466,7 +471,13 @@ def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int) -> 
     loads = list(per_worker.values())
     mean = sum(loads) / len(loads) if loads else 0
     jain = (sum(loads) ** 2) / (len(loads) * sum(x * x for x in loads)) if any(loads) else 0
-    ttft = [rec["ttft_s"] for rec in logs]
+    at_worker = [rec["ttft_s"] for rec in logs]
+    # End to end, as the client sees it: the time between sending and reaching the
+    # worker (routing decision, router queueing, hops) counts, scaled to simulated
+    # seconds like everything else.
+    sent_at = {s["rid"]: s["send_mono"] for s in run["sent"]}
+    ttft = [rec["ttft_s"] + max(0.0, rec["arrival_mono"] - sent_at[rec["request_id"]]) * speedup
+            for rec in logs if rec["request_id"] in sent_at]
     hop = [s["client_wall_s"] - s["server_wall_s"] for s in run["sent"] if s["server_wall_s"]]
     errors = [s for s in run["sent"] if s["status"] != 200]
     hit = cached / prompt if prompt else 0.0
@@ -478,6 +489,7 @@ def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int) -> 
         "load_max_over_mean": max(loads) / mean if mean else None, "jain": jain, "load_tokens": per_worker,
         "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
         "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+        "at_worker_ttft_p50_s": pct(at_worker, 50), "at_worker_ttft_p90_s": pct(at_worker, 90),
         "hop_p50_ms": (pct(hop, 50) or 0) * 1000, "hop_p99_ms": (pct(hop, 99) or 0) * 1000,
         "decide_p50_us": pct(run["decide_us"], 50) if run["decide_us"] else None,
         "decide_p99_us": pct(run["decide_us"], 99) if run["decide_us"] else None,
@@ -494,7 +506,8 @@ def nominal_bounds(trace: Trace, n_workers: int, capacity_blocks: int) -> dict:
 def table(summaries: list[dict]) -> str:
     direct_hops = [s["hop_p50_ms"] for s in summaries if s["arm"] in IN_PROCESS and s["hop_p50_ms"]]
     baseline = statistics.median(direct_hops) if direct_hops else 0.0
-    head = ("arm", "hit", "xO1", "xO2", "max/mean", "jain", "ttft p50", "p90", "p99", "router", "errors")
+    head = ("arm", "hit", "xO1", "xO2", "max/mean", "jain", "ttft p50", "p90", "p99", "at worker p50/p90", "router",
+            "errors")
     rows = []
     for s in summaries:
         if s["decide_p50_us"] is not None:
@@ -506,7 +519,9 @@ def table(summaries: list[dict]) -> str:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         rows.append((s["arm"], fmt(s["hit_rate"], ".3f"), fmt(s["frac_o1"], ".3f"), fmt(s["frac_o2"], ".3f"),
                      fmt(s["load_max_over_mean"], ".3f"), fmt(s["jain"], ".3f"), fmt(s["ttft_p50_s"], ".2f"),
-                     fmt(s["ttft_p90_s"], ".2f"), fmt(s["ttft_p99_s"], ".2f"), router, str(s["errors"])))
+                     fmt(s["ttft_p90_s"], ".2f"), fmt(s["ttft_p99_s"], ".2f"),
+                     f"{fmt(s['at_worker_ttft_p50_s'], '.2f')}/{fmt(s['at_worker_ttft_p90_s'], '.2f')}", router,
+                     str(s["errors"])))
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(head)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -564,7 +579,7 @@ def run(args: argparse.Namespace) -> dict:
                 finally:
                     if router_proc:
                         router_proc.stop()
-                summary = summarize(trace, out, args.workers, config.capacity_blocks)
+                summary = summarize(trace, out, args.workers, config.capacity_blocks, config.speedup)
                 summaries.append(summary)
                 print(f"[{name}] {arm}: hit {summary['hit_rate']:.3f} (x{summary['frac_o2'] or 0:.3f} of O2), "
                       f"max/mean {summary['load_max_over_mean'] or 0:.3f}, ttft p50 {summary['ttft_p50_s'] or 0:.2f} s, "

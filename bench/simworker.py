@@ -111,6 +111,7 @@ class SimWorker:
         finish = self.prefill_free_at + decode_s
         record = {
             "request_id": request_id, "worker": self.name, "arrival_s": round(arrival, 6),
+            "arrival_mono": time.monotonic(),  # CLOCK_MONOTONIC is system-wide: comparable with the client's
             "prompt_tokens": len(prompt_tokens), "cached_tokens": cached, "uncached_tokens": uncached,
             "output_tokens": max_tokens, "queue_s": round(start - arrival, 6), "prefill_s": round(prefill_s, 6),
             "ttft_s": round(self.prefill_free_at - arrival, 6), "finish_s": round(finish, 6),

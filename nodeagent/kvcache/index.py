@@ -204,17 +204,34 @@ class CacheIndex:
 
     def _visible_at(self, key: bytes, owners: Sequence[str], state_format: str,
                     tier: str | None) -> EntryRow | None:
-        marks = ", ".join("?" * len(owners))
-        tier_clause = " AND e.tier = ?" if tier else ""
-        params: list = [key, *owners, state_format] + ([tier] if tier else [])
+        """The best visible entry covering ``key`` (faster tier, then smaller)."""
+        where, params = self._visible_clause(key, owners, state_format, tier)
         row = self.conn.execute(
             f"SELECT {', '.join('e.' + c.strip() for c in ENTRY_COLUMNS.split(','))}"
-            " FROM kv_blocks b JOIN kv_entries e ON e.id = b.entry_id"
-            f" WHERE b.block_key = ? AND e.owner IN ({marks}) AND e.state_format = ?{tier_clause}"
+            # CROSS JOIN pins the join order (SQLite's rule): walk the few rows of
+            # this block key first, never the entries of a whole tier.
+            f" FROM kv_blocks b CROSS JOIN kv_entries e ON e.id = b.entry_id WHERE {where}"
             " ORDER BY e.tier, e.bytes LIMIT 1",
             params,
         ).fetchone()
         return EntryRow.from_row(row) if row else None
+
+    def _exists_at(self, key: bytes, owners: Sequence[str], state_format: str, tier: str | None) -> bool:
+        where, params = self._visible_clause(key, owners, state_format, tier)
+        return self.conn.execute(
+            f"SELECT 1 FROM kv_blocks b CROSS JOIN kv_entries e ON e.id = b.entry_id WHERE {where} LIMIT 1",
+            params,
+        ).fetchone() is not None
+
+    @staticmethod
+    def _visible_clause(key: bytes, owners: Sequence[str], state_format: str,
+                        tier: str | None) -> tuple[str, list]:
+        where = f"b.block_key = ? AND e.owner IN ({', '.join('?' * len(owners))}) AND e.state_format = ?"
+        params: list = [key, *owners, state_format]
+        if tier:
+            where += " AND e.tier = ?"
+            params.append(tier)
+        return where, params
 
     def deepest(self, keys: Sequence[bytes], owners: Iterable[str], state_format: str,
                 tier: str | None = None) -> tuple[int, EntryRow] | None:
@@ -225,13 +242,13 @@ class CacheIndex:
         """
         owners = sorted(set(owners))
         lo, hi = 0, len(keys)  # answer (blocks matched) lies in [lo, hi]
-        best: EntryRow | None = None
         while lo < hi:
             mid = (lo + hi + 1) // 2  # test "matched >= mid" via key index mid-1
-            found = self._visible_at(keys[mid - 1], owners, state_format, tier)
-            if found is not None:
-                lo, best = mid, found
+            if self._exists_at(keys[mid - 1], owners, state_format, tier):
+                lo = mid
             else:
                 hi = mid - 1
-        # `best` was recorded by the probe that raised `lo` last, i.e. at depth lo.
-        return (lo, best) if lo and best is not None else None
+        if lo == 0:
+            return None
+        best = self._visible_at(keys[lo - 1], owners, state_format, tier)
+        return (lo, best) if best is not None else None

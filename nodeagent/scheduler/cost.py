@@ -52,24 +52,52 @@ class Terms:
         return None if any(p is None for p in parts) else sum(parts)  # type: ignore[arg-type]
 
 
-def _time(amount: float, rate: RateEstimate | None) -> float | None:
+def _time(amount: float, rate: float | None) -> float | None:
     if amount <= 0:
         return 0.0
-    if rate is None or rate.value is None:
+    if rate is None:
         return None
-    return amount / rate.value
+    return amount / rate
+
+
+# One function per term: placement evaluates them directly (queue and load once
+# per candidate, restore and prefill once per cache option) so that a decision
+# over many providers stays well under a millisecond.
+def queue_wait_s(queued_prefill_tokens: float, queued_decode_tokens: float, running_remaining_s: float,
+                 prefill_rate: float | None, decode_rate: float | None) -> float | None:
+    prefill = _time(queued_prefill_tokens, prefill_rate)
+    decode = _time(queued_decode_tokens, decode_rate)
+    if prefill is None or decode is None:
+        return None
+    return max(0.0, running_remaining_s) + prefill + decode
+
+
+def load_s(model_hot: bool, model_bytes: float, load_rate: float | None) -> float | None:
+    return 0.0 if model_hot else _time(model_bytes, load_rate)
+
+
+def restore_s(cache_source: str, restore_bytes: float, restore_rate: float | None) -> float | None:
+    return _time(restore_bytes, restore_rate) if cache_source in ("T1", "T2") else 0.0
+
+
+def prefill_s(uncached_tokens: float, prefill_rate: float | None) -> float | None:
+    return _time(uncached_tokens, prefill_rate)
+
+
+def _value(rates: dict[str, RateEstimate], quantity: str) -> float | None:
+    estimate = rates.get(quantity)
+    return None if estimate is None else estimate.value
 
 
 def ttft_terms(inputs: CostInputs, rates: dict[str, RateEstimate]) -> Terms:
     """The four terms for one candidate and one cache option. ``rates`` maps quantity -> estimate."""
-    prefill = rates.get(PREFILL)
-    queue_prefill = _time(inputs.queued_prefill_tokens, prefill)
-    queue_decode = _time(inputs.queued_decode_tokens, rates.get(DECODE))
-    queue = (None if queue_prefill is None or queue_decode is None
-             else max(0.0, inputs.running_remaining_s) + queue_prefill + queue_decode)
-    load = 0.0 if inputs.model_hot else _time(inputs.model_bytes, rates.get(LOAD))
-    if inputs.cache_source in ("T1", "T2"):
-        restore = _time(inputs.restore_bytes, rates.get(restore_quantity(inputs.cache_source)))
-    else:
-        restore = 0.0
-    return Terms(queue, load, restore, _time(inputs.uncached_tokens, prefill))
+    prefill_rate = _value(rates, PREFILL)
+    restore_rate = (_value(rates, restore_quantity(inputs.cache_source))
+                    if inputs.cache_source in ("T1", "T2") else None)
+    return Terms(
+        queue_wait_s(inputs.queued_prefill_tokens, inputs.queued_decode_tokens, inputs.running_remaining_s,
+                     prefill_rate, _value(rates, DECODE)),
+        load_s(inputs.model_hot, inputs.model_bytes, _value(rates, LOAD)),
+        restore_s(inputs.cache_source, inputs.restore_bytes, restore_rate),
+        prefill_s(inputs.uncached_tokens, prefill_rate),
+    )

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Sequence
 
-from nodeagent.scheduler.cost import CostInputs, Terms, ttft_terms
+from nodeagent.scheduler.cost import Terms, load_s, prefill_s, queue_wait_s, restore_s
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateEstimate, RateRegistry, restore_quantity
 
 
@@ -55,7 +55,7 @@ class TierMatch:
     entry_id: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class CandidateState:
     provider: str
     model_hot: bool
@@ -100,7 +100,7 @@ class LoadGuard:
         return floor * self.rel + self.abs_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class Assessment:
     state: CandidateState
     eligible: bool
@@ -110,11 +110,8 @@ class Assessment:
     restore_bytes: int
     terms: Terms
     rates: list[RateEstimate]
+    ttft_s: float | None  # terms.total, computed once
     guarded: bool = False
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.terms.total
 
 
 @dataclass
@@ -165,38 +162,52 @@ class Decision:
         )
 
 
-def _rates_for(registry: RateRegistry, provider: str, need_load: bool, tiers: Sequence[str]) -> dict[str, RateEstimate]:
-    rates = {PREFILL: registry.estimate(provider, PREFILL), DECODE: registry.estimate(provider, DECODE)}
-    if need_load:
-        rates[LOAD] = registry.estimate(provider, LOAD)
-    for tier in tiers:
-        rates[restore_quantity(tier)] = registry.estimate(provider, restore_quantity(tier))
-    return rates
-
-
 def assess(request: PlacementRequest, state: CandidateState, registry: RateRegistry) -> Assessment:
-    """The best cache option for one candidate, with its terms."""
-    usable = [m for m in request.tier_matches
-              if state.state_format is not None and m.state_format == state.state_format and m.cached_tokens > 0]
-    rates = _rates_for(registry, state.provider, not state.model_hot, [m.tier for m in usable])
-    base = dict(prompt_tokens=request.prompt_tokens, model_hot=state.model_hot, model_bytes=state.model_bytes,
-                queued_prefill_tokens=state.queued_prefill_tokens, queued_decode_tokens=state.queued_decode_tokens,
-                running_remaining_s=state.running_remaining_s)
-    t0 = min(state.t0_cached_tokens, request.prompt_tokens) if state.model_hot else 0
-    options = [("T0" if t0 else "none", t0, 0)] + [(m.tier, min(m.cached_tokens, request.prompt_tokens), m.bytes)
-                                                   for m in usable]
-    best: tuple | None = None
-    for source, cached, restore_bytes in options:
-        terms = ttft_terms(CostInputs(cached_tokens=cached, cache_source=source, restore_bytes=restore_bytes,
-                                      **base), rates)
-        total = terms.total
+    """The best cache option for one candidate, with its terms.
+
+    Queue and load terms do not depend on the cache option, so they are
+    computed once; each option (T0 / T1 / T2 / none) adds restore + prefill.
+    """
+    provider = state.provider
+    prefill = registry.estimate(provider, PREFILL)
+    decode = registry.estimate(provider, DECODE)
+    rates = [prefill, decode]
+    queue = queue_wait_s(state.queued_prefill_tokens, state.queued_decode_tokens, state.running_remaining_s,
+                         prefill.value, decode.value)
+    if state.model_hot:
+        load = 0.0
+    else:
+        load_rate = registry.estimate(provider, LOAD)
+        rates.append(load_rate)
+        load = load_s(False, state.model_bytes, load_rate.value)
+    fixed = None if queue is None or load is None else queue + load
+    prompt = request.prompt_tokens
+    t0 = min(state.t0_cached_tokens, prompt) if state.model_hot else 0
+    best_source, best_cached, best_bytes = ("T0" if t0 else "none"), t0, 0
+    best_restore: float | None = 0.0
+    best_prefill = prefill_s(prompt - t0, prefill.value)
+    best_rank = (0, fixed + best_prefill, -t0) if fixed is not None and best_prefill is not None else (1, 0.0, -t0)
+    restore_rate = None
+    for match in request.tier_matches:
+        if state.state_format is None or match.state_format != state.state_format or match.cached_tokens <= 0:
+            continue
+        estimate = registry.estimate(provider, restore_quantity(match.tier))
+        cached = min(match.cached_tokens, prompt)
+        restore = restore_s(match.tier, match.bytes, estimate.value)
+        pre = prefill_s(prompt - cached, prefill.value)
         # Known totals beat unknown ones; among unknown, more cached tokens wins.
-        rank = (0, total, -cached) if total is not None else (1, 0.0, -cached)
-        if best is None or rank < best[0]:
-            best = (rank, source, cached, restore_bytes, terms)
-    _, source, cached, restore_bytes, terms = best  # type: ignore[misc]
-    shown = [r for q, r in rates.items() if not q.startswith("restore") or q == restore_quantity(source)]
-    return Assessment(state, not state.rejected, list(state.rejected), source, cached, restore_bytes, terms, shown)
+        if fixed is not None and restore is not None and pre is not None:
+            rank = (0, fixed + restore + pre, -cached)
+        else:
+            rank = (1, 0.0, -cached)
+        if rank < best_rank:
+            best_rank, best_source, best_cached, best_bytes = rank, match.tier, cached, match.bytes
+            best_restore, best_prefill, restore_rate = restore, pre, estimate
+    if restore_rate is not None:
+        rates.append(restore_rate)
+    terms = Terms(queue, load, best_restore, best_prefill)
+    return Assessment(state, not state.rejected, list(state.rejected), best_source, best_cached, best_bytes,
+                      terms, rates, best_rank[1] if best_rank[0] == 0 else None)
 
 
 def place(

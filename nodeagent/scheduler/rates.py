@@ -52,13 +52,6 @@ class RateEstimate:
     samples: int = 0
 
 
-@dataclass
-class _Rate:
-    value: float
-    source: Source
-    samples: int
-
-
 class RateRegistry:
     """Thread-safe store of rates; reads are lock-free snapshots of immutable floats."""
 
@@ -66,7 +59,8 @@ class RateRegistry:
         if not 0 < alpha <= 1:
             raise ValueError("EWMA alpha must be in (0, 1]")
         self.alpha = alpha
-        self._rates: dict[tuple[str | None, str], _Rate] = {}
+        # Immutable estimates, replaced on change: `estimate` returns them without allocating.
+        self._rates: dict[tuple[str | None, str], RateEstimate] = {}
         self._lock = threading.Lock()
         self.generation = 0  # bumped on every change
         self._slowest: dict[str, tuple[int, float | None]] = {}  # quantity -> (generation, value)
@@ -86,7 +80,7 @@ class RateRegistry:
             current = self._rates.get((provider, quantity))
             if current is not None and current.source == "observed":
                 return
-            self._rates[(provider, quantity)] = _Rate(float(value), source, 0)
+            self._rates[(provider, quantity)] = RateEstimate(quantity, float(value), source, 0)
             self.generation += 1
 
     def seed_from_provider(self, provider: str, rates) -> list[str]:
@@ -112,19 +106,19 @@ class RateRegistry:
             current = self._rates.get((provider, quantity))
             if current is None or current.source != "observed":
                 # The first observation replaces a seed: it measured this very workload.
-                self._rates[(provider, quantity)] = _Rate(value, "observed", 1)
+                self._rates[(provider, quantity)] = RateEstimate(quantity, value, "observed", 1)
             else:
-                current.value = (1 - self.alpha) * current.value + self.alpha * value
-                current.samples += 1
+                self._rates[(provider, quantity)] = RateEstimate(
+                    quantity, (1 - self.alpha) * current.value + self.alpha * value, "observed", current.samples + 1)
             self.generation += 1
 
     def estimate(self, provider: str | None, quantity: str) -> RateEstimate:
         rate = self._rates.get((provider, quantity))
         if rate is not None:
-            return RateEstimate(quantity, rate.value, rate.source, rate.samples)
+            return rate
         machine = self._rates.get((None, quantity))
         if machine is not None:
-            return RateEstimate(quantity, machine.value, machine.source, machine.samples)
+            return machine
         slowest = self._slowest_known(quantity)
         if slowest is not None:
             return RateEstimate(quantity, slowest, "fallback", 0)
@@ -146,8 +140,7 @@ class RateRegistry:
             items = list(self._rates.items())
         out: dict[str, dict[str, RateEstimate]] = {}
         for (provider, quantity), rate in items:
-            out.setdefault(provider or "*", {})[quantity] = RateEstimate(quantity, rate.value, rate.source,
-                                                                         rate.samples)
+            out.setdefault(provider or "*", {})[quantity] = rate
         return out
 
 
