@@ -302,8 +302,6 @@ def _record_and_launcher(instance: str, args: argparse.Namespace) -> tuple[Any, 
         raise CliError(f"no provider named {instance!r} was started here (known: {known})")
     version = None
     if record.spec.mode == "quadlet":
-        from nodeagent.launch.quadlet import parse_quadlet  # noqa: F401  (unit is on disk)
-
         version = _podman_version(argparse.Namespace(podman_version=None), required=True)
     context = _context(None, version)
     return record, context.launcher(record.spec.mode)
