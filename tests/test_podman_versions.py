@@ -134,3 +134,18 @@ def test_escape_then_unescape_is_identity(value):
     escaped = escape_value(value)
     # no lone % or $ is left for systemd to expand
     assert escaped.replace("%%", "").count("%") == 0 and escaped.replace("$$", "").count("$") == 0
+
+
+def test_version_from_a_probed_profile():
+    from types import SimpleNamespace
+
+    from nodeagent.contracts.machine import PodmanInfo, RuntimeInfo
+    from nodeagent.launch.podman_versions import version_from_profile
+
+    def profile(version):
+        return SimpleNamespace(runtime=RuntimeInfo(podman=PodmanInfo(version=version)))
+
+    assert version_from_profile(profile("4.3.1")) == PodmanVersion(4, 3, 1)
+    assert version_from_profile(profile(None)) is None
+    assert version_from_profile(profile("unknown")) is None
+    assert version_from_profile(SimpleNamespace()) is None

@@ -147,3 +147,16 @@ def unsupported_keys(sections: "list[tuple[str, list[tuple[str, str]]]]", versio
             elif section != "Unit":
                 problems.append(f"[{section}] is not a section of a .container unit")
     return problems
+
+
+def version_from_profile(profile: object) -> PodmanVersion | None:
+    """The Podman version a `MachineProfile` probed (``runtime.podman.version``),
+    or None when Podman is absent or its version unreadable."""
+    podman = getattr(getattr(profile, "runtime", None), "podman", None)
+    text = getattr(podman, "version", None)
+    if not text:
+        return None
+    try:
+        return PodmanVersion.parse(text)
+    except ValueError:
+        return None
