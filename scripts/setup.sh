@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(mesa-vulkan-drivers vulkan-tools podman cmake build-essential)
+DEBS=(mesa-vulkan-drivers vulkan-tools podman runc cmake build-essential systemd)
 PYTHON=${PYTHON:-python3}
 
 missing=()
@@ -27,3 +27,12 @@ if ! "$PYTHON" -c "import nodeagent, llama_cpp, pytest, hypothesis" 2>/dev/null 
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     "$PYTHON" -m pip install -q -e ".[dev]"
 fi
+
+# llama.cpp's server, built from the same vendored tree (~7 min the first time
+# on 2 cores; cached per machine afterwards). Tests of the llama-server provider
+# and of real containers use it.
+bash scripts/build-llama-server.sh >/dev/null
+
+# Optional: Podman's Quadlet generator from a newer Debian release, for an
+# independent dry run of rendered units. Tests that need it say so and skip.
+bash scripts/fetch-quadlet.sh >/dev/null 2>&1 || echo "setup: quadlet generator not available (its dry-run tests will skip)"
