@@ -233,7 +233,14 @@ class Daemon:
         in_flight = sum(n for phase, n in counts.items() if PodPhase(phase) not in TERMINAL_PHASES)
         state = "ready" if self.node.ready() else ("draining" if not self.node.accepting else "not ready")
         where = ", ".join(listener.label for listener in self.listeners)
-        return f"{state}; {in_flight} pod(s) in flight; listening on {where}"
+        detail = f"{in_flight} pod(s) in flight"
+        status_line = getattr(self.node, "status_line", None)
+        if status_line is not None:
+            try:
+                detail = status_line()
+            except Exception:  # noqa: BLE001 - a status line must never fail the caller
+                pass
+        return f"{state}; {detail}; listening on {where}"
 
     # ------------------------------------------------------------ run
     async def run(self) -> None:
@@ -293,19 +300,26 @@ class Daemon:
     async def reload(self) -> None:
         self.notifier.reloading()
         try:
-            loaded = await asyncio.to_thread(self.reload_config)
+            loaded = await asyncio.to_thread(self.reload_config)  # validate before touching the node
         except (ConfigError, ValueError) as exc:
             log.error("config reload failed, keeping the running configuration: %s", exc)
             self.notifier.send(READY=1, STATUS=f"{self.summary()}; last reload failed: {exc}")
             return
         old_api = self.node.config.api
         reload = getattr(self.node, "reload", None)
-        if reload is not None:
-            await asyncio.to_thread(reload, loaded)
-        else:
-            # Node reads its config on every use; swapping it applies limits and intervals.
-            self.node.loaded, self.node.config = loaded, loaded.config
-        new_api = loaded.config.api
+        try:
+            if reload is None:
+                # Node reads its config on every use; swapping it applies limits and intervals.
+                self.node.loaded, self.node.config = loaded, loaded.config
+            elif _takes_argument(reload):
+                await asyncio.to_thread(reload, loaded)
+            else:
+                await asyncio.to_thread(reload)  # the node re-reads the same file itself
+        except Exception as exc:  # noqa: BLE001 - a failed reload must not stop the agent
+            log.exception("node reload failed")
+            self.notifier.send(READY=1, STATUS=f"{self.summary()}; last reload failed: {exc}")
+            return
+        new_api = self.node.config.api
         if (old_api.socket, old_api.tcp, old_api.token_file) != (new_api.socket, new_api.tcp, new_api.token_file):
             log.warning("api.socket/api.tcp/api.token_file changed: restart the agent to apply them")
         log.info("configuration reloaded from %s", loaded.file)
@@ -354,6 +368,33 @@ class Daemon:
                 last_status = status
 
 
+def _takes_argument(function: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in parameters)
+
+
+def default_node(loaded: LoadedConfig) -> Any:
+    """The production node: the embedded executor (models, providers, KV tiers, receipts) when wired."""
+    from nodeagent import node as node_module
+
+    factory = getattr(node_module, "default_executor", None)
+    return node_module.Node(loaded, executor_factory=factory)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (lower API latency), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _configure_logging(level: str) -> None:
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
@@ -375,11 +416,7 @@ def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedC
     except (ConfigError, TokenError, ValueError) as exc:
         notifier.status(f"failed: {exc}")
         raise ServeError(str(exc)) from exc
-    if node_factory is None:
-        from nodeagent.node import Node
-
-        node_factory = Node
-    node = node_factory(loaded)
+    node = (node_factory or default_node)(loaded)
     try:
         recovered = node.start()
         if paused:
@@ -392,7 +429,8 @@ def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedC
     daemon = Daemon(node=node, listeners=listeners, token=token, notifier=notifier,
                     drain_timeout_s=drain_timeout_s, access_log=access_log, recovered=list(recovered or []))
     try:
-        asyncio.run(daemon.run())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(daemon.run())
     finally:
         close_listeners(listeners)
         node.close()

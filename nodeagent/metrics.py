@@ -1,34 +1,40 @@
 """The agent's Prometheus metrics: one registry, the families, a small API.
 
-Components update metrics through the functions below (never by creating
-their own collectors), so every family has one home and one name:
+Two kinds of families:
+
+* events, counted where they happen through the functions below (never by
+  creating collectors elsewhere), so every family has one home and one name;
+* state (pods by phase, provider up, residency, cache tiers), read from the
+  node when Prometheus scrapes, by `NodeStateCollector` over a `NodeSnapshot`:
+  nothing has to remember to update it, and it can never go stale.
 
 =================================================  =========  =========================================
-family                                             type       updated by
+family                                             type       source
 =================================================  =========  =========================================
-agent_machine_placements_total{provider,outcome}   counter    scheduler: `record_placement`
-agent_machine_placement_seconds                    histogram  scheduler: `record_placement`
-agent_machine_cache_lookups_total{tier}            counter    kvcache: `record_cache_lookup` (tier none = miss)
-agent_machine_cache_hit_tokens_total{tier}         counter    kvcache: `record_cache_lookup`
-agent_machine_cache_bytes{tier}                    gauge      kvcache: `set_cache_usage`
-agent_machine_cache_entries{tier}                  gauge      kvcache: `set_cache_usage`
-agent_machine_model_residency{model,state}         stateset   models: `set_model_residency`
-agent_machine_models_loaded                        gauge      models: `set_model_residency`
-agent_machine_provider_up{provider}                gauge      reconcile: `record_provider_health`
-agent_machine_provider_health_checks_total{..}     counter    reconcile: `record_provider_health`
-agent_machine_provider_last_healthy_timestamp_s..  gauge      reconcile: `record_provider_health`
-agent_machine_provider_restarts_total{provider}    counter    reconcile: `record_provider_restart`
+agent_machine_placements_total{provider,outcome}   counter    scheduler/executor: `record_placement`
+agent_machine_placement_seconds                    histogram  scheduler/executor: `record_placement`
 agent_machine_pod_ttft_seconds{provider,tier}      histogram  executor: `observe_turn`
 agent_machine_pod_turn_seconds{provider}           histogram  executor: `observe_turn`
 agent_machine_pod_tokens_total{provider,kind}      counter    executor: `observe_turn`
 agent_machine_pods_finished_total{phase}           counter    node: `record_pod_finished`
 agent_machine_pod_duration_seconds{phase}          histogram  node: `record_pod_finished`
-agent_machine_pods{phase}                          gauge      api `/metrics`: `set_pod_phase_counts`
+agent_machine_provider_health_checks_total{..}     counter    reconcile: `record_provider_health`
+agent_machine_provider_restarts_total{provider}    counter    reconcile: `record_provider_restart`
 agent_machine_receipts_total{outcome}              counter    receipts: `record_receipt`
 agent_machine_receipt_append_seconds               histogram  receipts: `record_receipt`
-agent_machine_receipt_log_size                     gauge      receipts: `record_receipt`
 agent_machine_api_requests_total{route,method,co.  counter    api middleware
 agent_machine_api_request_seconds{route}           histogram  api middleware
+agent_machine_pods{phase}                          gauge      scrape: NodeSnapshot.pods_by_phase
+agent_machine_provider_up{provider}                gauge      scrape: NodeSnapshot.providers
+agent_machine_provider_checked_timestamp_seconds   gauge      scrape: NodeSnapshot.providers
+agent_machine_model_residency{model,state}         gauge      scrape: NodeSnapshot.residency (1 = current)
+agent_machine_models_loaded                        gauge      scrape: NodeSnapshot.residency
+agent_machine_cache_bytes{tier}                    gauge      scrape: NodeSnapshot.cache_tiers
+agent_machine_cache_budget_bytes{tier}             gauge      scrape: NodeSnapshot.cache_tiers
+agent_machine_cache_entries{tier}                  gauge      scrape: NodeSnapshot.cache_tiers
+agent_machine_cache_hits_total{tier}               counter    scrape: NodeSnapshot.cache_hits (persisted)
+agent_machine_cache_misses_total                   counter    scrape: NodeSnapshot.cache_misses
+agent_machine_cache_hit_tokens_total{tier}         counter    scrape: NodeSnapshot.cache_hit_tokens
 =================================================  =========  =========================================
 
 plus ``agent_machine_build_info`` and the standard ``process_*`` families.
@@ -38,21 +44,20 @@ own configuration, never from request text), so cardinality stays small.
 
 from __future__ import annotations
 
-import time
-from typing import Iterable, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Enum,
-    Gauge,
     Histogram,
     Info,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "agent_machine"
 Tier = Literal["T0", "T1", "T2", "none"]
@@ -74,27 +79,10 @@ PLACEMENTS = Counter(f"{PREFIX}_placements", "Placement decisions by chosen prov
 PLACEMENT_SECONDS = Histogram(f"{PREFIX}_placement_seconds", "Time to compute one placement decision",
                               buckets=_FAST, registry=REGISTRY)
 
-CACHE_LOOKUPS = Counter(f"{PREFIX}_cache_lookups", "KV-cache prefix lookups by the tier that served "
-                        "them (none = miss)", ["tier"], registry=REGISTRY)
-CACHE_HIT_TOKENS = Counter(f"{PREFIX}_cache_hit_tokens", "Prompt tokens served from cache, by tier",
-                           ["tier"], registry=REGISTRY)
-CACHE_BYTES = Gauge(f"{PREFIX}_cache_bytes", "Bytes held in each cache tier", ["tier"], registry=REGISTRY)
-CACHE_BUDGET_BYTES = Gauge(f"{PREFIX}_cache_budget_bytes", "Byte budget of each cache tier", ["tier"],
-                           registry=REGISTRY)
-CACHE_ENTRIES = Gauge(f"{PREFIX}_cache_entries", "Saved states in each cache tier", ["tier"], registry=REGISTRY)
 
-MODEL_RESIDENCY = Enum(f"{PREFIX}_model_residency", "Residency of each known model (cold: on disk, "
-                       "warm: page cache / RAM, hot: loaded in a provider)", ["model"],
-                       states=RESIDENCY_STATES, registry=REGISTRY)
-MODELS_LOADED = Gauge(f"{PREFIX}_models_loaded", "Models loaded in a provider (hot)", registry=REGISTRY)
 
-PROVIDER_UP = Gauge(f"{PREFIX}_provider_up", "1 if the provider's last health check passed within "
-                    "3 reconcile intervals", ["provider"], registry=REGISTRY)
 PROVIDER_CHECKS = Counter(f"{PREFIX}_provider_health_checks", "Provider health checks by result",
                           ["provider", "result"], registry=REGISTRY)
-PROVIDER_LAST_HEALTHY = Gauge(f"{PREFIX}_provider_last_healthy_timestamp_seconds",
-                              "Unix time of the provider's last passing health check", ["provider"],
-                              registry=REGISTRY)
 PROVIDER_RESTARTS = Counter(f"{PREFIX}_provider_restarts", "Provider restarts by the reconcile loop",
                             ["provider"], registry=REGISTRY)
 
@@ -108,13 +96,11 @@ PODS_FINISHED = Counter(f"{PREFIX}_pods_finished", "Pods that reached a terminal
                         registry=REGISTRY)
 POD_DURATION = Histogram(f"{PREFIX}_pod_duration_seconds", "Submit-to-terminal time of each pod", ["phase"],
                          buckets=_SLOW, registry=REGISTRY)
-PODS = Gauge(f"{PREFIX}_pods", "Pods stored on this node by phase", ["phase"], registry=REGISTRY)
 
 RECEIPTS = Counter(f"{PREFIX}_receipts", "Execution receipts appended to the log, by pod outcome",
                    ["outcome"], registry=REGISTRY)
 RECEIPT_APPEND_SECONDS = Histogram(f"{PREFIX}_receipt_append_seconds", "Time to sign, append and fsync one receipt",
                                    buckets=_FAST, registry=REGISTRY)
-RECEIPT_LOG_SIZE = Gauge(f"{PREFIX}_receipt_log_size", "Receipts in the log (Merkle tree size)", registry=REGISTRY)
 
 API_REQUESTS = Counter(f"{PREFIX}_api_requests", "API requests by route template, method and status code",
                        ["route", "method", "code"], registry=REGISTRY)
@@ -138,38 +124,11 @@ def record_placement(provider: str, outcome: str, seconds: float | None = None) 
         PLACEMENT_SECONDS.observe(seconds)
 
 
-def record_cache_lookup(tier: Tier, hit_tokens: int = 0) -> None:
-    """One prefix lookup, served by ``tier`` (``none`` for a miss) with ``hit_tokens`` reused."""
-    if tier not in TIERS:
-        raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
-    CACHE_LOOKUPS.labels(tier=tier).inc()
-    if hit_tokens:
-        CACHE_HIT_TOKENS.labels(tier=tier).inc(hit_tokens)
 
 
-def set_cache_usage(tier: Tier, used_bytes: int, entries: int, budget_bytes: int | None = None) -> None:
-    CACHE_BYTES.labels(tier=tier).set(used_bytes)
-    CACHE_ENTRIES.labels(tier=tier).set(entries)
-    if budget_bytes is not None:
-        CACHE_BUDGET_BYTES.labels(tier=tier).set(budget_bytes)
 
-
-def set_model_residency(residency: dict[str, str]) -> None:
-    """Replace the residency of every known model: ``{model name: cold|warm|hot}``."""
-    for model, state in residency.items():
-        if state not in RESIDENCY_STATES:
-            raise ValueError(f"residency of {model!r} must be one of {RESIDENCY_STATES}, got {state!r}")
-    MODEL_RESIDENCY.clear()
-    for model, state in residency.items():
-        MODEL_RESIDENCY.labels(model=model).state(state)
-    MODELS_LOADED.set(sum(1 for state in residency.values() if state == "hot"))
-
-
-def record_provider_health(provider: str, healthy: bool, at: float | None = None) -> None:
+def record_provider_health(provider: str, healthy: bool) -> None:
     PROVIDER_CHECKS.labels(provider=provider, result="ok" if healthy else "fail").inc()
-    PROVIDER_UP.labels(provider=provider).set(1 if healthy else 0)
-    if healthy:
-        PROVIDER_LAST_HEALTHY.labels(provider=provider).set(at if at is not None else time.time())
 
 
 def record_provider_restart(provider: str) -> None:
@@ -192,18 +151,11 @@ def record_pod_finished(phase: str, duration_s: float | None = None) -> None:
         POD_DURATION.labels(phase=phase).observe(duration_s)
 
 
-def set_pod_phase_counts(counts: dict[str, int], phases: Iterable[str] = ()) -> None:
-    """Set the per-phase pod gauge; phases in ``phases`` but not in ``counts`` read 0."""
-    for phase in set(phases) | set(counts):
-        PODS.labels(phase=phase).set(counts.get(phase, 0))
 
-
-def record_receipt(outcome: str, append_s: float | None = None, log_size: int | None = None) -> None:
+def record_receipt(outcome: str, append_s: float | None = None) -> None:
     RECEIPTS.labels(outcome=outcome).inc()
     if append_s is not None:
         RECEIPT_APPEND_SECONDS.observe(append_s)
-    if log_size is not None:
-        RECEIPT_LOG_SIZE.set(log_size)
 
 
 def record_api_request(route: str, method: str, code: int, seconds: float) -> None:
@@ -211,6 +163,100 @@ def record_api_request(route: str, method: str, code: int, seconds: float) -> No
     API_SECONDS.labels(route=route).observe(seconds)
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text of the registry and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+# ---------------------------------------------------------------- state read at scrape time
+@dataclass
+class ProviderSample:
+    name: str
+    up: bool
+    checked_at: float | None = None  # unix time of the health check the state comes from
+
+
+@dataclass
+class TierSample:
+    tier: str
+    used_bytes: int
+    entries: int
+    budget_bytes: int | None = None
+
+
+@dataclass
+class NodeSnapshot:
+    """What the node looks like now; any part it cannot tell stays empty/None."""
+
+    pods_by_phase: dict[str, int] = field(default_factory=dict)
+    phases: tuple[str, ...] = ()  # every phase, so absent ones read 0
+    providers: list[ProviderSample] = field(default_factory=list)
+    residency: dict[str, str] = field(default_factory=dict)  # model -> cold|warm|hot
+    cache_tiers: list[TierSample] = field(default_factory=list)
+    cache_hits: dict[str, int] = field(default_factory=dict)
+    cache_misses: int | None = None
+    cache_hit_tokens: dict[str, int] = field(default_factory=dict)
+
+
+class NodeStateCollector:
+    """Yields the state families from ``snapshot()`` on every scrape."""
+
+    def __init__(self, snapshot: Callable[[], NodeSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Any]:
+        return []  # do not take a snapshot at registration
+
+    def collect(self) -> Iterator[Any]:
+        snap = self._snapshot()
+        pods = GaugeMetricFamily(f"{PREFIX}_pods", "Pods stored on this node by phase", labels=["phase"])
+        for phase in sorted(set(snap.phases) | set(snap.pods_by_phase)):
+            pods.add_metric([phase], snap.pods_by_phase.get(phase, 0))
+        yield pods
+        up = GaugeMetricFamily(f"{PREFIX}_provider_up", "1 if the provider's last health check passed",
+                               labels=["provider"])
+        checked = GaugeMetricFamily(f"{PREFIX}_provider_checked_timestamp_seconds",
+                                    "Unix time of the provider health check behind provider_up", labels=["provider"])
+        for provider in snap.providers:
+            up.add_metric([provider.name], 1 if provider.up else 0)
+            if provider.checked_at is not None:
+                checked.add_metric([provider.name], provider.checked_at)
+        yield up
+        yield checked
+        residency = GaugeMetricFamily(f"{PREFIX}_model_residency", "Residency of each known model: 1 for its "
+                                      "current state (cold: on disk, warm: RAM, hot: loaded)", labels=["model", "state"])
+        for model, state in sorted(snap.residency.items()):
+            for candidate in RESIDENCY_STATES:
+                residency.add_metric([model, candidate], 1 if candidate == state else 0)
+        yield residency
+        yield GaugeMetricFamily(f"{PREFIX}_models_loaded", "Models loaded in a provider (hot)",
+                                value=sum(1 for state in snap.residency.values() if state == "hot"))
+        used = GaugeMetricFamily(f"{PREFIX}_cache_bytes", "Bytes held in each cache tier", labels=["tier"])
+        budget = GaugeMetricFamily(f"{PREFIX}_cache_budget_bytes", "Byte budget of each cache tier", labels=["tier"])
+        entries = GaugeMetricFamily(f"{PREFIX}_cache_entries", "Saved states in each cache tier", labels=["tier"])
+        for tier in snap.cache_tiers:
+            used.add_metric([tier.tier], tier.used_bytes)
+            entries.add_metric([tier.tier], tier.entries)
+            if tier.budget_bytes is not None:
+                budget.add_metric([tier.tier], tier.budget_bytes)
+        yield used
+        yield budget
+        yield entries
+        hits = CounterMetricFamily(f"{PREFIX}_cache_hits", "Prefix lookups served from each cache tier",
+                                   labels=["tier"])
+        for tier, count in sorted(snap.cache_hits.items()):
+            hits.add_metric([tier], count)
+        yield hits
+        hit_tokens = CounterMetricFamily(f"{PREFIX}_cache_hit_tokens", "Prompt tokens served from each cache tier",
+                                         labels=["tier"])
+        for tier, count in sorted(snap.cache_hit_tokens.items()):
+            hit_tokens.add_metric([tier], count)
+        yield hit_tokens
+        if snap.cache_misses is not None:
+            yield CounterMetricFamily(f"{PREFIX}_cache_misses", "Prefix lookups no tier could serve",
+                                      value=snap.cache_misses)
+
+
+def render(snapshot: Callable[[], NodeSnapshot] | None = None) -> tuple[bytes, str]:
+    """The exposition text (event families, then the node's state when given) and its content type."""
+    body = generate_latest(REGISTRY)
+    if snapshot is not None:
+        state = CollectorRegistry(auto_describe=False)
+        state.register(NodeStateCollector(snapshot))  # type: ignore[arg-type]
+        body += generate_latest(state)
+    return body, CONTENT_TYPE_LATEST

@@ -357,8 +357,8 @@ def test_metrics_expose_the_families(client):
     assert 'agent_machine_api_requests_total{code="200",method="GET",route="/v1/machine"}' in text
     assert 'agent_machine_pods{phase="Succeeded"} 1.0' in text
     assert 'agent_machine_pods{phase="Running"} 0.0' in text
-    for family in ("agent_machine_placements_total", "agent_machine_cache_lookups_total",
-                   "agent_machine_model_residency", "agent_machine_provider_up",
+    for family in ("agent_machine_placements_total", "agent_machine_cache_hits_total",
+                   "agent_machine_model_residency", "agent_machine_provider_up", "agent_machine_cache_bytes",
                    "agent_machine_pod_ttft_seconds", "agent_machine_receipts_total", "process_resident_memory_bytes"):
         assert f"# TYPE {family.removesuffix('_total')}" in text, family
 

@@ -70,12 +70,25 @@ class CountingProbe:
         return fixture_profile(hostname=f"fixture-host-{self.calls}")
 
 
+class NoProviders:
+    """The executor's provider pool when it has none (what `Node.list_providers` reads)."""
+
+    residency = None
+
+    def all(self) -> list:
+        return []
+
+
 class StepExecutor:
     """Moves pods through their lifecycle honestly; ``hold`` keeps them Running."""
+
+    cache = None
+    receipts = None
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.hold = threading.Event()
+        self.pool = NoProviders()
 
     def run(self, pod) -> None:
         self.node.pod_transition(pod.id, PodPhase.placed, reason="test placement")

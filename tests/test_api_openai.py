@@ -18,6 +18,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from nodeagent.config import load_config  # noqa: E402
+from nodeagent.daemon import default_node  # noqa: E402
 from nodeagent.node import Node  # noqa: E402
 
 from test_api_harness import ServedApi, env_for, make_node  # noqa: E402
@@ -84,7 +85,7 @@ def real_node(tmp_path, tiny_model_path):
     imported = subprocess.run([*cli, "models", "import", str(tiny_model_path), "--name", "tiny"],
                               env=env, capture_output=True, text=True, timeout=120)
     assert imported.returncode == 0, imported.stderr
-    node = Node(load_config(env_for(tmp_path)))
+    node = default_node(load_config(env_for(tmp_path)))  # what `agent-machine serve` runs
     node.start()
     api = ServedApi(node, tmp_path / "run" / "agent-machine" / "api.sock")
     yield api

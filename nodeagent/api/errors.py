@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Iterable, Sequence
 
 from fastapi import FastAPI, Request
@@ -175,6 +176,35 @@ def _domain_handler(status: int, type_: str, field: str | None):  # type: ignore
     return handler
 
 
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:[.\[][A-Za-z0-9_\]]*)*): ")
+
+
+async def _on_invalid_input(request: Request, exc: Exception) -> JSONResponse:
+    """A ValueError subclass a component raises as "field: what is wrong"."""
+    message = str(exc)
+    match = _FIELD_PREFIX.match(message)
+    return error_response(422, "invalid_request", message, match.group(1) if match else None)
+
+
+async def _on_pod_failed(request: Request, exc: Exception) -> JSONResponse:
+    """A one-turn pod (OpenAI chat) did not succeed: say why, with a status that fits the cause."""
+    pod = getattr(exc, "pod", None)
+    phase = getattr(getattr(getattr(pod, "status", None), "phase", None), "value", "")
+    text = str(exc)
+    lowered = text.lower()
+    if phase == "Refused":
+        return error_response(403, "refused", text)
+    if "not found" in lowered or "modelnotfound" in lowered or "no model" in lowered:
+        return error_response(404, "not_found", text, "model")
+    if phase == "Cancelled":
+        return error_response(409, "cancelled", text)
+    return error_response(502, "pod_failed", text)
+
+
+async def _on_timeout(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(504, "timeout", str(exc) or "the node did not answer in time")
+
+
 async def _on_queue_full(request: Request, exc: Exception) -> JSONResponse:
     retry = getattr(exc, "retry_after_s", 1)
     return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(retry)})
@@ -191,6 +221,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(QueueFull, _on_queue_full)
     app.add_exception_handler(NodeClosed, _on_node_closed)
+    app.add_exception_handler(TimeoutError, _on_timeout)
+    for module_name, class_name, handler in (("nodeagent.pods", "PodInvalid", _on_invalid_input),
+                                             ("nodeagent.openai_compat", "ChatCompletionFailed", _on_pod_failed)):
+        try:
+            app.add_exception_handler(getattr(importlib.import_module(module_name), class_name), handler)
+        except (ImportError, AttributeError):
+            pass
     for (module_name, class_name), (status, type_, field) in DOMAIN_ERRORS.items():
         try:
             cls = getattr(importlib.import_module(module_name), class_name)

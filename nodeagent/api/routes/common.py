@@ -17,7 +17,7 @@ JSON = "application/json"
 NOT_WIRED_STATUS = 501
 
 
-def get_node(request: Request) -> Any:
+async def get_node(request: Request) -> Any:
     return request.app.state.node
 
 

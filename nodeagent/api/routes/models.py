@@ -10,47 +10,60 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Body, Depends, Path
+from pydantic import Field
 from starlette.responses import Response
 
-from nodeagent.api.routes.common import error_responses, get_node, items_response, node_method, wire_response
+from nodeagent.api.routes.common import error_responses, get_node, node_method, optional_model, to_wire, wire_response
+from nodeagent.contracts.base import Contract
 
 router = APIRouter(tags=["models"])
 
 MODEL_NAME = Path(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]*$",
                   description="a model reference: NAME[:TAG] or sha256:<digest>")
+_ModelRecord = optional_model("nodeagent.contracts.model", "ModelRecord")
+_ModelResidency = optional_model("nodeagent.contracts.model", "ModelResidency")
 
 
-def _not_found_to_404(exc: Exception, name: str) -> None:
-    from nodeagent.api.routes.common import not_found
+class ModelList(Contract):
+    items: list[_ModelRecord or dict[str, Any]]  # type: ignore[valid-type]
+    residency: list[_ModelResidency or dict[str, Any]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="models loaded now (hot) or recorded as wanted, with keep-alive")
 
-    if isinstance(exc, (KeyError, LookupError)) or type(exc).__name__ in ("ModelNotFound", "NotFound"):
-        raise not_found("model", "name", name) from exc
+
+class LoadOptions(Contract):
+    keep_alive_s: float | None = Field(default=None, description="seconds to stay loaded when idle; -1 forever")
+    pin: bool | None = Field(default=None, description="never evict it to make room")
 
 
-@router.get("/v1/models", responses=error_responses(501),
-            summary="models in the store with their residency (cold/warm/hot), from node.list_models()")
+class UnloadResult(Contract):
+    model: str
+    unloaded: bool = Field(description="false when it was not loaded (or in use and not forced)")
+
+
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(501),
+            summary="models in the store, and the residency of those loaded (cold/warm/hot, keep-alive)")
 def list_models(node: Any = Depends(get_node)) -> Response:
-    return items_response(node_method(node, "list_models")())
+    records = node_method(node, "list_models")()
+    residency = getattr(node, "list_residency", lambda: [])()
+    return wire_response({"items": to_wire(records), "residency": to_wire(residency)})
 
 
-@router.post("/v1/models/{name}:load", responses=error_responses(404, 409, 422, 501, 507),
-             summary="load a model into a provider (keeps it hot for its keep-alive)")
-def load_model(name: str = MODEL_NAME, node: Any = Depends(get_node)) -> Response:
+@router.post("/v1/models/{name}:load", response_model=_ModelResidency, responses=error_responses(404, 409, 422, 501, 503),
+             summary="load a model into a provider (evicting by expected cost); its residency row")
+def load_model(name: str = MODEL_NAME, options: LoadOptions | None = Body(None),
+               node: Any = Depends(get_node)) -> Response:
     method = node_method(node, "load_model")
-    try:
-        return wire_response(method(name))
-    except Exception as exc:
-        _not_found_to_404(exc, name)
-        raise
+    kwargs = {}
+    if options is not None:
+        kwargs = {k: v for k, v in (("keep_alive_s", options.keep_alive_s), ("pin", options.pin)) if v is not None}
+    return wire_response(method(name, **kwargs))
 
 
-@router.post("/v1/models/{name}:unload", responses=error_responses(404, 422, 501),
+@router.post("/v1/models/{name}:unload", response_model=UnloadResult, responses=error_responses(404, 422, 501, 503),
              summary="unload a model from its provider (it stays in the store)")
 def unload_model(name: str = MODEL_NAME, node: Any = Depends(get_node)) -> Response:
-    method = node_method(node, "unload_model")
-    try:
-        return wire_response(method(name))
-    except Exception as exc:
-        _not_found_to_404(exc, name)
-        raise
+    result = node_method(node, "unload_model")(name)
+    if isinstance(result, bool):
+        return wire_response(UnloadResult(model=name, unloaded=result))
+    return wire_response(result)

@@ -1,17 +1,18 @@
 """OpenAI-compatible endpoints: any OpenAI client can use the agent.
 
 * ``POST /v1/chat/completions`` and ``POST /openai/v1/chat/completions`` run the
-  request as a one-turn pod (``node.chat_completion(body)``).
+  request as a one-turn pod (``node.chat_completion(body)``). ``stream: true``
+  is answered as SSE chunks of the finished completion.
 * ``GET /openai/v1/models`` lists models in OpenAI's shape. It lives under the
   ``/openai/v1`` prefix because the agent's own ``GET /v1/models`` returns
   ModelRecords with residency. Point an OpenAI client at
   ``base_url=<agent>/openai/v1``.
 
 Contract with the node: ``node.chat_completion(body: dict)`` takes the
-validated request (wire names, unset fields dropped) and returns the OpenAI
-``chat.completion`` object as a dict, or, when ``body["stream"]`` is true, an
-iterator of ``chat.completion.chunk`` dicts which this route frames as SSE
-ending with ``data: [DONE]``.
+validated request (wire names, unset fields dropped, ``stream`` false) and
+returns the OpenAI ``chat.completion`` object as a dict (or an iterator of
+``chat.completion.chunk`` dicts, which this route frames as SSE ending with
+``data: [DONE]``).
 """
 
 from __future__ import annotations
@@ -113,11 +114,36 @@ def wire_dict(value: Any) -> dict[str, Any]:
 def _chat(request: ChatCompletionRequest, node: Any) -> Response:
     method = node_method(node, "chat_completion")
     body = request.model_dump(mode="json", exclude_none=True)
-    result = method(body)  # QueueFull, NodeClosed, ModelNotFound... map to 4xx/503 in errors.py
     if request.stream:
-        return StreamingResponse(_iterate_in_thread(_sse(iter(result))), media_type="text/event-stream",
+        # The node answers whole completions; a streaming client gets them framed as
+        # chunks (role, content, finish) so every OpenAI client works, if not token by token.
+        body["stream"] = False
+        body.pop("stream_options", None)
+    result = method(body)  # QueueFull, NodeClosed, PodInvalid... map to 4xx/503 in errors.py
+    if request.stream:
+        chunks = result if not isinstance(result, dict) else _as_chunks(
+            result, include_usage=bool(request.stream_options and request.stream_options.include_usage))
+        return StreamingResponse(_iterate_in_thread(_sse(iter(chunks))), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return wire_response(result)
+
+
+def _as_chunks(completion: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    base = {"id": completion.get("id"), "object": "chat.completion.chunk", "created": completion.get("created"),
+            "model": completion.get("model")}
+    chunks = []
+    for choice in completion.get("choices", []):
+        message = choice.get("message", {})
+        index = choice.get("index", 0)
+        chunks.append({**base, "choices": [{"index": index, "delta": {"role": message.get("role", "assistant"),
+                                                                       "content": ""}, "finish_reason": None}]})
+        chunks.append({**base, "choices": [{"index": index, "delta": {"content": message.get("content") or ""},
+                                            "finish_reason": None}]})
+        chunks.append({**base, "choices": [{"index": index, "delta": {},
+                                            "finish_reason": choice.get("finish_reason") or "stop"}]})
+    if include_usage and completion.get("usage") is not None:
+        chunks.append({**base, "choices": [], "usage": completion["usage"]})
+    return chunks
 
 
 async def _iterate_in_thread(sync_iter: Iterator[bytes]):  # type: ignore[no-untyped-def]

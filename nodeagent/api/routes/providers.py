@@ -7,12 +7,19 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from nodeagent.api.routes.common import error_responses, get_node, items_response, node_method
+from nodeagent.api.routes.common import error_responses, get_node, items_response, node_method, optional_model
+from nodeagent.contracts.base import Contract
 
 router = APIRouter(tags=["providers"])
 
+_ProviderStatus = optional_model("nodeagent.contracts.provider", "ProviderStatus")
 
-@router.get("/v1/providers", responses=error_responses(501),
+
+class ProviderList(Contract):
+    items: list[_ProviderStatus or dict[str, Any]]  # type: ignore[valid-type]
+
+
+@router.get("/v1/providers", response_model=ProviderList, responses=error_responses(501),
             summary="providers: kind, launch mode, unit/container/pid, model, health, drift (node.list_providers())")
 def list_providers(node: Any = Depends(get_node)) -> Response:
     return items_response(node_method(node, "list_providers")())
