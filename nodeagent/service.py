@@ -352,52 +352,79 @@ def process_state(pid: int | None) -> str | None:
         return "gone"
 
 
-def provider_rows(records: Iterable[dict[str, Any]], *, now: float | None = None,
-                  host: str | None = None) -> list[dict[str, Any]]:
-    """Join each provider record (wire dict from ``node.list_providers()``) with live system state.
+def container_state(container_id: str | None) -> str | None:
+    if not container_id:
+        return None
+    try:
+        out = subprocess.run(["podman", "inspect", "--format", "{{.State.Status}}", container_id],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or "gone" if out.returncode == 0 else "gone"
 
-    Reads, by the first name present: ``name``; ``kind``; ``unit``/``systemdUnit``;
-    ``state``/``containerState``/``phase``; ``pid``; ``lastHealthyAt``/``health.lastOkAt``;
-    ``model``/``actual.model``; ``configured.model``/``desired.model``;
-    ``drift`` (a list the node computed). Live values (systemd, /proc) win over
-    recorded ones, and any configured-vs-actual difference found here is added
-    to ``drift``. Every row carries ``host``.
+
+def provider_rows(records: Iterable[dict[str, Any]], *, now: float | None = None, host: str | None = None,
+                  model_names: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Join each provider record (the wire form of ``ProviderStatus``) with live system state.
+
+    Reads ``name``, ``provider`` (kind), ``mode``, ``state``, ``pid``,
+    ``containerId``, ``unit``, ``health``, ``modelDigest`` (shown by name via
+    ``model_names``), ``checkedAt`` and ``reason``; also ``lastHealthyAt`` and
+    ``configured.model`` when a node records them. Live values come from
+    systemd (``systemctl show``), podman (``podman inspect``) and /proc; every
+    difference between what the node believes and what is found goes into
+    ``drift``. Every row carries ``host``.
     """
     import socket as _socket
 
     now = time.time() if now is None else now
     host = host or _socket.gethostname()
+    model_names = model_names or {}
     rows = []
     for record in records:
-        name = _first(record, "name", "metadata.name", "id") or "?"
-        unit = _first(record, "unit", "systemdUnit", "status.unit")
+        name = _first(record, "name", "metadata.name") or "?"
+        state = _first(record, "state", "status.state")
+        unit = _first(record, "unit", "status.unit")
         pid = _first(record, "pid", "status.pid")
-        recorded_state = _first(record, "state", "containerState", "status.state", "phase", "status.phase")
+        container = _first(record, "containerId", "status.containerId")
         live_unit = systemd_unit_state(unit, user=os.getuid() != 0) if unit else None
         live_proc = process_state(pid)
-        healthy_at = _parse_time(_first(record, "lastHealthyAt", "health.lastOkAt", "status.lastHealthyAt"))
-        actual_model = _first(record, "model", "actual.model", "status.model")
-        configured_model = _first(record, "configured.model", "desired.model", "spec.model")
+        live_container = container_state(container)
+        healthy_at = _parse_time(_first(record, "lastHealthyAt", "status.lastHealthyAt"))
+        if healthy_at is None and (_first(record, "health") == "ok" or state == "running"):
+            healthy_at = _parse_time(_first(record, "checkedAt", "status.checkedAt"))
+        digest = _first(record, "modelDigest", "model.digest", "status.modelDigest")
+        actual_model = _first(record, "model") if isinstance(_first(record, "model"), str) else None
+        actual_model = actual_model or (model_names.get(digest, digest[:19] if digest else None))
+        configured_model = _first(record, "configured.model", "desired.model")
         drift = list(_first(record, "drift", "status.drift") or [])
+        should_run = state == "running" or _first(record, "configured.running") is True
         if configured_model and actual_model and configured_model != actual_model:
             drift.append(f"model: configured {configured_model}, serving {actual_model}")
-        desired_running = _first(record, "configured.running", "desired.running", "spec.enabled")
-        if desired_running is True and live_proc in (None, "gone", "zombie", "dead") and pid:
+        if should_run and pid and live_proc in (None, "gone", "zombie", "dead"):
             drift.append(f"process {pid} is {live_proc or 'unknown'} but the provider should run")
-        if unit and live_unit and desired_running is True and not live_unit.startswith("active"):
+        if should_run and live_unit and not live_unit.startswith("active"):
             drift.append(f"unit {unit} is {live_unit} but the provider should run")
+        if should_run and live_container and live_container != "running":
+            drift.append(f"container is {live_container} but the provider should run")
+        if state and state != "running" and _first(record, "reason"):
+            drift.append(f"{state}: {_first(record, 'reason')}")
         rows.append({
             "host": host,
             "provider": name,
-            "kind": _first(record, "kind", "providerKind", "spec.kind"),
+            "kind": _first(record, "provider", "providerKind", "kind"),
+            "mode": _first(record, "mode"),
             "unit": unit,
             "unitState": live_unit,
-            "state": live_proc if live_proc and not recorded_state else (recorded_state or live_proc),
+            "state": state or live_container or live_proc,
+            "containerState": live_container,
             "processState": live_proc,
             "pid": pid,
             "lastHealthyAt": healthy_at,
             "healthyAgo": None if healthy_at is None else _ago(now - healthy_at),
+            "health": _first(record, "health"),
             "model": actual_model,
+            "modelDigest": digest,
             "configuredModel": configured_model,
             "drift": drift,
         })

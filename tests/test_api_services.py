@@ -119,3 +119,22 @@ def test_receipts_and_checkpoint(client, finished_pod):
     checkpoint = client.get("/v1/checkpoints/latest")
     assert checkpoint.status_code == 200, checkpoint.text
     assert checkpoint.json()["size"] >= len(listed)
+
+
+def test_ps_joins_the_running_agents_providers(served, client):
+    assert client.post("/v1/models/tiny:load").status_code == 200
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AGENT_MACHINE_")},
+           **env_for(served.socket_path.parent.parent.parent)}
+    result = subprocess.run([*CLI, "ps", "--format", "json"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    rows = json.loads(result.stdout)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["host"] == os.uname().nodename
+    assert row["state"] == "running" and row["processState"] in ("running", "sleeping")
+    assert row["model"] == "tiny:latest" and row["drift"] == []
+    assert row["healthyAgo"].endswith("s ago")
+    table = subprocess.run([*CLI, "ps"], env=env, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "tiny:latest" in table.stdout and "PROVIDER" in table.stdout

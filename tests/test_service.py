@@ -187,22 +187,29 @@ def test_provider_rows_join_live_state_and_report_drift():
     dead = subprocess.Popen(["true"])
     dead.wait()
     now = 1_000_000.0
+    digest = "sha256:" + "ab" * 32
     rows = provider_rows([
-        {"name": "embedded", "kind": "llama_cpp_python", "pid": os.getpid(), "model": "tiny:latest",
-         "configured": {"model": "tiny:latest", "running": True}, "lastHealthyAt": now - 4},
-        {"name": "server", "kind": "llama_server", "pid": dead.pid, "model": "small",
-         "configured": {"model": "tiny", "running": True}, "lastHealthyAt": "1970-01-12T12:46:40+00:00"},
-        {"name": "idle", "kind": "vllm"},
-    ], now=now, host="node-a")
+        {"kind": "ProviderStatus", "name": "embedded", "provider": "llama_cpp_python", "mode": "subprocess",
+         "state": "running", "pid": os.getpid(), "health": "ok", "modelDigest": digest,
+         "checkedAt": "1970-01-12T13:46:36+00:00"},
+        {"kind": "ProviderStatus", "name": "server", "provider": "llama_server", "mode": "subprocess",
+         "state": "running", "pid": dead.pid, "health": "ok", "modelDigest": "sha256:" + "cd" * 32,
+         "checkedAt": "1970-01-12T12:46:40+00:00", "configured": {"model": "tiny"}},
+        {"kind": "ProviderStatus", "name": "idle", "provider": "vllm", "mode": "podman", "state": "unhealthy",
+         "health": "connection refused", "reason": "connection refused on 127.0.0.1:8000",
+         "checkedAt": "1970-01-12T13:46:39+00:00"},
+    ], now=now, host="node-a", model_names={digest: "tiny:latest"})
     assert [r["host"] for r in rows] == ["node-a"] * 3
     embedded, server, idle = rows
     assert embedded["processState"] in ("running", "sleeping") and embedded["drift"] == []
-    assert embedded["healthyAgo"] == "4s ago"
+    assert embedded["model"] == "tiny:latest" and embedded["healthyAgo"] == "4s ago"
+    assert embedded["kind"] == "llama_cpp_python" and embedded["mode"] == "subprocess"
     assert server["processState"] == "gone"
-    assert "model: configured tiny, serving small" in server["drift"]
-    assert any("should run" in d for d in server["drift"])
+    assert any(d.startswith("model: configured tiny, serving sha256:cdcd") for d in server["drift"])
+    assert any(f"process {dead.pid} is gone" in d for d in server["drift"])
     assert server["healthyAgo"] == "1.0h ago"
-    assert idle["pid"] is None and idle["healthyAgo"] is None and idle["drift"] == []
+    assert idle["pid"] is None and idle["healthyAgo"] is None
+    assert idle["drift"] == ["unhealthy: connection refused on 127.0.0.1:8000"]
 
 
 def test_ps_without_an_agent_or_providers(tmp_path):

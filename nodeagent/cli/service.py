@@ -32,7 +32,8 @@ then: systemctl --user daemon-reload && systemctl --user enable --now agent-mach
 
 PS_EPILOG = """\
 columns:
-  PROVIDER  the provider's name          UNIT     systemd unit state (quadlet providers)
+  PROVIDER  the provider's name          KIND/MODE  engine and launch mode
+  UNIT      systemd unit and its live state (quadlet providers)
   STATE     container or process state   PID      main process id
   HEALTHY   age of the last good health check     MODEL    the model it serves
   DRIFT     where configured differs from actual (empty: none)
@@ -153,16 +154,16 @@ def _status(args: argparse.Namespace) -> int:
 def _ps(args: argparse.Namespace) -> int:
     from nodeagent.service import provider_rows
 
-    records, source = _provider_records()
-    rows = provider_rows(records)
+    records, source, names = _provider_records()
+    rows = provider_rows(records, model_names=names)
     if args.format == "json":
         emit(rows, "json", str)
         return 0
     if not rows:
         print(f"no providers ({source})")
         return 0
-    headers = ("provider", "kind", "unit", "state", "pid", "healthy", "model", "drift")
-    print(render_table(headers, [(r["provider"], r["kind"] or "-",
+    headers = ("provider", "kind", "mode", "unit", "state", "pid", "healthy", "model", "drift")
+    print(render_table(headers, [(r["provider"], r["kind"] or "-", r["mode"] or "-",
                                   f"{r['unit']} ({r['unitState'] or 'unknown'})" if r["unit"] else "-",
                                   r["state"] or "-",
                                   r["pid"] or "-", r["healthyAgo"] or "never", r["model"] or "-",
@@ -170,29 +171,33 @@ def _ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provider_records() -> tuple[list[dict[str, Any]], str]:
-    """Providers from the running agent, else from a node opened on the state directory."""
+def _model_names(models: list[dict[str, Any]]) -> dict[str, str]:
+    return {m["digest"]: m["names"][0] for m in models if m.get("digest") and m.get("names")}
+
+
+def _provider_records() -> tuple[list[dict[str, Any]], str, dict[str, str]]:
+    """Providers (and digest -> model name) from the running agent.
+
+    Providers live in the agent process: without a running agent there are none
+    to show (a provider it started died with it or is reported by systemd/podman
+    under its own unit).
+    """
     from nodeagent.client import AgentNotRunning, ApiError
 
     try:
         with _client() as client:
-            return list(client.get("/v1/providers")["items"]), "from the running agent"
+            providers = list(client.get("/v1/providers")["items"])
+            try:
+                names = _model_names(client.get("/v1/models")["items"])
+            except ApiError:
+                names = {}
+            return providers, "from the running agent", names
     except AgentNotRunning:
-        pass
+        return [], "the agent is not running: start it with `agent-machine serve`", {}
     except ApiError as exc:
-        if exc.status != 501:
-            raise CliError(f"the agent answered {exc}") from exc
-        return [], "the node manages no providers yet"
-    from nodeagent.cli.output import to_jsonable
-    from nodeagent.node import Node
-
-    node = Node()
-    try:
-        if not hasattr(node, "list_providers"):
-            return [], "the node manages no providers yet"
-        return [to_jsonable(p) for p in node.list_providers()], "agent not running: read from the state directory"
-    finally:
-        node.close()
+        if exc.status == 501:
+            return [], "the node manages no providers yet", {}
+        raise CliError(f"the agent answered {exc}") from exc
 
 
 def _age(seconds: float | None) -> str:
