@@ -36,7 +36,7 @@ def load_token(token_file: str | None, env: dict[str, str] | None = None) -> str
     path: Path | None = None
     from_credential = False
     if token_file:
-        path = Path(token_file)
+        path = Path(token_file).expanduser()
     elif env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
         if candidate.is_file():
