@@ -13,7 +13,6 @@ import textwrap
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
@@ -410,8 +409,8 @@ def _wait_paused(proc):
 
 def _kill(proc):
     proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    out, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the appender exited on its own ({proc.returncode}): {err}"
     complete = out.split("\n")[:-1]  # a line cut short by the kill was not acknowledged
     return {int(line.split()[0]): line.split()[1] for line in complete}
 
@@ -491,9 +490,10 @@ def test_random_kill_under_load_loses_no_acknowledged_receipt(tmp_path, logdir, 
         acknowledged = _kill(proc)
         acknowledged[int(first.split()[0])] = first.split()[1]
         with ReceiptLog(logdir, signer) as log:
-            for seq, receipt_id in acknowledged.items():
-                assert seq < log.size
-                assert log.read_line(seq) and LogReader(logdir).find(seq).receipt_id == receipt_id
+            assert max(acknowledged) < log.size, (sorted(acknowledged)[-5:], log.size, log.recovery.messages())
+            with LogReader(logdir) as reader:
+                for seq, receipt_id in acknowledged.items():
+                    assert reader.find(seq).receipt_id == receipt_id, seq
         report = verify_bundle(logdir, keys_of(signer))
         assert report.ok, report.failures[:3]
 
@@ -692,7 +692,7 @@ def test_verify_selects_a_receipt_and_proves_inclusion(tmp_path, signer):
     export = _export(tmp_path, signer, count=8)
     report = verify_bundle(export, keys_of(signer), receipt="run000005")
     assert report.ok and report.inclusion["seq"] == 5 and report.inclusion["verified"]
-    assert report.inclusion["treeSize"] == 6  # the smallest checkpoint that covers it
+    assert report.inclusion["treeSize"] == 8  # proven against the newest checkpoint
     missing = verify_bundle(export, keys_of(signer), receipt=42)
     assert checks(missing) == {"inclusion"}
 

@@ -207,7 +207,7 @@ def _key_show(args: argparse.Namespace) -> int:
     }
 
     def table(d: dict) -> str:
-        lines = [f"key id:    {d['keyId']}", f"algorithm: ed25519", f"source:    {source.describe()}",
+        lines = [f"key id:    {d['keyId']}", "algorithm: ed25519", f"source:    {source.describe()}",
                  f"origin:    {d['origin']}", f"note key:  {d['noteVerifierKey']}", "", d["publicKeyPem"].rstrip()]
         for retired in d["retiredKeys"]:
             lines.append(f"retired:   {retired['keyId']}")

@@ -21,6 +21,7 @@ and turns it into an `ExecutionPredicate`, so a caller cannot get those wrong.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -53,9 +54,15 @@ def rfc3339_utc(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_CANONICAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+
+
 def _normalize_time(value: Any) -> Any:
     if isinstance(value, datetime):
         return rfc3339_utc(value)
+    if isinstance(value, str) and _CANONICAL_TIME.fullmatch(value):
+        datetime.fromisoformat(value[:-1])  # already canonical; only check it names a real instant
+        return value
     if isinstance(value, str):
         if not value.endswith(("Z", "z", "+00:00")):
             raise ValueError(f"time must be RFC 3339 in UTC ending in 'Z', got {value!r}")

@@ -95,6 +95,7 @@ class EntryFacts:
     seq: int | None = None
     previous: str | None = None
     key_id: str | None = None  # machine.keyId of an execution receipt
+    run_id: str | None = None  # predicate.pod.runId of an execution receipt
     rotation: tuple[PublicKey, PublicKey] | None = None  # (previous key, new key)
     statement: dict[str, Any] | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -180,6 +181,7 @@ def _check_execution(facts: EntryFacts, statement: dict[str, Any]) -> None:
     facts.seq = predicate.log.seq
     facts.previous = predicate.log.previous_leaf_hash
     facts.key_id = predicate.machine.key_id
+    facts.run_id = predicate.pod.run_id
     subjects = {s.name: s.digest.sha256 for s in parsed.subject}
     expected_request = predicate.pod.request_digest.removeprefix("sha256:")
     if subjects.get("request") != expected_request or set(subjects) - {"request", "output"}:

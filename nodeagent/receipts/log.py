@@ -46,15 +46,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from nodeagent.contracts.receipt import ProofEntry, PublicKeyRef, ReceiptInput, ReceiptProof, rfc3339_utc
-from nodeagent.fsutil import atomic_write_bytes, atomic_write_text, ensure_private_dir, fsync_dir
+from nodeagent.fsutil import atomic_write_bytes, atomic_write_text, ensure_private_dir
 from nodeagent.receipts.checkpoint import Checkpoint, CheckpointError, check_origin, open_checkpoint, sign_checkpoint
 from nodeagent.receipts.entry import (
     KIND_EXECUTION,
     KIND_ROTATION,
-    EntryFacts,
     build_execution_line,
     build_rotation_line,
     inspect_line,
@@ -148,7 +147,6 @@ class _Pending:
     offset: int
     line: bytes
     leaf: bytes
-    facts: EntryFacts | None
     summary: dict[str, Any]
     active_key: str
 
@@ -317,7 +315,7 @@ class ReceiptLog:
                     first = failures[0]
                     raise LogCorrupt(first.check, f"{first.detail} (found while recovering the unindexed tail of {LOG_FILE})",
                                      seq=first.seq)
-                batch.append(_Pending(facts.seq, offset, line, facts.leaf_hash, facts, facts.summary(), chain.active))
+                batch.append(_Pending(chain.count - 1, offset, line, facts.leaf_hash, facts.summary(), chain.active))
                 offset += len(line) + 1
                 if facts.rotation is not None:
                     self._store_public_key(facts.rotation[1])
@@ -421,9 +419,11 @@ class ReceiptLog:
             if rotate_to is not None:
                 self._signer = rotate_to
                 self._epochs.append((seq + 1, rotate_to))
-            self._pending.append(_Pending(seq, offset, line, leaf, None, summary, self._signer.key_id))
+            self._pending.append(_Pending(seq, offset, line, leaf, summary, self._signer.key_id))
             if not self._group_commit:
-                self._sync_and_index()  # under the lock: one fdatasync per receipt, strictly serial
+                # Under the lock: one fdatasync per receipt, strictly serial.
+                if self._sync_and_index():
+                    self._checkpoint_quietly()
         if self._group_commit:
             self._wait_durable(seq + 1)
         elif self._failed is not None:
@@ -461,6 +461,8 @@ class ReceiptLog:
             raise LogClosed(f"the receipt log stopped accepting entries after an I/O error: {self._failed}")
 
     def _wait_durable(self, size: int) -> None:
+        """Return once entries < ``size`` are durable; the first waiter syncs for everyone (group commit)."""
+        checkpoint_due = False
         with self._sync_cond:
             while self._durable < size:
                 if self._failed is not None:
@@ -471,21 +473,23 @@ class ReceiptLog:
                 self._syncing = True
                 self._sync_cond.release()
                 try:
-                    self._sync_and_index()
+                    checkpoint_due = self._sync_and_index()
                 finally:
                     self._sync_cond.acquire()
                     self._syncing = False
                     self._sync_cond.notify_all()
+        if checkpoint_due:  # after handing leadership back, so waiters are not held up by it
+            self._checkpoint_quietly()
 
-    def _sync_and_index(self) -> None:
-        """fdatasync everything written so far, then index it; may write a checkpoint."""
+    def _sync_and_index(self) -> bool:
+        """fdatasync everything written so far, then index it. True when a checkpoint is due."""
         if self._group_commit:
             with self._seq_lock:
                 batch, self._pending = self._pending, []
         else:
             batch, self._pending = self._pending, []
         if not batch:
-            return
+            return False
         try:
             os.fdatasync(self._fd)
         except BaseException as exc:
@@ -499,12 +503,15 @@ class ReceiptLog:
             self._index(batch)
         except Exception as exc:
             self.recovery.notes.append(f"index update failed ({exc}); it is repaired from {LOG_FILE} on the next open")
-        if (self._durable - self._last_checkpoint_size >= self._checkpoint_every
-                or time.monotonic() - self._last_checkpoint_time >= self._checkpoint_seconds):
-            try:
-                self._write_checkpoint(self._durable)
-            except Exception as exc:
-                self.recovery.notes.append(f"writing a checkpoint failed ({exc}); retried after the next append")
+        return (self._durable - self._last_checkpoint_size >= self._checkpoint_every
+                or time.monotonic() - self._last_checkpoint_time >= self._checkpoint_seconds)
+
+    def _checkpoint_quietly(self) -> None:
+        """A periodic checkpoint: its failure must not fail the appends that triggered it."""
+        try:
+            self._write_checkpoint(self._durable)
+        except Exception as exc:
+            self.recovery.notes.append(f"writing a checkpoint failed ({exc}); retried after the next append")
 
     def _index(self, batch: list[_Pending]) -> None:
         assert self._db is not None
@@ -773,9 +780,3 @@ class LogReader:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def iter_lines(directory: Path) -> Iterator[bytes]:
-    with open(directory / LOG_FILE, "rb") as handle:
-        for line in handle:
-            if line.endswith(b"\n"):
-                yield line[:-1]

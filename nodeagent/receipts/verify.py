@@ -197,27 +197,39 @@ def split_lines(data: bytes) -> tuple[list[bytes], bytes]:
 
 
 def _inspect_all(lines: Sequence[bytes], trusted: Mapping[str, PublicKey], jobs: int) -> list[EntryFacts]:
+    """`inspect_line` over every line; with ``jobs`` > 1 in forked worker processes.
+
+    Signature verification holds the GIL, so only processes use more cores.
+    Workers inherit the lines through fork and send back facts without the
+    decoded statements (the parent needs none of it but the run id).
+    """
     if jobs <= 1 or len(lines) < 2000:
         return [inspect_line(line, trusted) for line in lines]
     import multiprocessing
 
-    chunk = (len(lines) + jobs * 4 - 1) // (jobs * 4)
-    parts = [lines[i:i + chunk] for i in range(0, len(lines), chunk)]
-    with multiprocessing.get_context("fork").Pool(jobs, initializer=_pool_init, initargs=(dict(trusted),)) as pool:
-        results = pool.map(_pool_inspect, parts)
+    global _POOL_LINES, _POOL_KEYS
+    _POOL_LINES, _POOL_KEYS = lines, trusted
+    try:
+        chunk = (len(lines) + jobs * 4 - 1) // (jobs * 4)
+        ranges = [(start, min(start + chunk, len(lines))) for start in range(0, len(lines), chunk)]
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_pool_inspect, ranges)
+    finally:
+        _POOL_LINES, _POOL_KEYS = (), {}
     return [facts for part in results for facts in part]
 
 
+_POOL_LINES: Sequence[bytes] = ()
 _POOL_KEYS: Mapping[str, PublicKey] = {}
 
 
-def _pool_init(keys: Mapping[str, PublicKey]) -> None:
-    global _POOL_KEYS
-    _POOL_KEYS = keys
-
-
-def _pool_inspect(lines: Sequence[bytes]) -> list[EntryFacts]:
-    return [inspect_line(line, _POOL_KEYS) for line in lines]
+def _pool_inspect(bounds: tuple[int, int]) -> list[EntryFacts]:
+    out = []
+    for line in _POOL_LINES[bounds[0]:bounds[1]]:
+        facts = inspect_line(line, _POOL_KEYS)
+        facts.statement = None
+        out.append(facts)
+    return out
 
 
 SELECTOR_HELP = "a seq number, a receipt id (its leaf hash, or a prefix of >= 8 hex digits), or a pod run id"
@@ -263,8 +275,7 @@ def select_entry(facts: Sequence[EntryFacts], selector: str | int) -> int:
             if hits:
                 return hits[0]
         if kind == "run":
-            hits = [i for i, f in enumerate(facts) if f.kind == KIND_EXECUTION and f.statement
-                    and f.statement["predicate"]["pod"].get("runId") == value]
+            hits = [i for i, f in enumerate(facts) if f.run_id == value]
             if hits:
                 return hits[-1]
     raise ReceiptError(f"no entry matches {str(selector)!r} in {len(facts)} entries ({SELECTOR_HELP})")
@@ -318,7 +329,7 @@ def verify_log(
         if not covering:
             report.failures.append(Failure(index, "inclusion", "no verified checkpoint covers this entry yet"))
         else:
-            cp = min(covering, key=lambda c: c.checkpoint.size)
+            cp = max(covering, key=lambda c: c.checkpoint.size)  # the newest signed tree
             proof = chain.tree.inclusion_proof(index, cp.checkpoint.size)
             good = verify_inclusion(facts[index].leaf_hash, index, cp.checkpoint.size, proof, cp.checkpoint.root)
             if not good:
