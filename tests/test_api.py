@@ -14,7 +14,7 @@ from nodeagent.contracts.pod import AgentPod, PodPhase
 from nodeagent.node import Node
 
 from pod_factory import make_pod
-from test_api_harness import ServedApi, fixture_profile, make_node, wait_for
+from test_api_harness import ServedApi, WithoutMethod, fixture_profile, make_node, wait_for
 
 
 def pod_body(**kwargs) -> dict:
@@ -393,10 +393,13 @@ LATER = [("GET", "/v1/models", "list_models"), ("POST", "/v1/models/qwen2:0.5b:l
 
 
 @pytest.mark.parametrize("method, path, node_method", LATER)
-def test_routes_without_their_node_method_answer_501_naming_it(client, method, path, node_method):
-    if hasattr(Node, node_method):
-        pytest.skip(f"Node.{node_method} exists: covered by the route's own test")
-    response = client.request(method, path)
+def test_routes_without_their_node_method_answer_501_naming_it(node, tmp_path, method, path, node_method):
+    api = ServedApi(WithoutMethod(node, node_method), tmp_path / "other" / "agent-machine" / "api.sock")
+    try:
+        with api.client() as client:
+            response = client.request(method, path)
+    finally:
+        api.stop()
     assert response.status_code == 501, response.text
     assert f"{node_method}()" in error_of(response)["message"]
 

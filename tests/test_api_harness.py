@@ -108,6 +108,18 @@ class StepExecutor:
         self.node.pod_transition(pod.id, PodPhase.succeeded)
 
 
+class WithoutMethod:
+    """The node minus one capability (as a node built without that component would be)."""
+
+    def __init__(self, node, missing: str) -> None:
+        self._node, self._missing = node, missing
+
+    def __getattr__(self, name):
+        if name == self._missing:
+            raise AttributeError(name)
+        return getattr(self._node, name)
+
+
 class ServedApi:
     """The app under real uvicorn on a Unix socket, in a thread of this process."""
 

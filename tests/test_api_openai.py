@@ -21,7 +21,7 @@ from nodeagent.config import load_config  # noqa: E402
 from nodeagent.daemon import default_node  # noqa: E402
 from nodeagent.node import Node  # noqa: E402
 
-from test_api_harness import ServedApi, env_for, make_node  # noqa: E402
+from test_api_harness import ServedApi, WithoutMethod, env_for, make_node  # noqa: E402
 
 needs_chat = pytest.mark.skipif(not hasattr(Node, "chat_completion"),
                                 reason="Node.chat_completion is not wired yet (the lead adds it); "
@@ -67,11 +67,12 @@ def test_out_of_range_values_name_the_field(served):
     assert err.value.body["param"] == "messages[0].role"
 
 
-@pytest.mark.skipif(hasattr(Node, "chat_completion"), reason="Node.chat_completion exists")
-def test_without_the_node_method_the_client_sees_501(served):
-    client = openai_client(served)
+def test_without_the_node_method_the_client_sees_501(served, tmp_path):
+    bare = ServedApi(WithoutMethod(served.node, "chat_completion"), tmp_path / "bare" / "agent-machine" / "api.sock")
+    client = openai_client(bare)
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    bare.stop()
     assert err.value.status_code == 501
     assert "chat_completion()" in err.value.message
 
