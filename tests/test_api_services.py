@@ -138,3 +138,13 @@ def test_ps_joins_the_running_agents_providers(served, client):
     assert row["healthyAgo"].endswith("s ago")
     table = subprocess.run([*CLI, "ps"], env=env, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "tiny:latest" in table.stdout and "PROVIDER" in table.stdout
+
+
+def test_load_with_keep_alive_and_pin(client):
+    loaded = client.post("/v1/models/tiny:load", json={"keepAliveS": 120, "pin": True})
+    assert loaded.status_code == 200, loaded.text
+    row = loaded.json()
+    assert row["state"] == "hot" and row["pinned"] is True and row["keepAliveS"] == 120
+    bad = client.post("/v1/models/tiny:load", json={"keepAlive": 5})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "keepAlive"
+    assert client.post("/v1/models/tiny:unload").json()["model"] == "tiny"
