@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def register(subparsers: Any) -> None:
     verify.add_argument("--checkpoint", action="append", type=Path, default=[], metavar="NOTE",
                         help="a checkpoint kept elsewhere (repeatable): detects truncation and rewrites")
     verify.add_argument("--receipt", metavar="ID", help="also prove this receipt's inclusion (seq, id or run id)")
-    verify.add_argument("--jobs", type=int, default=1, metavar="N", help="verify signatures in N processes")
+    verify.add_argument("--jobs", type=int, default=0, metavar="N",
+                        help="verify signatures in N processes (default: one per CPU, for logs of 2000+ entries)")
     add_format_option(verify)
     verify.set_defaults(func=_verify)
 
@@ -401,8 +403,8 @@ def _verify(args: argparse.Namespace) -> int:
         elif path.is_dir():
             if args.format == "table" and sys.stderr.isatty():
                 print(f"verifying {path} …", file=sys.stderr)
-            report = verify_bundle(path, anchors or None, extra_checkpoints=extra, receipt=args.receipt,
-                                   jobs=max(1, args.jobs))
+            jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+            report = verify_bundle(path, anchors or None, extra_checkpoints=extra, receipt=args.receipt, jobs=jobs)
         else:
             raise CliError(f"{path} does not exist")
     except OSError as exc:
