@@ -580,6 +580,8 @@ def run(args: argparse.Namespace) -> dict:
                     if router_proc:
                         router_proc.stop()
                 summary = summarize(trace, out, args.workers, config.capacity_blocks, config.speedup)
+                with open(log_dir / f"{name}-{arm}.requests.jsonl", "w") as handle:  # every request, as served
+                    handle.writelines(json.dumps(rec) + "\n" for rec in out["logs"])
                 summaries.append(summary)
                 print(f"[{name}] {arm}: hit {summary['hit_rate']:.3f} (x{summary['frac_o2'] or 0:.3f} of O2), "
                       f"max/mean {summary['load_max_over_mean'] or 0:.3f}, ttft p50 {summary['ttft_p50_s'] or 0:.2f} s, "

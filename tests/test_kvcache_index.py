@@ -107,8 +107,8 @@ def test_lookup_filters_by_state_format_and_queries_are_logarithmic(tmp_path):
     store(cm, tokens[: 40 * B], ns, fmt="llama_cpp_python")
     assert cm.lookup(tokens, ns, state_format="llama_server").best is None
     calls = []
-    original = cm.index._exists_at
-    cm.index._exists_at = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = cm.index._visible_at
+    cm.index._visible_at = lambda *a, **k: calls.append(1) or original(*a, **k)
     found = cm.lookup(tokens, ns, state_format="llama_cpp_python")
     assert found.best.blocks == 40
     assert len(calls) <= 2 * 7  # two tiers x ceil(log2(64 + 1)) probes, not 64 per tier

@@ -202,26 +202,16 @@ class CacheIndex:
     def block_rows(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM kv_blocks").fetchone()[0])
 
-    def _visible_at(self, key: bytes, owners: Sequence[str], state_format: str,
-                    tier: str | None) -> EntryRow | None:
-        """The best visible entry covering ``key`` (faster tier, then smaller)."""
+    def _visible_at(self, key: bytes, owners: Sequence[str], state_format: str, tier: str | None) -> str | None:
+        """The id of some visible entry covering ``key``, or None."""
         where, params = self._visible_clause(key, owners, state_format, tier)
         row = self.conn.execute(
-            f"SELECT {', '.join('e.' + c.strip() for c in ENTRY_COLUMNS.split(','))}"
             # CROSS JOIN pins the join order (SQLite's rule): walk the few rows of
             # this block key first, never the entries of a whole tier.
-            f" FROM kv_blocks b CROSS JOIN kv_entries e ON e.id = b.entry_id WHERE {where}"
-            " ORDER BY e.tier, e.bytes LIMIT 1",
+            f"SELECT e.id FROM kv_blocks b CROSS JOIN kv_entries e ON e.id = b.entry_id WHERE {where} LIMIT 1",
             params,
         ).fetchone()
-        return EntryRow.from_row(row) if row else None
-
-    def _exists_at(self, key: bytes, owners: Sequence[str], state_format: str, tier: str | None) -> bool:
-        where, params = self._visible_clause(key, owners, state_format, tier)
-        return self.conn.execute(
-            f"SELECT 1 FROM kv_blocks b CROSS JOIN kv_entries e ON e.id = b.entry_id WHERE {where} LIMIT 1",
-            params,
-        ).fetchone() is not None
+        return row[0] if row else None
 
     @staticmethod
     def _visible_clause(key: bytes, owners: Sequence[str], state_format: str,
@@ -235,20 +225,21 @@ class CacheIndex:
 
     def deepest(self, keys: Sequence[bytes], owners: Iterable[str], state_format: str,
                 tier: str | None = None) -> tuple[int, EntryRow] | None:
-        """(blocks matched, best entry covering them) for the deepest visible cached prefix.
+        """(blocks matched, an entry covering them) for the deepest visible cached prefix.
 
-        Binary search relying on the module invariant; among entries at that
-        depth the best is the one in the faster tier, then the smallest.
+        Binary search relying on the module invariant: O(log n) point queries,
+        each answered from the block-key index.
         """
         owners = sorted(set(owners))
         lo, hi = 0, len(keys)  # answer (blocks matched) lies in [lo, hi]
+        found: str | None = None
         while lo < hi:
             mid = (lo + hi + 1) // 2  # test "matched >= mid" via key index mid-1
-            if self._exists_at(keys[mid - 1], owners, state_format, tier):
-                lo = mid
+            entry_id = self._visible_at(keys[mid - 1], owners, state_format, tier)
+            if entry_id is not None:
+                lo, found = mid, entry_id
             else:
                 hi = mid - 1
-        if lo == 0:
-            return None
-        best = self._visible_at(keys[lo - 1], owners, state_format, tier)
-        return (lo, best) if best is not None else None
+        # `found` came from the probe that raised `lo` last, i.e. covers depth lo.
+        row = self.get(found) if found is not None else None
+        return (lo, row) if row is not None else None
