@@ -219,3 +219,16 @@ def test_ps_without_an_agent_or_providers(tmp_path):
     assert result.stdout.strip() == "[]"
     table = subprocess.run([*CLI, "ps"], capture_output=True, text=True, timeout=60, env=env)
     assert table.returncode == 0 and table.stdout.startswith("no providers")
+
+
+QUADLET = next((p for p in ("/usr/libexec/podman/quadlet", "/usr/lib/podman/quadlet") if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(QUADLET is None, reason="no Quadlet generator installed (Podman < 4.4); key gating is "
+                                            "checked against the version table above")
+def test_quadlet_generator_accepts_the_committed_unit(tmp_path):
+    shutil.copy(REPO / "quadlet" / "agent-machine.container", tmp_path)
+    result = subprocess.run([QUADLET, "-dryrun", "-user"], env={**os.environ, "QUADLET_UNIT_DIRS": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ExecStart=" in result.stdout and "agent-machine" in result.stdout
