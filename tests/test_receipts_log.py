@@ -134,17 +134,29 @@ def test_closed_log_refuses_appends(logdir, signer):
         log.append(sample_input(0))
 
 
-def test_time_based_and_on_demand_checkpoints(logdir, signer):
-    with ReceiptLog(logdir, signer, checkpoint_every=1000, checkpoint_seconds=0.05) as log:
+def _wait_for(path, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return path.exists()
+
+
+def test_time_based_checkpoints_come_without_further_appends(logdir, signer):
+    with ReceiptLog(logdir, signer, checkpoint_every=1000, checkpoint_seconds=0.2) as log:
         fill(log, 0, 2)
-        assert log.maybe_checkpoint() in (True, False)  # may already have happened in the append
-        time.sleep(0.06)
-        log.append(sample_input(2))  # the interval has passed: this batch checkpoints
-        assert (logdir / "checkpoints" / "0000000000000003.note").exists()
-        assert not log.maybe_checkpoint()  # nothing new
-        log.append(sample_input(3))
+        assert _wait_for(logdir / "checkpoints" / "0000000000000002.note")
+        log.append(sample_input(2))
+        assert _wait_for(logdir / "checkpoints" / "0000000000000003.note")
+
+
+def test_on_demand_checkpoint(logdir, signer):
+    with ReceiptLog(logdir, signer, checkpoint_every=1000, checkpoint_seconds=3600) as log:
+        fill(log, 0, 4)
+        assert not list((logdir / "checkpoints").iterdir())
         size, note = log.checkpoint()
         assert size == 4 and note.split("\n")[1] == "4"
+        assert not log.maybe_checkpoint()  # nothing new, interval not reached
+        assert log.checkpoint() == (size, note)  # nothing new: the same checkpoint
 
 
 # ------------------------------------------------------------------ tampering

@@ -227,6 +227,10 @@ class ReceiptLog:
         except BaseException:
             self._release()
             raise
+        # Time-based checkpoints happen even when no append comes along to trigger them.
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="receipts-checkpoints", daemon=True)
+        self._ticker.start()
 
     # ------------------------------------------------------------ opening
     def _open(self, origin: str | None) -> None:
@@ -556,11 +560,20 @@ class ReceiptLog:
         return int(latest.stem), latest.read_text(encoding="utf-8")
 
     def maybe_checkpoint(self) -> bool:
-        """For a timer: sign a checkpoint if entries arrived and the interval has passed."""
+        """Sign a checkpoint if entries arrived and the interval has passed (the writer's ticker calls it)."""
         if self._durable > self._last_checkpoint_size and \
                 time.monotonic() - self._last_checkpoint_time >= self._checkpoint_seconds:
             return self._write_checkpoint(self._durable) is not None
         return False
+
+    def _tick(self) -> None:
+        while not self._stop.wait(max(0.05, self._checkpoint_seconds / 4)):
+            if self._failed is not None:
+                return
+            try:
+                self.maybe_checkpoint()
+            except Exception as exc:
+                self.recovery.notes.append(f"a timed checkpoint failed ({exc}); retried at the next tick")
 
     def sync(self) -> None:
         with self._seq_lock:
@@ -603,6 +616,9 @@ class ReceiptLog:
         """Make everything durable, checkpoint new entries, release the lock. Idempotent."""
         if self._closed:
             return
+        self._stop.set()
+        if self._ticker is not threading.current_thread():
+            self._ticker.join()
         try:
             if self._failed is None and self._fd >= 0:
                 self.sync()
