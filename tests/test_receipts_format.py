@@ -294,3 +294,19 @@ def test_we_verify_envelopes_signed_by_securesystemslib():
     facts = inspect_line(line, {ours.key_id: ours.public})
     assert facts.ok, facts.failures
     assert facts.seq == 0 and facts.signers == (ours.key_id,)
+
+
+def test_json_digest_is_sha256_of_the_canonical_form():
+    from nodeagent.receipts.canonical import json_digest
+
+    request = {"turns": [{"messages": [{"role": "user", "content": "héllo"}]}], "model": "tiny"}
+    assert json_digest(request) == "sha256:" + hashlib.sha256(rfc8785.dumps(request)).hexdigest()
+    assert json_digest(dict(reversed(list(request.items())))) == json_digest(request)  # key order is irrelevant
+
+
+def test_agent_version_defaults_to_ours():
+    from nodeagent import __version__
+
+    data = sample_input(0).to_wire()
+    del data["machine"]["agentVersion"]
+    assert ReceiptInput.model_validate(data).machine.agent_version == __version__

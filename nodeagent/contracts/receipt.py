@@ -97,10 +97,16 @@ class LogPosition(Contract):
         return self
 
 
+def _agent_version() -> str:
+    from nodeagent import __version__
+
+    return __version__
+
+
 class MachineInput(Contract):
     identity_hash: str = Field(pattern=r"^(sha256:)?[0-9a-f]{64}$", description="hash of the machine identity")
     host: Label
-    agent_version: Label
+    agent_version: Label = Field(default_factory=_agent_version, description="defaults to this agent's version")
     profile_digest: str = Field(pattern=r"^(sha256:)?[0-9a-f]{64}$", description="digest of the MachineProfile in force")
 
 

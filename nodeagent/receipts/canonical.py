@@ -19,6 +19,7 @@ are written in plain decimal by both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -48,3 +49,12 @@ def canonical_json(value: Any) -> bytes:
     if _fast_path_exact(value):
         return _encoder.encode(value).encode("utf-8")
     return rfc8785.dumps(value)
+
+
+def json_digest(value: Any) -> str:
+    """``sha256:<hex>`` of the RFC 8785 form of ``value``: a digest anyone can recompute from the JSON.
+
+    Use it for `PodRef.request_digest` (over the request as the planner sent it) and for
+    output digests of structured outputs; for plain text, hash its UTF-8 bytes instead.
+    """
+    return "sha256:" + hashlib.sha256(canonical_json(value)).hexdigest()
