@@ -453,6 +453,8 @@ def test_kill_mid_write_quarantines_the_torn_line(tmp_path, logdir, signer):
     before = (logdir / "receipts.jsonl").read_bytes()
     proc = _spawn(tmp_path, logdir, signer, pause="mid-write")
     _wait_paused(proc)
+    live = verify_bundle(logdir, keys_of(signer))  # the writer is alive: an append in progress, not damage
+    assert live.ok and "append in progress" in live.warnings[-1], (live.failures, live.warnings)
     acknowledged = _kill(proc)
     assert acknowledged == {}  # the torn receipt was never reported durable
     torn = (logdir / "receipts.jsonl").read_bytes()[len(before):]

@@ -65,6 +65,7 @@ from nodeagent.receipts.verify import (
     CHECKPOINT_DIR,
     CHECKPOINT_SUFFIX,
     KEYS_DIR,
+    LOCK_FILE,
     LOG_FILE,
     SELECTOR_HELP,
     ChainChecker,
@@ -78,7 +79,6 @@ from nodeagent.store import connect, migrate
 META_FILE = "log.json"
 INDEX_FILE = "index.db"
 QUARANTINE_DIR = "quarantine"
-LOCK_FILE = "lock"
 TEST_PAUSE_ENV = "AGENT_MACHINE_RECEIPTS_TEST_PAUSE"
 
 INDEX_MIGRATIONS = [

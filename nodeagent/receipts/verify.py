@@ -46,6 +46,7 @@ LOG_FILE = "receipts.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 KEYS_DIR = "keys"
 CHECKPOINT_SUFFIX = ".note"
+LOCK_FILE = "lock"
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,19 @@ class Bundle:
     checkpoints: list[tuple[str, str]]
     keys: dict[str, PublicKey]
     origin: str | None
+    live: bool  # a writer holds the log: its last line may be an append in progress
+
+
+def writer_active(directory: Path) -> bool:
+    """Whether a process holds the log's writer lock, read from /proc/locks (never takes the lock,
+    which could make a starting writer fail with LogBusy)."""
+    try:
+        inode = (directory / LOCK_FILE).stat().st_ino
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    return any("FLOCK" in line and line.split()[5].endswith(f":{inode}") for line in table.splitlines()
+               if len(line.split()) > 5)
 
 
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
@@ -402,18 +416,21 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     log_file = path / LOG_FILE
     if not log_file.is_file():
         raise ReceiptError(f"{path} has no {LOG_FILE}: not a receipt log or export directory")
-    lines, tail = split_lines(log_file.read_bytes())
+    # Checkpoints before the log: a live writer only checkpoints entries already in the
+    # file, so everything the checkpoints read here sign is in the bytes read next.
     checkpoints = []
     cp_dir = path / CHECKPOINT_DIR
     if cp_dir.is_dir():
         for cp_file in sorted(cp_dir.glob(f"*{CHECKPOINT_SUFFIX}")):
             checkpoints.append((f"{CHECKPOINT_DIR}/{cp_file.name}", cp_file.read_text(encoding="utf-8")))
+    live = writer_active(path)
+    lines, tail = split_lines(log_file.read_bytes())
     keys = load_public_keys(path / KEYS_DIR) if (path / KEYS_DIR).is_dir() else {}
     origin = None
     manifest = path / "manifest.json"
     if manifest.is_file():
         origin = json.loads(manifest.read_text()).get("origin")
-    return Bundle(path, lines, tail, checkpoints, keys, origin)
+    return Bundle(path, lines, tail, checkpoints, keys, origin, live)
 
 
 def load_public_keys(directory: Path) -> dict[str, PublicKey]:
@@ -433,8 +450,13 @@ def verify_bundle(path: str | os.PathLike[str], anchors: Mapping[str, PublicKey]
     if not anchors:
         anchors = bundle.keys
         warnings.append("trusting the public keys shipped in the bundle; pass --key to pin the machine's key")
+    torn = bundle.torn_tail
+    if torn and bundle.live:
+        warnings.append(f"a writer holds the log: {len(torn)} bytes after the last complete line are an append "
+                        "in progress and were not verified")
+        torn = b""
     report = verify_log(bundle.lines, [*bundle.checkpoints, *extra_checkpoints], anchors,
-                        torn_tail=bundle.torn_tail, origin=bundle.origin, receipt=receipt, jobs=jobs)
+                        torn_tail=torn, origin=bundle.origin, receipt=receipt, jobs=jobs)
     report.warnings[:0] = warnings
     report.failures[:0] = _check_manifest(bundle.path)
     return report
