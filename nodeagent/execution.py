@@ -109,6 +109,17 @@ class ManagedProvider:
     queued_requests: int = 0
     queued_prefill_tokens: int = 0
     queued_decode_tokens: int = 0
+    # Live sessions it holds: pod id -> context tokens (the load guard's measure).
+    sessions: dict[str, int] = field(default_factory=dict)
+    last_healthy_at: float | None = None  # time.time() of the last passing health check
+    restart_failures: int = 0
+    next_restart_at: float = 0.0
+
+    def check_health(self):
+        health = self.provider.health()
+        if health.ok:
+            self.last_healthy_at = time.time()
+        return health
 
     @property
     def name(self) -> str:
@@ -295,7 +306,22 @@ class PodExecutor:
             return self._fail(pod, f"model {pod.spec.model.name or pod.spec.model.digest}: {exc}",
                               type(exc).__name__, queued, turn=None)
         texts = self.segments.texts(pod.spec.context)
+        try:
+            self._run_turns(pod, record, texts, queued)
+        finally:
+            for managed in self.pool.all():
+                managed.sessions.pop(pod.id, None)
+
+    def _hold_session(self, pod_id: str, managed: ManagedProvider, tokens: int) -> None:
+        with self._place_lock:
+            for other in self.pool.all():
+                if other is not managed:
+                    other.sessions.pop(pod_id, None)
+            managed.sessions[pod_id] = tokens
+
+    def _run_turns(self, pod: AgentPod, record: Any, texts: list[str], queued: float) -> None:
         session: SessionContext | None = None
+        previous: str | None = None
         for index, turn in enumerate(pod.spec.turns):
             if self.node.is_cancelled(pod.id):
                 self._receipt(pod, index, "cancelled", None, queued=queued, record=record)
@@ -315,11 +341,14 @@ class PodExecutor:
                         self._receipt(pod, None, "refused", "PolicyRefused", queued=queued, record=record)
                         self.node.pod_transition(pod.id, PodPhase.refused, reason="admission", reasons=refusal)
                         return
-                outcome = self._run_turn(pod, record, session, index, turn.max_tokens, first=index == 0)
+                outcome = self._run_turn(pod, record, session, index, turn.max_tokens, first=index == 0,
+                                         session_provider=previous)
             except Exception as exc:
                 return self._fail(pod, f"turn {index}: {type(exc).__name__}: {exc}", type(exc).__name__,
                                   queued, turn=index, record=record)
             session.add_reply(outcome.completion_tokens)
+            previous = outcome.managed.name
+            self._hold_session(pod.id, outcome.managed, len(session.tokens))
             self.node.record_turn(pod.id, outcome.result)
             appended = self._receipt(pod, index, "succeeded", None, queued=queued, record=record, outcome=outcome)
             if appended is not None:
@@ -364,14 +393,15 @@ class PodExecutor:
                 state_format=m.kind if self.cache is not None else None,
                 queued_requests=m.queued_requests, queued_prefill_tokens=m.queued_prefill_tokens,
                 queued_decode_tokens=m.queued_decode_tokens,
-                load=m.queued_prefill_tokens + m.queued_decode_tokens, rejected=rejected))
+                load=float(sum(m.sessions.values())), rejected=rejected))
             by_name[m.name] = m
         if not managed:
             states.append(CandidateState(provider=f"load:{model_name(record)}", model_hot=False,
                                          model_bytes=int(record.size_bytes), state_format=None))
         return states, by_name
 
-    def _place(self, pod: AgentPod, record: Any, session: SessionContext, *, dry_run: bool = False):
+    def _place(self, pod: AgentPod, record: Any, session: SessionContext, *, dry_run: bool = False,
+               session_provider: str | None = None):
         keys = block_keys(session.tokens, session.spans, block_tokens=self.block_tokens)
         matches: tuple[TierMatch, ...] = ()
         lookup = None
@@ -389,13 +419,19 @@ class PodExecutor:
             states = [CandidateState(**{**s.__dict__, "t0_cached_tokens": 0}) for s in states]
         request = PlacementRequest(model=model_name(record), prompt_tokens=len(session.tokens),
                                    tier_matches=matches, pod=pod.metadata.name, tenant=pod.metadata.tenant,
-                                   block_tokens=self.block_tokens, dry_run=dry_run)
-        return place(request, states, self.rates, self.guard), by_name, keys
+                                   block_tokens=self.block_tokens, dry_run=dry_run,
+                                   session_provider=session_provider)
+        decision = place(request, states, self.rates, self.guard)
+        from nodeagent import metrics
+
+        outcome = "dry_run" if dry_run else ("placed" if decision.chosen is not None else "no_candidate")
+        metrics.record_placement(decision.provider or "none", outcome, decision.decision_us / 1e6)
+        return decision, by_name, keys
 
     def _run_turn(self, pod: AgentPod, record: Any, session: SessionContext, index: int, max_tokens: int,
-                  *, first: bool) -> TurnOutcome:
+                  *, first: bool, session_provider: str | None = None) -> TurnOutcome:
         with self._place_lock:
-            decision, by_name, keys = self._place(pod, record, session)
+            decision, by_name, keys = self._place(pod, record, session, session_provider=session_provider)
             if decision.chosen is None:
                 raise ProviderError(f"no provider can run this turn: {decision.reason}")
             chosen = decision.chosen
@@ -463,6 +499,12 @@ class PodExecutor:
             if self.cache is not None and pod.spec.policy.cache_reuse:
                 self._save(managed, session)
             finished = time.time()
+        from nodeagent import metrics
+
+        metrics.observe_turn(managed.name, tier if result.cached_tokens else "none", result.ttft_s,
+                             finished - started, prompt_tokens=result.prompt_tokens,
+                             cached_tokens=result.cached_tokens, evaluated_tokens=result.evaluated_tokens,
+                             completion_tokens=len(result.completion_tokens))
         turn = TurnResult(
             index=index, provider=managed.name, prompt_tokens=result.prompt_tokens,
             cached_tokens=result.cached_tokens, evaluated_tokens=result.evaluated_tokens,
@@ -559,7 +601,11 @@ class PodExecutor:
                                   finishedAt=_utc(outcome.finished), queuedAt=_utc(min(queued, outcome.started)))
             data["usage"] = {"promptTokens": result.prompt_tokens, "completionTokens": result.completion_tokens}
             data["outputDigest"] = text_digest(result.output)
+        from nodeagent import metrics
+
+        began = time.perf_counter()
         appended = self.receipts.append(ReceiptInput.model_validate(data))
+        metrics.record_receipt(status, time.perf_counter() - began)
         receipt_id = appended.receipt_id
         if turn is None or outcome is None:
             self.node.add_receipt(pod.id, receipt_id)

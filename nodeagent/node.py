@@ -76,11 +76,21 @@ class Node:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> list[str]:
-        """Recover from a previous crash, then start dispatching. Returns recovered pod ids."""
-        with self._db_lock:
-            recovered = self.pods.recover()
+        """Recover from a previous crash, then start dispatching. Returns recovered pod ids.
+
+        A pod that was in flight when the agent died ends Failed with reason
+        ``agent-restart``, and (with an executor) a receipt saying so.
+        """
+        from nodeagent.pods import RESTART_REASON
+
         if self._executor_factory is not None:
             self.executor = self._executor_factory(self)
+        with self._db_lock:
+            in_flight = [p.id for p in self.pods.in_flight()]
+        for pod_id in in_flight:
+            self._finish(pod_id, PodPhase.failed, RESTART_REASON,
+                         reasons=["the agent restarted while this pod was in flight"])
+        recovered = in_flight
         for index in range(self._n_dispatchers):
             thread = threading.Thread(target=self._dispatch_loop, name=f"pod-dispatch-{index}", daemon=True)
             thread.start()
@@ -126,6 +136,10 @@ class Node:
         return self._accepting and bool(self._dispatchers) and all(t.is_alive() for t in self._dispatchers)
 
     # ------------------------------------------------------------ machine
+    def cached_machine(self) -> MachineProfile | None:
+        """The profile if one was probed already; never blocks on a probe."""
+        return self._profile
+
     def machine(self, refresh: bool = False) -> MachineProfile:
         with self._profile_lock:
             if self._profile is None or refresh:
@@ -190,6 +204,15 @@ class Node:
                        reasons: list[str] | None = None) -> None:
         with self._db_lock:
             self.pods.transition(pod_id, phase, reason=reason, reasons=reasons or [])
+            created = self.pods.created_at(pod_id) if phase in TERMINAL_PHASES else None
+        if created is not None:
+            from nodeagent import metrics
+
+            metrics.record_pod_finished(phase.value, max(0.0, time.time() - created))
+
+    def pod_phase_counts(self) -> dict[str, int]:
+        with self._db_lock:
+            return dict(self.pods.phase_counts())
 
     def record_turn(self, pod_id: str, result) -> None:
         with self._db_lock:
@@ -245,18 +268,19 @@ class Node:
     def list_providers(self) -> list:
         from nodeagent.contracts.provider import ProviderStatus
 
-        executor = self.executor
-        if executor is None:
+        pool = getattr(self.executor, "pool", None)
+        if pool is None:
             return []
         rows = []
-        for managed in executor.pool.all():
-            health = managed.provider.health()
+        for managed in pool.all():
+            health = managed.check_health()
             running = getattr(managed.provider, "running", health.ok)
             rows.append(ProviderStatus(
                 name=managed.name, provider=managed.kind, mode=managed.launch_mode,
                 state="running" if running and health.ok else ("unhealthy" if running else "stopped"),
                 pid=getattr(managed.provider, "pid", None), health=health.detail,
                 model_digest=managed.model_digest, checked_at=utcnow(),
+                last_healthy_at=_utc_or_none(managed.last_healthy_at),
                 reason=None if health.ok else health.detail))
         return rows
 
@@ -380,25 +404,52 @@ class Node:
 
     # ------------------------------------------------------------ daemon hooks
     def reconcile_once(self) -> dict:
-        """One pass of the daemon's loop: keep-alive unloads, crashed providers, checkpoints."""
-        report: dict = {"unloaded": [], "restarted": [], "checkpoint": False}
+        """One pass of the daemon's loop: keep-alive unloads, provider health, checkpoints.
+
+        A provider is healthy while its health check answered within 3 x the
+        reconcile interval; past that it is restarted, with exponential backoff
+        (interval x 2^failures, at most 5 minutes) between attempts.
+        """
+        from nodeagent import metrics
+
+        report: dict = {"unloaded": [], "restarted": [], "unhealthy": [], "checkpoint": False}
         executor = self.executor
-        if executor is None:
+        pool = getattr(executor, "pool", None)
+        if pool is None:
             return report
-        residency = executor.pool.residency
+        interval = self.config.reconcile.interval_s
+        residency = pool.residency
         if residency is not None:
             report["unloaded"] = residency.tick()
         loaded = residency.loaded_digests() if residency is not None else None
-        for managed in executor.pool.all():
+        now = time.time()
+        for managed in pool.all():
             if loaded is not None and managed.model_digest not in loaded:
-                executor.pool.remove(managed.name)  # evicted or expired: the worker is gone
+                pool.remove(managed.name)  # evicted or expired: the worker is gone
                 continue
-            if not managed.provider.health().ok and not managed.lock.locked() and hasattr(managed.provider, "restart"):
-                managed.forget_context()
+            if managed.lock.locked():
+                continue  # busy serving: its last answer is recent enough
+            health = managed.check_health()
+            metrics.record_provider_health(managed.name, health.ok)
+            if health.ok:
+                continue
+            report["unhealthy"].append(managed.name)
+            stale = now - (managed.last_healthy_at or 0.0) > 3 * interval
+            if not stale or now < managed.next_restart_at or not hasattr(managed.provider, "restart"):
+                continue
+            managed.forget_context()
+            try:
                 managed.provider.restart()
-                report["restarted"].append(managed.name)
-        if executor.receipts is not None:
-            report["checkpoint"] = executor.receipts.maybe_checkpoint()
+                managed.restart_failures = 0
+                managed.check_health()
+            except Exception:
+                managed.restart_failures += 1
+            managed.next_restart_at = now + min(300.0, interval * 2 ** managed.restart_failures)
+            metrics.record_provider_restart(managed.name)
+            report["restarted"].append(managed.name)
+        receipts = getattr(executor, "receipts", None)
+        if receipts is not None:
+            report["checkpoint"] = receipts.maybe_checkpoint()
         return report
 
     def reload(self) -> None:
@@ -463,6 +514,10 @@ class Node:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _utc_or_none(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
 def default_executor(node: Node):

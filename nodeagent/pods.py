@@ -193,6 +193,12 @@ class PodStore:
         ).fetchall()
         return [self._hydrate(row) for row in rows]
 
+    def created_at(self, pod_id: str) -> float:
+        row = self._conn.execute("SELECT created_at FROM pods WHERE id = ?", (pod_id,)).fetchone()
+        if row is None:
+            raise PodNotFound(pod_id)
+        return datetime.fromisoformat(row[0]).timestamp()
+
     def phase_counts(self) -> dict[str, int]:
         return {row[0]: row[1] for row in self._conn.execute("SELECT phase, COUNT(*) FROM pods GROUP BY phase")}
 

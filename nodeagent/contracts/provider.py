@@ -171,4 +171,5 @@ class ProviderStatus(Resource):
     model_digest: str | None = None
     started_at: datetime | None = None
     checked_at: datetime
+    last_healthy_at: datetime | None = None  # the last health check that passed
     reason: str | None = None  # why not running, in words a person can act on

@@ -43,8 +43,7 @@ def pod_phase_counts(node: Any) -> dict[str, int]:
     counts = getattr(node, "pod_phase_counts", None)
     if counts is not None:
         return dict(counts())
-    with node._db_lock:  # Node has no public accessor yet; same lock its own methods take
-        return dict(node.pods.phase_counts())
+    return node.pod_phase_counts()
 
 
 @router.get("/metrics", tags=["health"], response_class=Response,
