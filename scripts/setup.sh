@@ -23,9 +23,9 @@ fi
 # pip's wheel cache serves later installs.
 if ! "$PYTHON" -c "import nodeagent, llama_cpp, pytest, hypothesis" 2>/dev/null \
    || [ pyproject.toml -nt "$(${PYTHON} -c 'import nodeagent,os;print(os.path.dirname(nodeagent.__file__))' 2>/dev/null || echo /nonexistent)" ]; then
-  echo "setup: pip install -e .[dev]"
+  echo "setup: pip install -e .[dev,bench]"
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    "$PYTHON" -m pip install -q -e ".[dev]"
+    "$PYTHON" -m pip install -q -e ".[dev,bench]"
 fi
 
 # llama.cpp's server, built from the same vendored tree (~7 min the first time
