@@ -295,6 +295,8 @@ class PodExecutor:
             except Exception:
                 pass
         if self.receipts is not None:
+            if self.receipts.size:
+                self.receipts.checkpoint()  # sign what this run appended, so truncation is detectable
             self.receipts.close()
 
     # ------------------------------------------------------------ running

@@ -55,8 +55,21 @@ def atomic_write_text(target: str | os.PathLike[str], text: str, mode: int = 0o6
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` (and parents) and make it 0700."""
+    """Create ``path`` and make it 0700; parents it has to create are 0700 too.
+
+    Private data (keys, KV states holding tenants' context) must never sit in a
+    directory that was created world-readable on the way.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
     os.chmod(path, 0o700)
     return path

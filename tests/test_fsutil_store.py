@@ -39,3 +39,14 @@ def test_store_uses_wal_and_migrates_once(tmp_path):
         migrate(conn, "demo", bad)
     # the failed step rolled back as a whole
     assert conn.execute("SELECT name FROM sqlite_master WHERE name='u'").fetchone() is None
+
+
+def test_private_dir_creates_private_parents(tmp_path):
+    from nodeagent.fsutil import ensure_private_dir
+
+    target = ensure_private_dir(tmp_path / "a" / "b" / "c")
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", target):
+        assert oct(directory.stat().st_mode & 0o777) == "0o700", directory
+    (tmp_path / "open").mkdir(mode=0o755)
+    ensure_private_dir(tmp_path / "open" / "inner")
+    assert oct((tmp_path / "open").stat().st_mode & 0o777) == "0o755"  # existing parents untouched

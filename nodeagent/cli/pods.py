@@ -147,8 +147,8 @@ def _submit(args: argparse.Namespace) -> int:
                 for line in client.stream_lines(f"/v1/pods/{created['id']}/events"):
                     if args.format == "table":
                         event = json.loads(line.removeprefix("data:").strip() or "{}")
-                        if event.get("phase"):
-                            print(f"{event.get('at', '')}  {event['phase']}", file=sys.stderr)
+                        if event.get("phase") and event.get("at"):
+                            print(f"{event['at']}  {event['phase']}", file=sys.stderr)
             except AgentNotRunning as exc:
                 raise CliError(str(exc)) from exc
         created = _call("get", f"/v1/pods/{created['id']}")
