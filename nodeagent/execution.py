@@ -182,10 +182,11 @@ class ProviderPool:
     def for_model(self, digest: str) -> list[ManagedProvider]:
         return [m for m in self.all() if m.model_digest == digest and _running(m.provider)]
 
-    def load(self, record: Any) -> ManagedProvider:
+    def load(self, record: Any, **options: Any) -> ManagedProvider:
+        """Load ``record`` through the loader (``options``: keep_alive_s, pin for the residency manager)."""
         if self._loader is None:
             raise ProviderError(f"no provider holds model {model_name(record)} and this node cannot load models")
-        provider = self._loader(record)
+        provider = self._loader(record, **options)
         return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
 
 

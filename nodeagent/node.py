@@ -91,11 +91,29 @@ class Node:
             self._finish(pod_id, PodPhase.failed, RESTART_REASON,
                          reasons=["the agent restarted while this pod was in flight"])
         recovered = in_flight
+        if self.executor is not None:
+            threading.Thread(target=self._load_recorded_intents, name="load-intents", daemon=True).start()
         for index in range(self._n_dispatchers):
             thread = threading.Thread(target=self._dispatch_loop, name=f"pod-dispatch-{index}", daemon=True)
             thread.start()
             self._dispatchers.append(thread)
         return recovered
+
+    def _load_recorded_intents(self) -> None:
+        """Load the models `agent-machine models load` recorded while no agent ran."""
+        import logging
+
+        from nodeagent.models.residency import intents
+
+        with self._db_lock:
+            wanted = intents(self.db)
+        for intent in wanted:
+            try:
+                keep = intent.get("keep_alive_s")
+                self.load_model(intent["digest"], keep_alive_s=keep, pin=bool(intent.get("pinned")) or None)
+            except Exception as exc:  # one bad intent must not stop the others or the agent
+                logging.getLogger("agent_machine.node").warning("recorded load of %s failed: %s",
+                                                               intent.get("digest"), exc)
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Stop accepting pods, let in-flight pods finish within ``timeout_s``, cancel the rest."""
@@ -246,12 +264,14 @@ class Node:
         """Load ``name`` into a provider (evicting by expected cost); returns its residency row."""
         executor = self._need_executor()
         record = executor.models.resolve(name)
-        if not executor.pool.for_model(record.digest):
-            executor.pool.load(record)
+        options = {k: v for k, v in (("keep_alive_s", keep_alive_s), ("pin", pin)) if v is not None}
         residency = executor.pool.residency
-        if residency is not None and (keep_alive_s is not None or pin is not None):
-            residency.load(next(r.request for r in residency.resident.values() if r.digest == record.digest),
-                           keep_alive_s=keep_alive_s, pin=pin)
+        if not executor.pool.for_model(record.digest):
+            executor.pool.load(record, **options)
+        elif residency is not None and options:
+            held = residency.resident.get(record.digest)
+            if held is not None:
+                residency.load(held.request, **options)  # already loaded: only its keep-alive / pin change
         return next((r for r in self.list_residency() if r.digest == record.digest), None)
 
     def unload_model(self, name: str, *, force: bool = False) -> bool:
@@ -548,10 +568,10 @@ def default_executor(node: Node):
         conn=connect(node.paths.db_file),
     )
 
-    def load(record):
+    def load(record, keep_alive_s=None, pin=None):
         request = LoadRequest(digest=record.digest, name=record.names[0] if record.names else None,
                               path=record.path, meta=models.meta(record), n_ctx=cfg.models.context)
-        return residency.load(request).handle
+        return residency.load(request, keep_alive_s=keep_alive_s, pin=pin).handle
 
     cache = CacheManager.open(
         node.paths.db_file, t1_dir=cfg.cache.ram_dir, t2_dir=state / "kvcache",

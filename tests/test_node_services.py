@@ -105,3 +105,23 @@ def test_reconcile_restarts_a_crashed_provider(node):
     assert managed.provider.health().ok
     pod = wait_terminal(node, node.submit_pod(make_pod(max_tokens=2)).id)
     assert pod.status.phase is PodPhase.succeeded
+
+
+def test_load_requests_recorded_without_an_agent_are_applied_at_start(tmp_path, tiny_model_path):
+    from nodeagent.models.residency import record_intent
+    from nodeagent.store import connect
+
+    store = ModelStore(tmp_path / "state")
+    record = store.import_model(tiny_model_path, "tiny")
+    record_intent(connect(tmp_path / "state" / "state.db"), record.digest, keep_alive_s=-1, pinned=True, n_ctx=None)
+    node = Node(load_config(env_for(tmp_path)), executor_factory=default_executor)
+    node.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not node.list_residency() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = node.list_residency()
+        assert [r.digest for r in rows] == [record.digest]
+        assert rows[0].pinned and rows[0].keep_alive_s == -1
+    finally:
+        node.close()

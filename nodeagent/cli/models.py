@@ -363,16 +363,37 @@ def _load(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except ValueError as exc:
         raise CliError(str(exc), exit_code=2) from None
+    loaded = _via_daemon("post", f"/v1/models/{record.digest}:load",
+                         json={"keepAliveS": keep_alive, "pin": args.pin or None})
+    if loaded is not None:
+        emit(loaded, args.format, lambda row: (
+            f"loaded {record.names[0] if record.names else _short(record.digest)} in the running agent: "
+            f"{human_bytes((row or {}).get('sizeBytes'))} ({(row or {}).get('processor', '-')}), "
+            f"provider {(row or {}).get('provider', '-')}"))
+        return 0
     record_intent(store.conn, record.digest, keep_alive_s=keep_alive, pinned=args.pin, n_ctx=args.ctx)
     data = {"model": record.digest, "names": record.names, "fit": plan.fit.to_dict(), "keepAliveS": keep_alive,
             "pinned": args.pin, "recorded": True, "loaded": False,
-            "note": "no daemon: nothing was loaded; the request is recorded for `agent-machine serve`"}
+            "note": "no agent running: the request is recorded; `agent-machine serve` loads it at start"}
     emit(data, args.format, lambda d: (
         f"{record.names[0] if record.names else _short(record.digest)} fits: {human_bytes(plan.fit.total_bytes)} "
         f"({plan.fit.processor}, context {plan.fit.n_ctx}). Recorded the load request (keep-alive "
         f"{'forever' if keep_alive < 0 else f'{keep_alive:g}s'}{', pinned' if args.pin else ''}).\n"
-        f"Nothing is loaded yet: models stay resident only inside the daemon (`agent-machine serve`)."))
+        f"No agent is running: `agent-machine serve` loads it when it starts."))
     return 0
+
+
+def _via_daemon(method: str, path: str, **kwargs: Any) -> Any:
+    """The running agent's answer, or None when no agent is running."""
+    from nodeagent.client import AgentClient, AgentNotRunning, ApiError
+
+    try:
+        with AgentClient.from_env() as client:
+            return getattr(client, method)(path, **kwargs)
+    except AgentNotRunning:
+        return None
+    except ApiError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _unload(args: argparse.Namespace) -> int:
@@ -381,6 +402,11 @@ def _unload(args: argparse.Namespace) -> int:
     store = _store()
     record = _resolve(store, args.ref)
     cleared = clear_intent(store.conn, record.digest)
+    answer = _via_daemon("post", f"/v1/models/{record.digest}:unload")
+    if answer is not None:
+        emit(answer, args.format, lambda a: "unloaded from the running agent" if a.get("unloaded")
+             else "the running agent did not hold it")
+        return 0
     hot = any(row.digest == record.digest for row in recorded_residency(store.conn))
     data = {"model": record.digest, "intentCleared": cleared, "loadedInDaemon": hot}
     emit(data, args.format, lambda d: (
