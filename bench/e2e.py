@@ -55,6 +55,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -72,6 +73,10 @@ from bench.traces import _tokens, agent_trace
 from nodeagent.contracts.pod import ContextSegment, Message
 
 ARMS = ("ours", "round_robin", "sglang-cache_aware")
+# Opt-in what-if arm: the production executor with ONE change, the one proposed in
+# bench/README.md ("## end to end"): tokenize with an idle provider of the model
+# instead of always the first one (whose prefill of another pod it would wait behind).
+WHAT_IF_ARMS = ("ours-idle-tokenizer",)
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 TENANT = "bench"
@@ -235,7 +240,8 @@ def warmup_tokens(seed: int, n: int = 256) -> str:
 
 
 # ------------------------------------------------------------------ arm: ours
-def run_ours(chains, *, model: Path, params: "RunParams", work: Path) -> tuple[list[Record], dict]:
+def run_ours(chains, *, model: Path, params: "RunParams", work: Path,
+             idle_tokenizer: bool = False) -> tuple[list[Record], dict]:
     from nodeagent.config import load_config
     from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
     from nodeagent.execution import ManagedProvider, PodExecutor, ProviderPool, machine_facts
@@ -268,6 +274,14 @@ def run_ours(chains, *, model: Path, params: "RunParams", work: Path) -> tuple[l
                 super().run(pod)
             finally:
                 self.event(pod.id).set()
+
+        def _tokenizer_for(self, record, load: bool = True):
+            if idle_tokenizer:  # the what-if arm only
+                idle = [m for m in self.pool.for_model(record.digest)
+                        if not m.lock.locked() and m.queued_requests == 0]
+                if idle:
+                    return idle[0].provider
+            return super()._tokenizer_for(record, load)
 
     state = work / "state"
     t1 = Path(params.t1_root) / f"agent-machine-e2e-{os.getpid()}-{int(time.time())}"
@@ -472,6 +486,8 @@ def summarize(arm: str, records: list[Record], wall_s: float, load: tuple[float,
         per_worker[r.worker or "?"] = per_worker.get(r.worker or "?", 0) + 1
         if r.tier is not None:
             tiers[r.tier] = tiers.get(r.tier, 0) + 1
+    # Before the provider: submit, admission, tokenization, placement, waiting for a busy provider, HTTP hops.
+    waits = [r.ttft_e2e_s - r.ttft_provider_s for r in ok if r.ttft_e2e_s is not None and r.ttft_provider_s is not None]
     first_turns = [r.ttft_e2e_s for r in ok if r.turn == 0]
     later_turns = [r.ttft_e2e_s for r in ok if r.turn > 0]
     return {
@@ -479,6 +495,7 @@ def summarize(arm: str, records: list[Record], wall_s: float, load: tuple[float,
         "error_sample": next((r.error for r in records if not r.ok), None),
         "ttft_p50_s": pct(e2e, 50), "ttft_p90_s": pct(e2e, 90), "ttft_mean_s": statistics.fmean(e2e) if e2e else None,
         "at_provider_p50_s": pct(at, 50), "at_provider_p90_s": pct(at, 90),
+        "wait_p50_s": pct(waits, 50), "wait_max_s": max(waits) if waits else None,
         "first_turn_p50_s": pct(first_turns, 50), "later_turn_p50_s": pct(later_turns, 50),
         "hit_rate": cached / prompt if prompt else 0.0, "prompt_tokens": prompt, "cached_tokens": cached,
         "evaluated_tokens": sum(r.evaluated_tokens for r in ok), "per_worker": per_worker, "tiers": tiers,
@@ -487,17 +504,19 @@ def summarize(arm: str, records: list[Record], wall_s: float, load: tuple[float,
 
 
 def ratios(summaries: dict[str, dict]) -> dict:
-    ours = summaries.get("ours")
-    out = {}
-    if ours is None:
-        return out
-    for other, target in (("round_robin", 0.2), ("sglang-cache_aware", 0.5)):
-        base = summaries.get(other)
-        if base is None or not base["ttft_p50_s"] or ours["ttft_p50_s"] is None:
-            continue
-        p50 = ours["ttft_p50_s"] / base["ttft_p50_s"]
-        out[other] = {"p50": p50, "p90": ours["ttft_p90_s"] / base["ttft_p90_s"] if base["ttft_p90_s"] else None,
-                      "target_p50": target, "holds": p50 <= target}
+    """Each of our arms against each baseline: TTFT p50 and p90 ratios, and the issue's p50 targets."""
+    out: dict[str, dict] = {}
+    for mine in (a for a in summaries if a.startswith("ours")):
+        ours = summaries[mine]
+        for other, target in (("round_robin", 0.2), ("sglang-cache_aware", 0.5)):
+            base = summaries.get(other)
+            if base is None or not base["ttft_p50_s"] or ours["ttft_p50_s"] is None:
+                continue
+            p50 = ours["ttft_p50_s"] / base["ttft_p50_s"]
+            out[f"{mine} / {other}"] = {
+                "p50": p50, "p90": ours["ttft_p90_s"] / base["ttft_p90_s"] if base["ttft_p90_s"] else None,
+                "mean": ours["ttft_mean_s"] / base["ttft_mean_s"] if base["ttft_mean_s"] else None,
+                "target_p50": target, "holds": p50 <= target}
     return out
 
 
@@ -514,13 +533,14 @@ def token_check(by_arm: dict[str, list[Record]]) -> dict:
 
 def table(summaries: dict[str, dict]) -> str:
     head = ("arm", "ok", "ttft p50 s", "p90 s", "mean s", "first-turn p50", "later p50", "at provider p50/p90",
-            "hit rate", "evaluated", "per worker", "tiers", "wall s")
+            "wait p50/max", "hit rate", "evaluated", "per worker", "tiers", "wall s")
     rows = []
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     for s in summaries.values():
         rows.append((s["arm"], f"{s['ok']}/{s['requests']}", fmt(s["ttft_p50_s"]), fmt(s["ttft_p90_s"]),
                      fmt(s["ttft_mean_s"]), fmt(s["first_turn_p50_s"]), fmt(s["later_turn_p50_s"]),
-                     f"{fmt(s['at_provider_p50_s'])}/{fmt(s['at_provider_p90_s'])}", fmt(s["hit_rate"]),
+                     f"{fmt(s['at_provider_p50_s'])}/{fmt(s['at_provider_p90_s'])}",
+                     f"{fmt(s['wait_p50_s'])}/{fmt(s['wait_max_s'])}", fmt(s["hit_rate"]),
                      str(s["evaluated_tokens"]), " ".join(f"{k}:{v}" for k, v in sorted(s["per_worker"].items())),
                      " ".join(f"{k}:{v}" for k, v in sorted(s["tiers"].items())) or "-", fmt(s["wall_s"], ".0f")))
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -544,9 +564,9 @@ def run(trace: TraceParams, params: RunParams, arms: Sequence[str], model: Path,
         work_root: Path) -> dict:
     requests = build_requests(trace)
     chains = sessions_in_order(requests)
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in ARMS + WHAT_IF_ARMS]
     if unknown:
-        raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS + WHAT_IF_ARMS)}")
     if any(a.startswith("sglang-") for a in arms):
         missing = sglang_available()
         if missing:
@@ -560,10 +580,11 @@ def run(trace: TraceParams, params: RunParams, arms: Sequence[str], model: Path,
         load_before = os.getloadavg()[0]
         started = time.monotonic()
         print(f"[e2e] {arm}: {len(requests)} requests over {len(chains)} pods ...", file=sys.stderr)
-        if arm == "ours":
+        if arm.startswith("ours"):
             work = Path(tempfile.mkdtemp(prefix="ours-", dir=work_root))
             try:
-                records, info = run_ours(chains, model=model, params=params, work=work)
+                records, info = run_ours(chains, model=model, params=params, work=work,
+                                         idle_tokenizer=arm == "ours-idle-tokenizer")
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         else:
@@ -593,16 +614,17 @@ def run(trace: TraceParams, params: RunParams, arms: Sequence[str], model: Path,
 
 def report(result: dict) -> str:
     lines = [table(result["summaries"]), ""]
-    for other, r in result["ratios"].items():
-        lines.append(f"ours / {other}: TTFT p50 x{r['p50']:.3f}, p90 x{r['p90']:.3f} "
+    for pair, r in result["ratios"].items():
+        lines.append(f"{pair}: TTFT p50 x{r['p50']:.3f}, p90 x{r['p90']:.3f}, mean x{r['mean']:.3f} "
                      f"(target p50 <= {r['target_p50']:g}: {'holds' if r['holds'] else 'does not hold'})")
     check = result["prompt_tokens"]
     lines.append("prompt tokens identical across arms: " + ("yes" if check["identical"]
                                                             else f"NO ({', '.join(check['mismatched'])})"))
-    ours = result["info"].get("ours")
-    if ours and "cache" in ours:
+    for arm, ours in result["info"].items():
+        if not arm.startswith("ours") or "cache" not in ours:
+            continue
         c = ours["cache"]
-        lines.append(f"ours cache: hits {c['hits']}, misses {c['misses']}, stored {c['stored']} "
+        lines.append(f"{arm} cache: hits {c['hits']}, misses {c['misses']}, stored {c['stored']} "
                      f"({c['stored_bytes'] / 2**20:.0f} MiB), demotions {c['demotions']}, "
                      f"promotions {c['promotions']}, evictions {c['evictions']}, corrupt {c['corrupt']}; "
                      f"load guard applied {ours['guard_applied']}x")
@@ -619,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TraceParams()
     r = RunParams()
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma list of: {', '.join(ARMS)} (default), and the what-if {', '.join(WHAT_IF_ARMS)}")
     parser.add_argument("--model", default=str(OUT / "small.gguf"),
                         help="GGUF model (default bench/out/small.gguf, generated once if missing)")
     parser.add_argument("--preset", default="small", help="test-model preset used when --model is missing")
@@ -643,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp") + "/agent-machine-e2e")
     parser.add_argument("--out", default=str(OUT / "e2e.json"), help="full results (JSON)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every process this run started is stopped by its pid.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     trace = TraceParams(seed=args.seed, agents=args.agents, pods=args.pods, zipf_s=args.zipf,
                         context_len=args.context, task_len=args.task, turns=args.turns,
                         tool_result_len=args.tool, reply_len=args.reply, think_mean_s=args.think)
