@@ -33,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from nodeagent.receipts.checkpoint import CheckpointError, SignedCheckpoint, open_checkpoint
 from nodeagent.receipts.dsse import EnvelopeError, parse_envelope
@@ -197,27 +197,36 @@ def split_lines(data: bytes) -> tuple[list[bytes], bytes]:
     return lines, tail
 
 
-def _inspect_all(lines: Sequence[bytes], trusted: Mapping[str, PublicKey], jobs: int) -> list[EntryFacts]:
-    """`inspect_line` over every line; with ``jobs`` > 1 in forked worker processes.
+PARALLEL_MIN_ENTRIES = 1000  # below this, forking workers costs more than it saves
 
-    Signature verification holds the GIL, so only processes use more cores.
-    Workers inherit the lines through fork and send back facts without the
-    decoded statements (the parent needs none of it but the run id).
+
+def inspect_entries(lines: Sequence[bytes], trusted: Mapping[str, PublicKey], jobs: int = 1) -> Iterator[EntryFacts]:
+    """`inspect_line` over every line, in order; with ``jobs`` > 1 in forked worker processes.
+
+    Signature verification and schema validation hold the GIL, so only
+    processes use more cores. Workers inherit the lines through fork: all
+    that crosses a pipe is a (start, end) index range per chunk one way and
+    the facts — without the payload — the other. Chunks come back in order as
+    they finish, so the caller checks the chain while the workers go on.
     """
-    if jobs <= 1 or len(lines) < 2000:
-        return [inspect_line(line, trusted) for line in lines]
+    if jobs <= 1 or len(lines) < PARALLEL_MIN_ENTRIES:
+        for line in lines:
+            yield inspect_line(line, trusted)
+        return
     import multiprocessing
 
     global _POOL_LINES, _POOL_KEYS
+    # Small enough chunks that a worker slowed by another job on its core does not hold
+    # the rest back; large enough that the per-chunk round trip is noise.
+    chunk = min(2000, max(200, len(lines) // (jobs * 8)))
+    ranges = [(start, min(start + chunk, len(lines))) for start in range(0, len(lines), chunk)]
     _POOL_LINES, _POOL_KEYS = lines, trusted
     try:
-        chunk = (len(lines) + jobs * 4 - 1) // (jobs * 4)
-        ranges = [(start, min(start + chunk, len(lines))) for start in range(0, len(lines), chunk)]
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            results = pool.map(_pool_inspect, ranges)
+            for part in pool.imap(_pool_inspect, ranges):
+                yield from part
     finally:
         _POOL_LINES, _POOL_KEYS = (), {}
-    return [facts for part in results for facts in part]
 
 
 _POOL_LINES: Sequence[bytes] = ()
@@ -228,7 +237,7 @@ def _pool_inspect(bounds: tuple[int, int]) -> list[EntryFacts]:
     out = []
     for line in _POOL_LINES[bounds[0]:bounds[1]]:
         facts = inspect_line(line, _POOL_KEYS)
-        facts.statement = None
+        facts.payload = None  # the parent needs the run id, which it has, not the statement
         out.append(facts)
     return out
 
@@ -302,9 +311,10 @@ def verify_log(
         return report
     trusted = extend_trust(lines, anchors)
     report.trusted_keys = sorted(trusted)
-    facts = _inspect_all(lines, trusted, jobs)
+    facts = []
     chain = ChainChecker()
-    for entry in facts:
+    for entry in inspect_entries(lines, trusted, jobs):
+        facts.append(entry)
         report.failures.extend(chain.feed(entry))
         report.receipts += entry.kind == KIND_EXECUTION
         report.rotations += entry.kind == KIND_ROTATION
