@@ -199,13 +199,12 @@ def test_specials_survive_the_round_trip():
 
 # ------------------------------------------------------------------ Quadlet itself
 def _quadlet_binary() -> tuple[str | None, str]:
-    candidates = [os.environ.get("AGENT_MACHINE_QUADLET", ""), "/usr/libexec/podman/quadlet",
-                  "/usr/lib/podman/quadlet",
-                  *sorted(glob.glob(os.path.expanduser("~/.cache/agent-machine/quadlet/*/quadlet")))]
-    for path in candidates:
-        if path and os.access(path, os.X_OK):
-            done = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=30)
-            return path, done.stdout.strip()
+    from nodeagent.launch.quadlet import find_quadlet_generator
+
+    path = find_quadlet_generator()
+    if path is not None:
+        done = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=30)
+        return path, done.stdout.strip()
     return None, ("no Quadlet generator: Debian 12's podman 4.3.1 has none and bookworm-backports has no "
                   "podman; set AGENT_MACHINE_QUADLET to a quadlet binary (e.g. from Debian trixie's podman .deb)")
 

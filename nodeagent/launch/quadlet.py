@@ -342,9 +342,17 @@ class QuadletUnavailable(RuntimeError):
     """Quadlet mode cannot work on this host; the message says why and what to use instead."""
 
 
-def find_quadlet_generator(candidates: tuple[str, ...] = QUADLET_GENERATORS) -> str | None:
+def find_quadlet_generator(candidates: tuple[str, ...] | None = None) -> str | None:
+    """The Quadlet generator: $AGENT_MACHINE_QUADLET, Podman's own, then one that
+    scripts/fetch-quadlet.sh placed in the per-machine cache (newest version first)."""
+    if candidates is None:
+        import glob
+
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        fetched = sorted(glob.glob(os.path.join(cache, "agent-machine", "quadlet", "*", "quadlet")), reverse=True)
+        candidates = (os.environ.get("AGENT_MACHINE_QUADLET", ""), *QUADLET_GENERATORS, *fetched)
     for path in candidates:
-        if os.access(path, os.X_OK):
+        if path and os.access(path, os.X_OK):
             return path
     return None
 
