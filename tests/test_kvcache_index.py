@@ -4,13 +4,15 @@ prefix is found, a non-prefix never is, other tenants' entries are invisible."""
 import itertools
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodeagent.kvcache.blocks import Namespace, block_keys
-from nodeagent.kvcache.manager import CacheManager
+from nodeagent.kvcache.index import MIGRATIONS, CacheIndex, ProbeMap
+from nodeagent.kvcache.manager import TIERS, CacheManager, visible_owners
 from nodeagent.kvcache.tiers import TierStore
-from nodeagent.store import connect
+from nodeagent.store import connect, migrate
 
 MODEL = "sha256:" + "c" * 64
 B = 4
@@ -100,18 +102,24 @@ def test_a_private_tail_on_a_public_prefix_is_invisible_to_other_tenants(tmp_pat
     assert cm.lookup(tokens, spans_acme, state_format="fmt").best.blocks == 6
 
 
-def test_lookup_filters_by_state_format_and_queries_are_logarithmic(tmp_path):
+def test_lookup_filters_by_state_format_and_queries_are_logarithmic(tmp_path, monkeypatch):
     cm = make_manager(tmp_path)
     tokens = list(range(64 * B))
     ns = Namespace(MODEL, "tenant", "acme")
     store(cm, tokens[: 40 * B], ns, fmt="llama_cpp_python")
     assert cm.lookup(tokens, ns, state_format="llama_server").best is None
     calls = []
-    original = cm.index._visible_at
-    cm.index._visible_at = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = ProbeMap.probe
+    monkeypatch.setattr(ProbeMap, "probe", lambda *a, **k: calls.append(1) or original(*a, **k))
     found = cm.lookup(tokens, ns, state_format="llama_cpp_python")
     assert found.best.blocks == 40
-    assert len(calls) <= 2 * 7  # two tiers x ceil(log2(64 + 1)) probes, not 64 per tier
+    assert 0 < len(calls) <= 2 * 7  # two tiers x ceil(log2(64 + 1)) probes, not 64 per tier
+    sql_calls = []
+    original_sql = cm.index._visible_at
+    cm.index._visible_at = lambda *a, **k: sql_calls.append(1) or original_sql(*a, **k)
+    assert cm.index.deepest(cm.keys(tokens, ns), ["acme", "public"], "llama_cpp_python", "T1",
+                            source="sqlite")[0] == 40
+    assert 0 < len(sql_calls) <= 7
 
 
 def test_longer_state_of_the_same_prefix_supersedes_the_shorter(tmp_path):
@@ -123,3 +131,130 @@ def test_longer_state_of_the_same_prefix_supersedes_the_shorter(tmp_path):
     # And a shorter one after a longer one is not stored again.
     again = store(cm, list(range(2 * B + 1)), ns)
     assert again.id == second.id
+
+
+# ---------------------------------------------------------------- the in-memory probe map vs SQLite
+def both_sources_agree(cm, tokens, namespace, fmt="fmt"):
+    """The decision path (probe map) answers exactly what the tables answer, per tier."""
+    keys = cm.keys(tokens, namespace)
+    owners = visible_owners(namespace)
+    fast = cm.index.deepest_per_tier(keys, owners, fmt)
+    for tier in TIERS:
+        from_sql = cm.index.deepest(keys, owners, fmt, tier, source="sqlite")
+        from_map = cm.index.deepest(keys, owners, fmt, tier, source="memory")
+        depth_sql = from_sql[0] if from_sql else 0
+        assert (from_map[0] if from_map else 0) == depth_sql
+        assert (fast[tier][0] if tier in fast else 0) == depth_sql
+        if tier in fast:  # the entry named really covers that prefix, in that tier
+            entry = cm.get(fast[tier][1].id)
+            assert entry is not None and entry.tier == tier and entry.blocks >= depth_sql
+            assert fast[tier][1].n_tokens == entry.tokens and fast[tier][1].bytes == entry.bytes
+
+
+map_op = st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 5), st.integers(1, 6), st.integers(1, 300)),
+    st.tuples(st.just("hit"), st.integers(0, 5), st.integers(1, 6), st.just(0)),
+    st.tuples(st.just("evict_elsewhere"), st.integers(0, 5), st.integers(1, 6), st.just(0)),
+    st.tuples(st.just("put_elsewhere"), st.integers(0, 5), st.integers(1, 6), st.integers(1, 300)),
+    st.tuples(st.just("shrink"), st.sampled_from(TIERS), st.just(0), st.integers(0, 400)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(map_op, max_size=20), t1=st.integers(150, 600), t2=st.integers(200, 900))
+def test_the_probe_map_stays_exactly_the_tables_through_writes_moves_and_other_connections(tmp_path, ops, t1, t2):
+    """Puts, hits (promotions), demotions, shrinks, and changes committed by a second
+    CacheManager on the same database (as `agent-machine cache evict` is to the daemon):
+    after each, both probe paths agree and the tables satisfy the index invariants."""
+    base = tmp_path / f"p{next(_counter)}"
+    mine = CacheManager(connect(base / "state.db"), TierStore("T1", base / "t1", t1), TierStore("T2", base / "t2", t2),
+                        block_tokens=B)
+    other = CacheManager(connect(base / "state.db"), TierStore("T1", base / "t1", t1),
+                         TierStore("T2", base / "t2", t2), block_tokens=B)
+    ns = Namespace(MODEL, "tenant", "acme")
+
+    def seq(prefix, blocks):  # sequences that share leading blocks when their prefixes match
+        return [prefix] * B + list(range(blocks * B))
+
+    for kind, a, blocks, size in ops:
+        if kind == "put":
+            store(mine, seq(a, blocks), ns, size=size)
+        elif kind == "put_elsewhere":
+            store(other, seq(a, blocks), ns, size=size)
+        elif kind == "hit":
+            found = mine.lookup(seq(a, blocks), ns, state_format="fmt").best
+            if found is not None:
+                with mine.restoring(found):
+                    pass
+        elif kind == "evict_elsewhere":
+            victims = other.entries()
+            if victims:
+                other.evict(victims[a % len(victims)].id)
+        else:
+            mine.shrink(a, size)
+        assert mine.index.check_consistency() == []
+        for prefix in range(6):
+            both_sources_agree(mine, seq(prefix, 6), ns)
+    both_sources_agree(mine, seq(0, 6), ns)
+    assert mine.index.map_builds >= 1
+
+
+def test_a_rolled_back_write_never_reaches_the_probe_map(tmp_path):
+    cm = make_manager(tmp_path)
+    ns = Namespace(MODEL, "tenant", "acme")
+    tokens = list(range(4 * B))
+    kept = store(cm, tokens[: 2 * B], ns)
+    assert cm.lookup(tokens, ns, state_format="fmt").best.blocks == 2  # the map is built now
+    with pytest.raises(RuntimeError, match="boom"):
+        with cm.index.transaction():
+            row = cm.index.get(kept.id)
+            row.id, row.n_blocks, row.n_tokens = "ghost", 4, 4 * B
+            row.deepest_key = cm.keys(tokens, ns)[-1]
+            cm.index.insert(row, cm.keys(tokens, ns))
+            raise RuntimeError("boom")
+    assert cm.lookup(tokens, ns, state_format="fmt").best.blocks == 2
+    assert cm.index.get("ghost") is None and cm.index.check_consistency() == []
+    with pytest.raises(RuntimeError, match="inside CacheIndex.transaction"):
+        cm.index.delete(kept.id)
+
+
+def test_an_eviction_by_another_connection_is_seen_by_the_next_lookup(tmp_path):
+    base = tmp_path / "shared"
+    daemon = CacheManager.open(base / "state.db", t1_dir=base / "t1", t2_dir=base / "t2", block_tokens=B)
+    cli = CacheManager.open(base / "state.db", t1_dir=base / "t1", t2_dir=base / "t2", block_tokens=B)
+    ns = Namespace(MODEL, "tenant", "acme")
+    tokens = list(range(5 * B))
+    entry = store(daemon, tokens, ns)
+    assert daemon.lookup(tokens, ns, state_format="fmt").best.entry_id == entry.id
+    builds = daemon.index.map_builds
+    cli.evict(entry.id)
+    assert daemon.lookup(tokens, ns, state_format="fmt").best is None
+    assert daemon.index.map_builds == builds + 1
+    # A commit elsewhere that does not touch the cache's blocks keeps the map.
+    cli.record_lookup(10)
+    again = store(daemon, tokens, ns)
+    assert daemon.lookup(tokens, ns, state_format="fmt").best.entry_id == again.id
+    assert daemon.index.map_builds == builds + 1
+
+
+def test_an_index_of_the_first_schema_is_migrated_in_place(tmp_path):
+    """Step 0 had block rows without format, tier and owner; step 1 copies them in."""
+    conn = connect(tmp_path / "state.db")
+    migrate(conn, "kvcache", MIGRATIONS[:1])
+    ns = Namespace(MODEL, "tenant", "acme")
+    tokens = list(range(3 * B))
+    keys = block_keys(tokens, ns, block_tokens=B)
+    conn.execute("BEGIN")
+    conn.execute(
+        "INSERT INTO kv_entries (id, deepest_key, model_digest, scope, owner, tenant, state_format, n_tokens,"
+        " n_blocks, block_tokens, tier, file, bytes, content_digest, hits, created_at, last_used_at, pinned,"
+        " priority) VALUES ('old', ?, ?, 'tenant', 'acme', 'acme', 'fmt', ?, 3, ?, 'T2', 'f', 10, 'sha256:x', 0,"
+        " 0, 0, 0, 0)", (keys[-1], MODEL, len(tokens), B))
+    conn.executemany("INSERT INTO kv_blocks (block_key, depth, entry_id) VALUES (?, ?, 'old')",
+                     [(k, d) for d, k in enumerate(keys)])
+    conn.execute("COMMIT")
+    index = CacheIndex(conn)
+    assert index.check_consistency() == []
+    found = index.deepest_per_tier(keys, ["acme", "public"], "fmt")
+    assert set(found) == {"T2"} and found["T2"][0] == 3 and found["T2"][1].id == "old"
+    assert index.deepest(keys, ["acme"], "fmt", "T2", source="sqlite")[0] == 3

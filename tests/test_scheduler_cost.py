@@ -2,7 +2,7 @@
 rates measured and refined, decisions that list every candidate and say why."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodeagent.contracts.placement import PlacementDecision
@@ -10,7 +10,7 @@ from nodeagent.providers.base import Rates
 from nodeagent.scheduler.cost import CostInputs, ttft_terms
 from nodeagent.scheduler.placement import (CandidateState, ContextBlocks, LoadGuard, PlacementRequest, TierMatch,
                                            common_prefix_tokens, explain, place)
-from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateEstimate, RateRegistry, restore_quantity
+from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, QUANTITIES, RateEstimate, RateRegistry, restore_quantity
 
 rate = st.floats(min_value=1.0, max_value=1e9, allow_nan=False)
 count = st.integers(min_value=0, max_value=1_000_000)
@@ -177,3 +177,129 @@ def test_t0_helpers():
     keys = [bytes([i]) * 32 for i in range(10)]
     assert ContextBlocks(keys[:6]).matched_blocks(keys) == 6
     assert ContextBlocks([]).matched_blocks(keys) == 0
+
+
+# ---------------------------------------------------------------- place() against a brute-force reference
+def reference_place(request, candidates, registry, guard):
+    """The documented rule, spelled out the slow way: every cache option of every
+    candidate through cost.ttft_terms, then the minimum with the tie and guard rules."""
+    prompt = request.prompt_tokens
+    best = {}
+    for state in candidates:
+        rates = {q: registry.estimate(state.provider, q) for q in QUANTITIES}
+        t0 = min(state.t0_cached_tokens, prompt) if state.model_hot else 0
+        options = [("T0" if t0 else "none", t0, 0)]
+        options += [(m.tier, min(m.cached_tokens, prompt), m.bytes) for m in request.tier_matches
+                    if state.state_format is not None and m.state_format == state.state_format and m.cached_tokens > 0]
+        ranked = []
+        for source, cached, nbytes in options:
+            terms = ttft_terms(CostInputs(prompt, cached, source, nbytes, state.model_hot, state.model_bytes,
+                                          state.queued_prefill_tokens, state.queued_decode_tokens,
+                                          state.running_remaining_s), rates)
+            total = terms.total
+            ranked.append(((0, total, -cached) if total is not None else (1, 0.0, -cached), source, cached, total))
+        best[state.provider] = min(ranked, key=lambda r: r[0])  # first of equals: the base option
+
+    def key(state):
+        _, _, cached, total = best[state.provider]
+        queued = state.queued_prefill_tokens + state.queued_decode_tokens
+        if total is not None:
+            return (0, total, state.load, queued, state.provider)
+        return (1, not state.model_hot, prompt - cached, state.load, queued, state.provider)
+
+    eligible = [s for s in candidates if not s.rejected]
+    pool, applied = eligible, False
+    if guard.enabled and request.session_provider is None and len(eligible) > 1:
+        limit = guard.limit(min(s.load for s in eligible))
+        kept = [s for s in eligible if s.load <= limit]
+        if kept and len(kept) < len(eligible):
+            applied = min(eligible, key=key).load > limit
+            pool = kept
+    chosen = min(pool, key=key).provider if pool else None
+    return chosen, applied, best
+
+
+names = [f"p{i}" for i in range(8)]
+candidate = st.builds(
+    lambda hot, t0, fmt, qp, qd, busy, load, rejected: dict(
+        model_hot=hot, model_bytes=10**9, t0_cached_tokens=t0, state_format=fmt, queued_prefill_tokens=qp,
+        queued_decode_tokens=qd, running_remaining_s=busy, load=load, rejected=("no",) if rejected else ()),
+    st.booleans(), st.sampled_from([0, 0, 64, 1000, 4000, 9000]), st.sampled_from([None, "f", "g"]),
+    st.sampled_from([0, 0, 500, 4000, 20000]), st.sampled_from([0, 0, 64, 300]), st.sampled_from([0.0, 0.0, 0.5, 2.0]),
+    st.sampled_from([0, 1000, 1500, 3000, 50000]), st.sampled_from([False, False, False, True]))
+match = st.builds(TierMatch, st.sampled_from(["T1", "T2"]), st.sampled_from([0, 64, 2000, 5000, 9000]),
+                  st.sampled_from([0, 10**6, 10**9]), st.sampled_from(["f", "g"]))
+known_rates = st.fixed_dictionaries({}, optional={PREFILL: st.sampled_from([1000.0, 4000.0]),
+                                                  DECODE: st.sampled_from([20.0, 50.0]),
+                                                  LOAD: st.sampled_from([1e8, 1e9]),
+                                                  restore_quantity("T1"): st.sampled_from([1e9, 4e9]),
+                                                  restore_quantity("T2"): st.sampled_from([1e8, 5e8])})
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=st.lists(st.tuples(candidate, known_rates), min_size=1, max_size=8),
+       matches=st.lists(match, max_size=3), prompt=st.sampled_from([1, 64, 3000, 8000]),
+       guard=st.sampled_from([LoadGuard(), LoadGuard(rel=1.0), LoadGuard(rel=2.0, abs_tokens=500),
+                              LoadGuard(enabled=False)]),
+       session=st.sampled_from([None, "p0"]))
+def test_place_chooses_what_the_brute_force_rule_chooses_and_reports_every_candidate_exactly(
+        specs, matches, prompt, guard, session):
+    """The fast path (inline terms, options skipped for candidates that cannot matter,
+    assessments built lazily) decides and explains exactly as the rule it implements."""
+    registry = RateRegistry()
+    candidates = []
+    for name, (spec, rates) in zip(names, specs):
+        for quantity, value in rates.items():
+            registry.set(name, quantity, value, "calibrated")
+        candidates.append(CandidateState(name, **spec))
+    request = PlacementRequest("m", prompt, tuple(matches), session_provider=session)
+    decision = place(request, candidates, registry, guard)
+    chosen, applied, best = reference_place(request, candidates, registry, guard)
+    assert decision.provider == chosen
+    assert decision.guard_applied == applied
+    for assessment in decision.assessments:
+        _, source, cached, total = best[assessment.state.provider]
+        assert (assessment.cache_source, assessment.cached_tokens) == (source, cached)
+        assert assessment.ttft_s == (None if total is None else pytest.approx(total))
+        assert assessment.terms.total == (None if total is None else pytest.approx(total))
+    if decision.chosen is not None:
+        assert decision.chosen is decision.assessments[[c.provider for c in candidates].index(chosen)]
+        runner_up = sorted((t, p) for p, (_, _, _, t) in best.items()
+                           if t is not None and p != chosen and p in {a.state.provider for a in decision.assessments
+                                                                       if a.eligible and not a.guarded})
+        if decision.chosen.ttft_s is not None and runner_up:
+            assert f"; next {runner_up[0][1]} at {runner_up[0][0]:.3f} s" in decision.reason
+
+
+def test_resolved_rates_follow_every_change_that_can_move_them():
+    registry = RateRegistry()
+    registry.set("a", PREFILL, 1000, "provider")
+    registry.set("b", PREFILL, 3000, "provider")
+    assert registry.resolved("a").prefill_value == 1000
+    assert registry.resolved("c").prefill.source == "fallback" and registry.resolved("c").prefill_value == 1000
+    registry.observe("a", PREFILL, 500, 1.0)  # a's own rate moves, and so does the slowest known
+    assert registry.resolved("a").prefill_value == 500 and registry.resolved("a").prefill.source == "observed"
+    assert registry.resolved("c").prefill_value == 500
+    registry.set(None, PREFILL, 2000, "calibrated")  # a machine-wide value now beats the fallback for c
+    assert registry.resolved("c").prefill == RateEstimate(PREFILL, 2000, "calibrated", 0)
+    assert registry.resolved("b").prefill_value == 3000  # its own rate is untouched by the others
+    assert registry.resolved("b") is registry.resolved("b")  # cached while nothing changes
+
+
+def test_a_candidate_that_cannot_win_is_still_assessed_exactly_and_the_runner_up_is_right():
+    """`place` skips the T1/T2 options of candidates whose queue alone rules them out;
+    the runner-up named in the reason and every reported assessment stay exact."""
+    registry = registry_for("a", "b", "c", "d")
+    matches = (TierMatch("T1", 3900, 10**6, "f"),)
+    candidates = [
+        CandidateState("a", True, t0_cached_tokens=3900),  # 0.1 s from its own context
+        CandidateState("b", True, queued_prefill_tokens=200, state_format="f"),  # 0.2 + 0.001 + 0.1 via T1
+        CandidateState("c", True, t0_cached_tokens=2000),  # 2.0 s
+        CandidateState("d", True, queued_prefill_tokens=5000, state_format="f"),  # 5 s of queue: cannot matter
+    ]
+    decision = place(PlacementRequest("m", 4000, matches), candidates, registry, LoadGuard(enabled=False))
+    assert decision.provider == "a"
+    assert "; next b at 0.301 s" in decision.reason
+    by_name = {a.state.provider: a for a in decision.assessments}
+    assert by_name["d"].cache_source == "T1" and by_name["d"].ttft_s == pytest.approx(5.0 + 0.001 + 0.1)
+    assert by_name["b"].cache_source == "T1" and by_name["b"].ttft_s == pytest.approx(0.301)

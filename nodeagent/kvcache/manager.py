@@ -165,14 +165,10 @@ class CacheManager:
 
     def lookup_keys(self, keys: Sequence[bytes], owners: Sequence[str], *, state_format: str,
                     prompt_tokens: int | None = None) -> Lookup:
-        by_tier: dict[str, PrefixMatch] = {}
         with self._lock:
-            for tier in TIERS:
-                found = self.index.deepest(keys, owners, state_format, tier=tier)
-                if found:
-                    blocks, row = found
-                    by_tier[tier] = PrefixMatch(row.id, row.tier, blocks, blocks * row.block_tokens,
-                                                row.n_tokens, row.bytes)
+            found = self.index.deepest_per_tier(keys, owners, state_format, TIERS)
+        by_tier = {tier: PrefixMatch(entry.id, tier, blocks, blocks * entry.block_tokens, entry.n_tokens, entry.bytes)
+                   for tier, (blocks, entry) in found.items()}
         return Lookup(tuple(keys), prompt_tokens if prompt_tokens is not None else
                       len(keys) * self.block_tokens, by_tier)
 
@@ -405,15 +401,12 @@ class CacheManager:
     # ------------------------------------------------------------------ internals
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
-        conn = self.index.conn
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield
+            with self.index.transaction():
+                yield
         except BaseException:
-            conn.execute("ROLLBACK")
             self._after_commit.clear()
             raise
-        conn.execute("COMMIT")
 
     def _run_after_commit(self) -> None:
         actions, self._after_commit = self._after_commit, []

@@ -60,9 +60,9 @@ def _time(amount: float, rate: float | None) -> float | None:
     return amount / rate
 
 
-# One function per term: placement evaluates them directly (queue and load once
-# per candidate, restore and prefill once per cache option) so that a decision
-# over many providers stays well under a millisecond.
+# One function per term: the definitions. placement._score writes the same
+# arithmetic out inline (it runs per candidate per decision, where call overhead
+# would dominate); a property test holds it equal to ttft_terms.
 def queue_wait_s(queued_prefill_tokens: float, queued_decode_tokens: float, running_remaining_s: float,
                  prefill_rate: float | None, decode_rate: float | None) -> float | None:
     prefill = _time(queued_prefill_tokens, prefill_rate)

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
-from nodeagent.scheduler.cost import Terms, load_s, prefill_s, queue_wait_s, restore_s
-from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateEstimate, RateRegistry, restore_quantity
+from nodeagent.scheduler.cost import Terms
+from nodeagent.scheduler.rates import ProviderRates, RateEstimate, RateRegistry
 
 
 @dataclass(frozen=True)
@@ -114,36 +114,69 @@ class Assessment:
     guarded: bool = False
 
 
-@dataclass
 class Decision:
-    """The plain result of `place`; `to_contract()` renders the PlacementDecision."""
+    """The plain result of `place`; `to_contract()` renders the PlacementDecision.
 
-    request: PlacementRequest
-    chosen: Assessment | None
-    reason: str
-    assessments: list[Assessment]
-    guard: LoadGuard
-    guard_applied: bool
-    decision_us: int
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created_at: float = field(default_factory=time.time)
+    Deciding builds one compact score tuple per candidate and a full
+    `Assessment` only for the chosen one; ``assessments`` (every candidate with
+    its terms and rates, for the contract, `explain` and metrics) is built from
+    the scores on first access, so a decision over many providers allocates
+    little and stays well under a millisecond.
+    """
+
+    __slots__ = ("request", "chosen", "reason", "guard", "guard_applied", "decision_us", "created_at",
+                 "_id", "_scores", "_chosen_index", "_guarded", "_assessments")
+
+    def __init__(self, request: PlacementRequest, chosen: Assessment | None, reason: str, scores: list[tuple],
+                 guard: LoadGuard, guard_applied: bool, decision_us: int, *, chosen_index: int = -1,
+                 guarded: frozenset[int] = frozenset()) -> None:
+        self.request = request
+        self.chosen = chosen
+        self.reason = reason
+        self.guard = guard
+        self.guard_applied = guard_applied
+        self.decision_us = decision_us
+        self._id: str | None = None
+        self.created_at = time.time()
+        self._scores = scores
+        self._chosen_index = chosen_index
+        self._guarded = guarded
+        self._assessments: list[Assessment] | None = None
+
+    @property
+    def id(self) -> str:
+        """Random, made on first use (a uuid costs a system call the decision need not wait for)."""
+        if self._id is None:
+            self._id = uuid.uuid4().hex
+        return self._id
 
     @property
     def provider(self) -> str | None:
         return self.chosen.state.provider if self.chosen else None
+
+    @property
+    def assessments(self) -> list[Assessment]:
+        """Every candidate, in the order given, the chosen one being `chosen` itself."""
+        if self._assessments is None:
+            self._assessments = [
+                self.chosen if i == self._chosen_index else _assessment(self.request, score, i in self._guarded)
+                for i, score in enumerate(self._scores)
+            ]
+        return self._assessments
 
     def to_contract(self):
         from nodeagent.contracts.placement import (CandidateAssessment, LoadGuardReport, PlacementDecision,
                                                    RateUsed, TtftTerms)
 
         req = self.request
+        assessments = self.assessments
         return PlacementDecision(
             id=self.id, created_at=datetime.fromtimestamp(self.created_at, tz=timezone.utc),
             dry_run=req.dry_run, pod=req.pod, tenant=req.tenant, model=req.model,
             prompt_tokens=req.prompt_tokens, block_tokens=req.block_tokens, chosen=self.provider,
             reason=self.reason, decision_us=self.decision_us,
             load_guard=LoadGuardReport(rule=self.guard.rule(), applied=self.guard_applied,
-                                       excluded=[a.state.provider for a in self.assessments if a.guarded]),
+                                       excluded=[a.state.provider for a in assessments if a.guarded]),
             candidates=[
                 CandidateAssessment(
                     provider=a.state.provider, eligible=a.eligible, rejected=a.rejected,
@@ -157,57 +190,144 @@ class Decision:
                     rates=[RateUsed(quantity=r.quantity, value=r.value, source=r.source, samples=r.samples)
                            for r in a.rates],
                 )
-                for a in self.assessments
+                for a in assessments
             ],
         )
 
 
-def assess(request: PlacementRequest, state: CandidateState, registry: RateRegistry) -> Assessment:
+# A candidate's score as `_score` computes it: (state, rates, queue_s, load_s, cache_source,
+# cached_tokens, restore_bytes, restore_s, prefill_s, ttft_s, restore_estimate, exact). A plain
+# tuple: the decision path builds one per candidate and nothing else.
+_STATE, _RATES, _QUEUE, _LOAD, _SOURCE, _CACHED, _BYTES, _RESTORE, _PREFILL, _TTFT, _RESTORE_RATE, _EXACT = range(12)
+_INF = float("inf")
+
+
+def _score(prompt: int, matches: Sequence[TierMatch], state: CandidateState, rates: ProviderRates,
+           bound: float = _INF) -> tuple:
     """The best cache option for one candidate, with its terms.
 
-    Queue and load terms do not depend on the cache option, so they are
-    computed once; each option (T0 / T1 / T2 / none) adds restore + prefill.
+    The terms are cost.py's formulas (queue_wait_s, load_s, restore_s,
+    prefill_s) written out inline: this runs for every candidate of every
+    decision, and function calls would be most of its time. A property test
+    checks it against `cost.ttft_terms`.
+
+    Queue and load do not depend on the cache option, so they are computed
+    once; each option (T0 / T1 / T2 / none) adds restore + prefill. Known
+    totals beat unknown ones (lowest total, then more cached tokens); among
+    unknown ones, more cached tokens wins.
+
+    ``bound``: when queue + load alone exceed it, the candidate cannot be
+    among the ones the caller still needs exactly (every term is >= 0), so
+    the T1/T2 options are not evaluated and the score is marked inexact (its
+    total is then only an upper bound); `_assessment` redoes it in full.
     """
-    provider = state.provider
-    prefill = registry.estimate(provider, PREFILL)
-    decode = registry.estimate(provider, DECODE)
-    rates = [prefill, decode]
-    queue = queue_wait_s(state.queued_prefill_tokens, state.queued_decode_tokens, state.running_remaining_s,
-                         prefill.value, decode.value)
+    prefill_rate = rates.prefill_value
+    queue = state.running_remaining_s
+    if queue < 0.0:
+        queue = 0.0
+    waiting = state.queued_prefill_tokens
+    if waiting > 0:
+        queue = None if prefill_rate is None else queue + waiting / prefill_rate
+    waiting = state.queued_decode_tokens
+    if waiting > 0 and queue is not None:
+        decode_rate = rates.decode_value
+        queue = None if decode_rate is None else queue + waiting / decode_rate
     if state.model_hot:
         load = 0.0
+        t0 = state.t0_cached_tokens
+        if t0 > prompt:
+            t0 = prompt
     else:
-        load_rate = registry.estimate(provider, LOAD)
-        rates.append(load_rate)
-        load = load_s(False, state.model_bytes, load_rate.value)
+        model_bytes, load_rate, t0 = state.model_bytes, rates.load_value, 0
+        load = 0.0 if model_bytes <= 0 else (None if load_rate is None else model_bytes / load_rate)
     fixed = None if queue is None or load is None else queue + load
-    prompt = request.prompt_tokens
-    t0 = min(state.t0_cached_tokens, prompt) if state.model_hot else 0
-    best_source, best_cached, best_bytes = ("T0" if t0 else "none"), t0, 0
-    best_restore: float | None = 0.0
-    best_prefill = prefill_s(prompt - t0, prefill.value)
-    best_rank = (0, fixed + best_prefill, -t0) if fixed is not None and best_prefill is not None else (1, 0.0, -t0)
-    restore_rate = None
-    for match in request.tier_matches:
-        if state.state_format is None or match.state_format != state.state_format or match.cached_tokens <= 0:
+    uncached = prompt - t0
+    prefill = 0.0 if uncached <= 0 else (None if prefill_rate is None else uncached / prefill_rate)
+    total = None if fixed is None or prefill is None else fixed + prefill
+    source, cached, nbytes, restore, restore_rate = ("T0" if t0 else "none"), t0, 0, 0.0, None
+    state_format = state.state_format
+    if state_format is None or not matches:
+        return (state, rates, queue, load, source, cached, nbytes, restore, prefill, total, None, True)
+    if fixed is not None and fixed > bound:
+        return (state, rates, queue, load, source, cached, nbytes, restore, prefill, total, None, False)
+    for match in matches:
+        option_cached = match.cached_tokens
+        if match.state_format != state_format or option_cached <= 0:
             continue
-        estimate = registry.estimate(provider, restore_quantity(match.tier))
-        cached = min(match.cached_tokens, prompt)
-        restore = restore_s(match.tier, match.bytes, estimate.value)
-        pre = prefill_s(prompt - cached, prefill.value)
-        # Known totals beat unknown ones; among unknown, more cached tokens wins.
-        if fixed is not None and restore is not None and pre is not None:
-            rank = (0, fixed + restore + pre, -cached)
+        if option_cached > prompt:
+            option_cached = prompt
+        estimate = rates.restore_t1 if match.tier == "T1" else rates.restore(match.tier)
+        restore_rate_value, option_bytes = estimate.value, match.bytes
+        option_restore = (0.0 if option_bytes <= 0 else
+                          (None if restore_rate_value is None else option_bytes / restore_rate_value))
+        uncached = prompt - option_cached
+        option_prefill = 0.0 if uncached <= 0 else (None if prefill_rate is None else uncached / prefill_rate)
+        option_total = (None if fixed is None or option_restore is None or option_prefill is None
+                        else fixed + option_restore + option_prefill)
+        if option_total is not None:
+            better = total is None or option_total < total or (option_total == total and option_cached > cached)
         else:
-            rank = (1, 0.0, -cached)
-        if rank < best_rank:
-            best_rank, best_source, best_cached, best_bytes = rank, match.tier, cached, match.bytes
-            best_restore, best_prefill, restore_rate = restore, pre, estimate
-    if restore_rate is not None:
-        rates.append(restore_rate)
-    terms = Terms(queue, load, best_restore, best_prefill)
-    return Assessment(state, not state.rejected, list(state.rejected), best_source, best_cached, best_bytes,
-                      terms, rates, best_rank[1] if best_rank[0] == 0 else None)
+            better = total is None and option_cached > cached
+        if better:
+            source, cached, nbytes, restore, prefill, total, restore_rate = (
+                match.tier, option_cached, option_bytes, option_restore, option_prefill, option_total, estimate)
+    return (state, rates, queue, load, source, cached, nbytes, restore, prefill, total, restore_rate, True)
+
+
+def _assessment(request: PlacementRequest, score: tuple, guarded: bool = False) -> Assessment:
+    if not score[_EXACT]:
+        score = _score(request.prompt_tokens, request.tier_matches, score[_STATE], score[_RATES])
+    state: CandidateState = score[_STATE]
+    rates: ProviderRates = score[_RATES]
+    used = [rates.prefill, rates.decode]
+    if not state.model_hot:
+        used.append(rates.load)
+    if score[_RESTORE_RATE] is not None:
+        used.append(score[_RESTORE_RATE])
+    return Assessment(state, not state.rejected, list(state.rejected), score[_SOURCE], score[_CACHED], score[_BYTES],
+                      Terms(score[_QUEUE], score[_LOAD], score[_RESTORE], score[_PREFILL]), used, score[_TTFT],
+                      guarded)
+
+
+def assess(request: PlacementRequest, state: CandidateState, registry: RateRegistry) -> Assessment:
+    """One candidate's best cache option and its terms (what `place` computes for each)."""
+    return _assessment(request, _score(request.prompt_tokens, request.tier_matches, state,
+                                       registry.resolved(state.provider)))
+
+
+def _tie_key(state: CandidateState) -> tuple:
+    return (state.load, state.queued_prefill_tokens + state.queued_decode_tokens, state.provider)
+
+
+def _best(scores: list[tuple], pool: Sequence[int], prompt: int) -> int:
+    """Index of the best candidate of ``pool``: the lowest known TTFT; ties go to the
+    least-loaded one (several idle providers, none holding the prefix, would otherwise
+    pile on the first by name), then less queued work, then the name. Without any
+    known TTFT: model hot, fewest uncached tokens, load, queued work, name."""
+    best_i, best_t = -1, 0.0
+    ties: list[int] = []
+    for i in pool:
+        t = scores[i][_TTFT]
+        if t is None:
+            continue
+        if best_i < 0 or t < best_t:
+            best_i, best_t, ties = i, t, []
+        elif t == best_t:
+            ties.append(i)
+    if best_i >= 0:
+        if not ties:
+            return best_i
+        ties.append(best_i)
+        return min(ties, key=lambda i: _tie_key(scores[i][_STATE]))
+
+    def unknown_key(i: int) -> tuple:
+        state = scores[i][_STATE]
+        return (not state.model_hot, prompt - scores[i][_CACHED], *_tie_key(state))
+
+    return min(pool, key=unknown_key)
+
+
+_DEFAULT_GUARD = LoadGuard()
 
 
 def place(
@@ -217,43 +337,61 @@ def place(
     guard: LoadGuard | None = None,
 ) -> Decision:
     started = time.perf_counter_ns()
-    guard = guard or LoadGuard()
-    assessments = [assess(request, state, registry) for state in candidates]
-    eligible = [a for a in assessments if a.eligible]
+    guard = guard or _DEFAULT_GUARD
+    prompt = request.prompt_tokens
+    matches = request.tier_matches
+    resolved = registry.resolved
+    eligible = [i for i, state in enumerate(candidates) if not state.rejected]
 
-    def key(a: Assessment) -> tuple:
-        known = a.ttft_s is not None
-        # Ties (common: several idle providers, none holding the prefix) go to the
-        # least-loaded one; falling through to the name would pile them on one.
-        if known:
-            return (0, a.ttft_s, a.state.load, a.state.queued_prefill_tokens + a.state.queued_decode_tokens,
-                    a.state.provider)
-        return (1, not a.state.model_hot, request.prompt_tokens - a.cached_tokens, a.state.load,
-                a.state.queued_prefill_tokens + a.state.queued_decode_tokens, a.state.provider)
-
-    guard_applied = False
-    pool = eligible
+    # The load guard depends on loads only, so its pools are known before any TTFT.
+    guarded: frozenset[int] = frozenset()
     if guard.enabled and request.session_provider is None and len(eligible) > 1:
-        limit = guard.limit(min(a.state.load for a in eligible))
-        kept = [a for a in eligible if a.state.load <= limit]
-        if kept and len(kept) < len(eligible):
-            unguarded_choice = min(eligible, key=key)
-            for a in eligible:
-                a.guarded = a.state.load > limit
-            pool = kept
-            guard_applied = unguarded_choice.guarded
-    chosen = min(pool, key=key) if pool else None
-    reason = _reason(request, chosen, pool, assessments, guard_applied)
-    return Decision(request, chosen, reason, assessments, guard, guard_applied,
-                    (time.perf_counter_ns() - started) // 1000)
+        limit = guard.limit(min(candidates[i].load for i in eligible))
+        over = [i for i in eligible if candidates[i].load > limit]
+        if over and len(over) < len(eligible):
+            guarded = frozenset(over)
+    pool = [i for i in eligible if i not in guarded] if guarded else eligible
+
+    # Scores. What must be exact: the two best of the pool (choice and runner-up in the
+    # reason) and, when the guard excludes some, the best of all eligible (did it change
+    # the choice?). `bound` lets _score skip the T1/T2 options of a candidate whose
+    # queue + load alone already exceed those.
+    scores: list[tuple] = []
+    first = second = best_guarded = _INF
+    for i, state in enumerate(candidates):
+        if state.rejected:
+            bound = -_INF
+        elif guarded and i in guarded:
+            bound = first if first < best_guarded else best_guarded
+        else:
+            bound = second
+        score = _score(prompt, matches, state, resolved(state.provider), bound)
+        scores.append(score)
+        total = score[_TTFT]
+        if total is not None and score[_EXACT] and not state.rejected:
+            if guarded and i in guarded:
+                if total < best_guarded:
+                    best_guarded = total
+            elif total < first:
+                first, second = total, first
+            elif total < second:
+                second = total
+
+    guard_applied = bool(guarded) and _best(scores, eligible, prompt) in guarded
+    chosen_index = _best(scores, pool, prompt) if pool else -1
+    chosen = _assessment(request, scores[chosen_index]) if chosen_index >= 0 else None
+    reason = _reason(request, chosen, chosen_index, pool, scores, guarded, guard_applied)
+    return Decision(request, chosen, reason, scores, guard, guard_applied,
+                    (time.perf_counter_ns() - started) // 1000, chosen_index=chosen_index, guarded=guarded)
 
 
-def _reason(request: PlacementRequest, chosen: Assessment | None, pool: list[Assessment],
-            assessments: list[Assessment], guard_applied: bool) -> str:
+def _reason(request: PlacementRequest, chosen: Assessment | None, chosen_index: int, pool: list[int],
+            scores: list[tuple], guarded: frozenset[int], guard_applied: bool) -> str:
     if chosen is None:
-        if not assessments:
+        if not scores:
             return "no candidate providers"
-        refusals = "; ".join(f"{a.state.provider}: {', '.join(a.rejected)}" for a in assessments if a.rejected)
+        refusals = "; ".join(f"{s[_STATE].provider}: {', '.join(s[_STATE].rejected)}"
+                             for s in scores if s[_STATE].rejected)
         return f"no eligible provider ({refusals})"
     cache = (f"{chosen.cache_source} prefix {chosen.cached_tokens}/{request.prompt_tokens} tokens"
              if chosen.cached_tokens else f"no cached prefix of {request.prompt_tokens} tokens")
@@ -268,14 +406,18 @@ def _reason(request: PlacementRequest, chosen: Assessment | None, pool: list[Ass
         if chosen.terms.load_s:
             text += f", model load {chosen.terms.load_s:.3f} s"
         text += ")"
-        others = sorted((a for a in pool if a is not chosen and a.ttft_s is not None), key=lambda a: a.ttft_s)
-        if others:
-            text += f"; next {others[0].state.provider} at {others[0].ttft_s:.3f} s"
+        runner_up = -1
+        for i in pool:
+            t = scores[i][_TTFT]
+            if i != chosen_index and t is not None and (runner_up < 0 or t < scores[runner_up][_TTFT]):
+                runner_up = i
+        if runner_up >= 0:
+            text += f"; next {scores[runner_up][_STATE].provider} at {scores[runner_up][_TTFT]:.3f} s"
         fallbacks = sorted({r.quantity for r in chosen.rates if r.source == "fallback"})
         if fallbacks:
             text += f"; fallback (slowest known) rates used for {', '.join(fallbacks)}"
     if guard_applied:
-        excluded = [a.state.provider for a in assessments if a.guarded]
+        excluded = [scores[i][_STATE].provider for i in sorted(guarded)]
         text += f"; load guard excluded {', '.join(excluded)}"
     return text
 
@@ -330,10 +472,13 @@ class ContextBlocks:
         self.keys = set(keys)
 
     def matched_blocks(self, prompt_keys: Sequence[bytes]) -> int:
-        lo, hi = 0, len(prompt_keys)
+        keys = self.keys
+        if not prompt_keys or prompt_keys[0] not in keys:
+            return 0  # the common case on a node with many providers: nothing shared at all
+        lo, hi = 1, len(prompt_keys)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if prompt_keys[mid - 1] in self.keys:
+            if prompt_keys[mid - 1] in keys:
                 lo = mid
             else:
                 hi = mid - 1

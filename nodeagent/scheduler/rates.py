@@ -40,6 +40,7 @@ def restore_quantity(tier: str) -> str:
 
 
 QUANTITIES = (PREFILL, DECODE, restore_quantity("T1"), restore_quantity("T2"), LOAD)
+_RESOLVED_ORDER = (PREFILL, DECODE, LOAD, restore_quantity("T1"), restore_quantity("T2"))  # ProviderRates' fields
 Source = Literal["observed", "provider", "calibrated", "fallback", "unknown"]
 DEFAULT_ALPHA = 0.2
 
@@ -50,6 +51,32 @@ class RateEstimate:
     value: float | None
     source: Source
     samples: int = 0
+
+
+class ProviderRates:
+    """Every rate of one provider, resolved (own, machine-wide, fallback or unknown) at once:
+    what placement reads per candidate, one dict lookup instead of one per quantity.
+    The ``*_value`` attributes are the estimates' values (None: unknown). Immutable."""
+
+    __slots__ = ("prefill", "decode", "load", "restore_t1", "restore_t2",
+                 "prefill_value", "decode_value", "load_value", "restore_t1_value", "restore_t2_value")
+
+    def __init__(self, prefill: RateEstimate, decode: RateEstimate, load: RateEstimate, restore_t1: RateEstimate,
+                 restore_t2: RateEstimate) -> None:
+        for name, estimate in (("prefill", prefill), ("decode", decode), ("load", load),
+                               ("restore_t1", restore_t1), ("restore_t2", restore_t2)):
+            object.__setattr__(self, name, estimate)
+            object.__setattr__(self, f"{name}_value", estimate.value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("ProviderRates is immutable")
+
+    def restore(self, tier: str) -> RateEstimate:
+        if tier == "T1":
+            return self.restore_t1
+        if tier == "T2":
+            return self.restore_t2
+        raise ValueError(f"no restore rate for tier {tier!r}")
 
 
 class RateRegistry:
@@ -64,6 +91,11 @@ class RateRegistry:
         self._lock = threading.Lock()
         self.generation = 0  # bumped on every change
         self._slowest: dict[str, tuple[int, float | None]] = {}  # quantity -> (generation, value)
+        self._own_generation: dict[str | None, int] = {}  # bumped when that provider's own rates change
+        # provider -> (rates, its own generation, registry generation or None when only its own rates were used)
+        self._resolved: dict[str, tuple[ProviderRates, int, int | None]] = {}
+        self._fast: dict[str, ProviderRates] = {}  # valid while generation == _fast_generation
+        self._fast_generation = -1
 
     @staticmethod
     def _check(quantity: str, value: float) -> None:
@@ -81,7 +113,7 @@ class RateRegistry:
             if current is not None and current.source == "observed":
                 return
             self._rates[(provider, quantity)] = RateEstimate(quantity, float(value), source, 0)
-            self.generation += 1
+            self._bump(provider)
 
     def seed_from_provider(self, provider: str, rates) -> list[str]:
         """Take what ``Provider.rates()`` measured (a providers.base.Rates). Returns quantities set."""
@@ -110,7 +142,43 @@ class RateRegistry:
             else:
                 self._rates[(provider, quantity)] = RateEstimate(
                     quantity, (1 - self.alpha) * current.value + self.alpha * value, "observed", current.samples + 1)
-            self.generation += 1
+            self._bump(provider)
+
+    def _bump(self, provider: str | None) -> None:
+        """Under the lock: one provider's rates changed (None: a machine-wide one)."""
+        self._own_generation[provider] = self._own_generation.get(provider, 0) + 1
+        self.generation += 1
+
+    def resolved(self, provider: str) -> ProviderRates:
+        """All of ``provider``'s estimates at once, as `estimate` gives them.
+
+        Cached: an entry built only from the provider's own rates stays valid
+        until those change (another provider's observation does not touch it);
+        one that used a machine-wide, fallback or unknown value is rebuilt after
+        any change, since the slowest known value may have moved.
+        """
+        generation = self.generation
+        if self._fast_generation == generation:  # nothing changed since the last call: one dict lookup
+            fast = self._fast.get(provider)
+            if fast is not None:
+                return fast
+        else:
+            self._fast, self._fast_generation = {}, generation
+        rates = self._resolve(provider)
+        self._fast[provider] = rates
+        return rates
+
+    def _resolve(self, provider: str) -> ProviderRates:
+        cached = self._resolved.get(provider)
+        own = self._own_generation.get(provider, 0)
+        if cached is not None and cached[1] == own and (cached[2] is None or cached[2] == self.generation):
+            return cached[0]
+        generation = self.generation  # read before the estimates: a concurrent change re-resolves next time
+        estimates = [self.estimate(provider, quantity) for quantity in _RESOLVED_ORDER]
+        only_own = all((provider, quantity) in self._rates for quantity in _RESOLVED_ORDER)
+        rates = ProviderRates(*estimates)
+        self._resolved[provider] = (rates, own, None if only_own else generation)
+        return rates
 
     def estimate(self, provider: str | None, quantity: str) -> RateEstimate:
         rate = self._rates.get((provider, quantity))
