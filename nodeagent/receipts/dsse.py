@@ -151,6 +151,11 @@ def parse_envelope(line: bytes | str) -> Envelope:
         envelope = _parse_written_layout(line)
         if envelope is not None:
             return envelope
+    return parse_json_envelope(line)
+
+
+def parse_json_envelope(line: bytes | str) -> Envelope:
+    """`parse_envelope` without the shortcut: any JSON layout, and errors that say what is wrong."""
     try:
         document = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:

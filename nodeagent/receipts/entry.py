@@ -26,7 +26,8 @@ wrong; so the fast path changes speed, never a verdict or a message.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from pydantic import ValidationError
@@ -42,7 +43,7 @@ from nodeagent.contracts.receipt import (
     rfc3339_utc,
 )
 from nodeagent.receipts.canonical import canonical_json
-from nodeagent.receipts.dsse import EnvelopeError, parse_envelope, sign_envelope
+from nodeagent.receipts.dsse import Envelope, EnvelopeError, parse_envelope, sign_envelope
 from nodeagent.receipts.errors import ReceiptError
 from nodeagent.receipts.keys import PublicKey, Signer
 from nodeagent.receipts.merkle import leaf_hash
@@ -112,6 +113,11 @@ class EntryFacts:
     def ok(self) -> bool:
         return not self.failures
 
+    def __reduce__(self) -> tuple:
+        # Parallel verification sends one per entry between processes: a plain tuple
+        # of the fields pickles about three times faster than the default reduction.
+        return (EntryFacts, _fact_values(self))
+
     @property
     def statement(self) -> dict[str, Any] | None:
         """The decoded statement (decoded on demand: verification itself never needs the dict)."""
@@ -131,6 +137,9 @@ class EntryFacts:
             out.update(run_id=None, pod=None, tenant=None, model=None, status="rotated",
                        finished_at=predicate.get("rotatedAt"))
         return out
+
+
+_fact_values = operator.attrgetter(*(f.name for f in fields(EntryFacts)))
 
 
 def _field_error(exc: ValidationError) -> str:
@@ -164,22 +173,32 @@ def inspect_line(line: bytes, keys: Mapping[str, PublicKey]) -> EntryFacts:
     facts.signers = tuple(signers)
 
     # Authenticated from here on: the payload may be parsed.
+    if not _accept_valid_execution(facts, envelope.payload):
+        check_statement(facts, envelope)
+    return facts
+
+
+def _accept_valid_execution(facts: EntryFacts, payload: bytes) -> bool:
+    """The fast path: record ``payload`` if it is a schema-valid execution statement; else change nothing."""
     try:
-        parsed = ExecutionStatement.model_validate_json(envelope.payload)
+        parsed = ExecutionStatement.model_validate_json(payload)
     except ValidationError:
-        pass  # not a valid execution receipt: the general path below says what it is instead
-    else:
-        facts.payload = envelope.payload
-        _execution_facts(facts, parsed)
-        return facts
+        return False  # not a valid execution receipt: `check_statement` says what it is instead
+    facts.payload = payload
+    _execution_facts(facts, parsed)
+    return True
+
+
+def check_statement(facts: EntryFacts, envelope: Envelope) -> None:
+    """The statement checks on an authenticated ``envelope``, for any payload: names what is wrong."""
     try:
         statement = json.loads(envelope.payload)
     except (ValueError, UnicodeDecodeError) as exc:
         facts.failures.append(("statement", f"payload is not JSON: {exc}"))
-        return facts
+        return
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         facts.failures.append(("statement", f"payload is not an in-toto Statement v1 (_type {STATEMENT_TYPE})"))
-        return facts
+        return
     facts.payload = envelope.payload
     predicate_type = statement.get("predicateType")
     if predicate_type == EXECUTION_PREDICATE_TYPE:
@@ -188,7 +207,6 @@ def inspect_line(line: bytes, keys: Mapping[str, PublicKey]) -> EntryFacts:
         _check_rotation(facts, statement, envelope)
     else:
         facts.failures.append(("statement", f"unknown predicateType {predicate_type!r}"))
-    return facts
 
 
 def _check_execution(facts: EntryFacts, statement: dict[str, Any]) -> None:
@@ -217,7 +235,7 @@ def _execution_facts(facts: EntryFacts, parsed: ExecutionStatement) -> None:
         facts.failures.append(("key-id", f"predicate.machine.keyId {predicate.machine.key_id[:16]}… is not the key that signed"))
 
 
-def _check_rotation(facts: EntryFacts, statement: dict[str, Any], envelope: Any) -> None:
+def _check_rotation(facts: EntryFacts, statement: dict[str, Any], envelope: Envelope) -> None:
     facts.kind = KIND_ROTATION
     try:
         parsed = KeyRotationStatement.model_validate(statement)

@@ -52,17 +52,17 @@ class MerkleTree:
     def append(self, leaf: bytes) -> None:
         if len(leaf) != HASH_SIZE:
             raise ValueError("leaf must be a 32-byte leaf hash")
-        index = self.size
-        self._levels[0] += leaf
-        level = 0
-        while index & 1:  # this append completed a subtree of 2**(level+1) leaves
-            row = self._levels[level]
-            parent = node_hash(bytes(row[(index - 1) * HASH_SIZE:index * HASH_SIZE]),
-                               bytes(row[index * HASH_SIZE:(index + 1) * HASH_SIZE]))
+        levels = self._levels
+        index = len(levels[0]) // HASH_SIZE
+        levels[0] += leaf
+        level, right = 0, leaf
+        while index & 1:  # this append completed a subtree of 2**(level+1) leaves; `right` is its right half
+            left = levels[level][(index - 1) * HASH_SIZE:index * HASH_SIZE]
+            right = hashlib.sha256(b"\x01" + left + right).digest()  # node_hash, inline: this runs per entry
             level += 1
-            if len(self._levels) == level:
-                self._levels.append(bytearray())
-            self._levels[level] += parent
+            if len(levels) == level:
+                levels.append(bytearray())
+            levels[level] += right
             index >>= 1
 
     def leaf(self, index: int) -> bytes:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -204,10 +205,13 @@ def inspect_entries(lines: Sequence[bytes], trusted: Mapping[str, PublicKey], jo
     """`inspect_line` over every line, in order; with ``jobs`` > 1 in forked worker processes.
 
     Signature verification and schema validation hold the GIL, so only
-    processes use more cores. Workers inherit the lines through fork: all
-    that crosses a pipe is a (start, end) index range per chunk one way and
-    the facts — without the payload — the other. Chunks come back in order as
-    they finish, so the caller checks the chain while the workers go on.
+    processes use more cores. The lines are laid end to end in one buffer
+    before the fork; a worker is sent a range of line numbers and cuts its
+    lines out of that buffer by offset, so it touches no object of the
+    parent's line list (whose pages would otherwise be copied into every
+    worker) and nothing but the range and the facts (without the payload)
+    crosses a pipe. Chunks come back in order as they finish, so the caller
+    checks the chain while the workers go on.
     """
     if jobs <= 1 or len(lines) < PARALLEL_MIN_ENTRIES:
         for line in lines:
@@ -215,28 +219,44 @@ def inspect_entries(lines: Sequence[bytes], trusted: Mapping[str, PublicKey], jo
         return
     import multiprocessing
 
-    global _POOL_LINES, _POOL_KEYS
+    global _SHARED
+    offsets = array("Q", [0])
+    end = 0
+    for line in lines:
+        end += len(line) + 1
+        offsets.append(end)
     # Small enough chunks that a worker slowed by another job on its core does not hold
     # the rest back; large enough that the per-chunk round trip is noise.
     chunk = min(2000, max(200, len(lines) // (jobs * 8)))
     ranges = [(start, min(start + chunk, len(lines))) for start in range(0, len(lines), chunk)]
-    _POOL_LINES, _POOL_KEYS = lines, trusted
+    _SHARED = _SharedLines(b"\n".join(lines), offsets, trusted)
     try:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            for part in pool.imap(_pool_inspect, ranges):
+            for part in pool.imap(_inspect_range, ranges):
                 yield from part
     finally:
-        _POOL_LINES, _POOL_KEYS = (), {}
+        _SHARED = None
 
 
-_POOL_LINES: Sequence[bytes] = ()
-_POOL_KEYS: Mapping[str, PublicKey] = {}
+@dataclass(frozen=True)
+class _SharedLines:
+    """What forked workers inherit: line ``i`` is ``buffer[offsets[i]:offsets[i + 1] - 1]``."""
+
+    buffer: bytes
+    offsets: array
+    trusted: Mapping[str, PublicKey]
 
 
-def _pool_inspect(bounds: tuple[int, int]) -> list[EntryFacts]:
+_SHARED: _SharedLines | None = None
+
+
+def _inspect_range(bounds: tuple[int, int]) -> list[EntryFacts]:
+    shared = _SHARED
+    assert shared is not None, "a verification worker runs only in a process forked by inspect_entries"
+    buffer, offsets, trusted = shared.buffer, shared.offsets, shared.trusted
     out = []
-    for line in _POOL_LINES[bounds[0]:bounds[1]]:
-        facts = inspect_line(line, _POOL_KEYS)
+    for index in range(*bounds):
+        facts = inspect_line(buffer[offsets[index]:offsets[index + 1] - 1], trusted)
         facts.payload = None  # the parent needs the run id, which it has, not the statement
         out.append(facts)
     return out
