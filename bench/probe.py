@@ -15,7 +15,9 @@ variant alike:
 Then, in child processes, the import cost of what the probe loads (pydantic
 and the MachineProfile models, the sub-probe modules), and in this process the
 median time of each sub-probe (warm: imports done, `probe(timings=...)`), and
-of each external command the probe runs. The load average is printed before
+of each external command the probe runs; last, our CPU sub-probe beside
+py-cpuinfo's ``get_cpu_info()`` (REFERENCE.md section 3: it forks and takes
+about a second). The load average is printed before
 and after: the machine is shared, and figures taken under load say so.
 """
 
@@ -58,6 +60,20 @@ def timed(argv: list[str]) -> tuple[float, float]:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
 
+
+CPU_SIDE_BY_SIDE = """
+import time
+t0 = time.perf_counter()
+import cpuinfo
+t1 = time.perf_counter()
+cpuinfo.get_cpu_info()
+t2 = time.perf_counter()
+from nodeagent.probe import cpu, System
+t3 = time.perf_counter()
+cpu.probe_cpu(System())
+t4 = time.perf_counter()
+print(t1 - t0, t2 - t1, t4 - t3)
+"""
 
 IMPORT_PROBE = """
 import time
@@ -131,6 +147,10 @@ def main() -> int:
             start = time.perf_counter()
             run_command(argv, timeout)
             tools.setdefault(" ".join(argv), []).append(time.perf_counter() - start)
+    cpu_rows: list[list[float]] = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", CPU_SIDE_BY_SIDE], capture_output=True, text=True, check=True)
+        cpu_rows.append([float(x) for x in out.stdout.split()])
     load_after = os.getloadavg()
 
     probe_median = median(walls["probe"])
@@ -160,6 +180,10 @@ def main() -> int:
     print("  external commands (run concurrently by the probe; the summary only when the full text fails)")
     for key, values in tools.items():
         print(f"    {key:<38}{ms(median(values))}")
+    ours, theirs = median([r[2] for r in cpu_rows]), median([r[1] for r in cpu_rows])
+    print(f"cpu sub-probe vs py-cpuinfo (3 child processes, medians): ours {ms(ours).strip()}; "
+          f"`import cpuinfo` {ms(median([r[0] for r in cpu_rows])).strip()} (forks `file -b`), "
+          f"get_cpu_info() {ms(theirs).strip()} -> {theirs / ours:,.0f}x")
     if args.json:
         print(json.dumps({
             "runs": runs, "load_before": load_before, "load_after": load_after,
@@ -169,6 +193,7 @@ def main() -> int:
             "probe_in_process_median_s": median(in_process),
             "sections_median_s": {k: median(v) for k, v in sections.items()},
             "commands_median_s": {k: median(v) for k, v in tools.items()},
+            "cpu_probe_vs_py_cpuinfo_s": {"ours": ours, "get_cpu_info": theirs},
         }, indent=2))
     return 0
 
