@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from nodeagent.contracts.model import DeviceShare, ModelResidency
 from nodeagent.models.fit import FitEstimate, estimate
 from nodeagent.models.gguf_meta import GGUFMeta
+from nodeagent.models.store import pid_alive
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_MAX_LOADED = 3
@@ -265,7 +266,7 @@ class ResidencyManager:
             store.migrate(conn, "residency", MIGRATIONS)
             # A previous owner that died left rows for models it no longer holds.
             for row in conn.execute("SELECT digest, owner_pid FROM residency").fetchall():
-                if not _alive(row["owner_pid"]):
+                if not pid_alive(row["owner_pid"]):
                     conn.execute("DELETE FROM residency WHERE digest = ?", (row["digest"],))
 
     # ---------------------------------------------------------------- accounting
@@ -537,23 +538,13 @@ def _human(n: float) -> str:
 
 
 # ------------------------------------------------------------------ reading recorded state
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recorded_residency(conn: sqlite3.Connection) -> list[ModelResidency]:
     """Hot models as recorded by a live owner (the daemon). Rows of dead owners are skipped."""
     from nodeagent import store
 
     store.migrate(conn, "residency", MIGRATIONS)
     rows = conn.execute("SELECT record, owner_pid FROM residency ORDER BY updated_at DESC").fetchall()
-    return [ModelResidency.model_validate_json(row["record"]) for row in rows if _alive(row["owner_pid"])]
+    return [ModelResidency.model_validate_json(row["record"]) for row in rows if pid_alive(row["owner_pid"])]
 
 
 def record_intent(conn: sqlite3.Connection, digest: str, *, keep_alive_s: float | None, pinned: bool,

@@ -130,7 +130,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -201,7 +202,7 @@ class ModelStore:
                 pid = int(partial.name.split("-")[1])
             except (IndexError, ValueError):
                 pid = -1
-            if pid != os.getpid() and (pid < 0 or not _pid_alive(pid)):
+            if pid != os.getpid() and (pid < 0 or not pid_alive(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
 

@@ -98,6 +98,27 @@ class Rates:
     save_bytes_per_s: float | None = None
 
 
+RATE_EWMA = 0.3  # weight of the newest measurement in a provider's own rates
+
+
+@dataclass
+class MeasuredRates:
+    """What a provider measured of itself: a moving average per quantity (None until measured)."""
+
+    prefill: float | None = None  # tokens/s
+    decode: float | None = None  # tokens/s
+    save: float | None = None  # bytes/s
+    restore: float | None = None  # bytes/s
+
+    def update(self, name: str, value: float) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else (1 - RATE_EWMA) * old + RATE_EWMA * value)
+
+    def snapshot(self) -> Rates:
+        return Rates(prefill_tokens_per_s=self.prefill, decode_tokens_per_s=self.decode,
+                     restore_bytes_per_s=self.restore, save_bytes_per_s=self.save)
+
+
 @runtime_checkable
 class Provider(Protocol):
     kind: ProviderKind

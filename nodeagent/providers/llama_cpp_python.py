@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from nodeagent.providers.base import (
+    MeasuredRates,
     GenerationRequest,
     GenerationResult,
     Health,
@@ -49,7 +50,6 @@ from nodeagent.providers.base import (
 )
 from nodeagent.providers.llama_worker import recv_frame, send_frame
 
-EWMA = 0.3  # weight of the newest measurement in the rates
 
 
 @dataclass(frozen=True)
@@ -72,18 +72,6 @@ class StreamResult:
     """Filled in when a `stream_events` iteration ends."""
 
     result: GenerationResult | None = None
-
-
-@dataclass
-class _Measured:
-    prefill: float | None = None
-    decode: float | None = None
-    save: float | None = None
-    restore: float | None = None
-
-    def update(self, name: str, value: float) -> None:
-        old = getattr(self, name)
-        setattr(self, name, value if old is None else (1 - EWMA) * old + EWMA * value)
 
 
 def _signal_name(returncode: int | None) -> str:
@@ -122,7 +110,7 @@ class LlamaCppPythonProvider:
         self._stderr: Any = None
         self._lock = threading.RLock()
         self._crash: str | None = None
-        self._measured = _Measured()
+        self._measured = MeasuredRates()
 
     # ------------------------------------------------------------ identity
     @property
@@ -352,9 +340,7 @@ class LlamaCppPythonProvider:
         return info["n_tokens"]
 
     def rates(self) -> Rates:
-        m = self._measured
-        return Rates(prefill_tokens_per_s=m.prefill, decode_tokens_per_s=m.decode,
-                     restore_bytes_per_s=m.restore, save_bytes_per_s=m.save)
+        return self._measured.snapshot()
 
     def stats(self) -> dict[str, Any]:
         """Worker RSS, llama.cpp's reported buffer sizes (MiB) and perf counters."""

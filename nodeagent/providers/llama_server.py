@@ -53,6 +53,7 @@ from nodeagent.contracts.provider import ProviderSpec
 from nodeagent.fsutil import atomic_write_text, fsync_dir
 from nodeagent.launch.health import check_health
 from nodeagent.providers.base import (
+    MeasuredRates,
     GenerationRequest,
     GenerationResult,
     Health,
@@ -65,7 +66,6 @@ from nodeagent.providers.base import (
     StateUnsupported,
 )
 
-EWMA = 0.3
 STATE_SEQ_MAGIC = 0x67677371  # 'ggsq', llama.cpp's sequence-state file magic
 STATE_SEQ_VERSION = 3
 TOKEN_NULL = -1  # LLAMA_TOKEN_NULL: marks the server's packed token list
@@ -201,18 +201,6 @@ class SlotPreparation:
     reason: str = ""  # why a candidate was not used
 
 
-@dataclass
-class _Measured:
-    prefill: float | None = None
-    decode: float | None = None
-    save: float | None = None
-    restore: float | None = None
-
-    def update(self, name: str, value: float) -> None:
-        old = getattr(self, name)
-        setattr(self, name, value if old is None else (1 - EWMA) * old + EWMA * value)
-
-
 class LlamaServerProvider:
     """A `Provider` backed by one llama-server process or container."""
 
@@ -238,7 +226,7 @@ class LlamaServerProvider:
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         self._context: dict[int, list[int]] = {}
         self._lock = threading.Lock()
-        self._measured = _Measured()
+        self._measured = MeasuredRates()
         self.last_restore: dict[str, Any] = {}
 
     @classmethod
@@ -545,9 +533,7 @@ class LlamaServerProvider:
         return parse_prometheus(response.text)
 
     def rates(self) -> Rates:
-        m = self._measured
-        return Rates(prefill_tokens_per_s=m.prefill, decode_tokens_per_s=m.decode,
-                     restore_bytes_per_s=m.restore, save_bytes_per_s=m.save)
+        return self._measured.snapshot()
 
     # ------------------------------------------------------------ OpenAI pass-through
     def models(self) -> dict[str, Any]:

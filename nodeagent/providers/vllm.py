@@ -28,6 +28,7 @@ import httpx
 from nodeagent.contracts.provider import ProviderSpec
 from nodeagent.launch.health import check_health
 from nodeagent.providers.base import (
+    MeasuredRates,
     GenerationRequest,
     GenerationResult,
     Health,
@@ -39,7 +40,6 @@ from nodeagent.providers.base import (
 )
 from nodeagent.providers.llama_server import Launcher, sse_events
 
-EWMA = 0.3
 
 # canonical field -> metric names that carry it, newest first
 _GAUGES_MEAN = {"kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")}
@@ -98,16 +98,6 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
     return VllmMetrics(**values)  # type: ignore[arg-type]
 
 
-@dataclass
-class _Measured:
-    prefill: float | None = None
-    decode: float | None = None
-
-    def update(self, name: str, value: float) -> None:
-        old = getattr(self, name)
-        setattr(self, name, value if old is None else (1 - EWMA) * old + EWMA * value)
-
-
 class VllmProvider:
     kind = "vllm"
 
@@ -119,7 +109,7 @@ class VllmProvider:
         self.spec = spec
         self.launcher = launcher
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
-        self._measured = _Measured()
+        self._measured = MeasuredRates()
 
     @classmethod
     def from_spec(cls, spec: ProviderSpec, launcher: Launcher | None = None, **kwargs: Any) -> "VllmProvider":
@@ -254,7 +244,7 @@ class VllmProvider:
         raise StateUnsupported(f"{self.name}: vLLM cannot restore KV state from a file (tiering is left to vLLM)")
 
     def rates(self) -> Rates:
-        return Rates(prefill_tokens_per_s=self._measured.prefill, decode_tokens_per_s=self._measured.decode)
+        return self._measured.snapshot()
 
     # ------------------------------------------------------------ extras
     def metrics(self) -> VllmMetrics:
