@@ -17,12 +17,11 @@ another core while the interpreter loads the models.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from nodeagent.probe.system import System
+from nodeagent.probe.system import Background, System
 
 if TYPE_CHECKING:
     from nodeagent.contracts.machine import MachineProfile
@@ -99,9 +98,9 @@ def _probe(system: System, state_dir: str | Path | None, cache_dir: str | Path |
         "runtime": (m.RuntimeInfo, lambda: runtime.probe_runtime(system)),
         "storage": (m.StorageInfo, lambda: storage.probe_storage(system, str(state_dir), str(cache_dir))),
     }
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="probe") as pool:
-        futures = {name: pool.submit(_guard, name, kind, fn, timings) for name, (kind, fn) in jobs.items()}
-        sections = {name: future.result() for name, future in futures.items()}
+    running = {name: Background(_guard, name, kind, fn, timings, name=f"probe-{name}")
+               for name, (kind, fn) in jobs.items()}
+    sections = {name: job.result() for name, job in running.items()}
 
     apple = _guard("asahi", m.AsahiInfo, lambda: asahi.probe_asahi(
         system, sections["host"], sections["cpu"], sections["memory"], sections["vulkan"]), timings)

@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -53,6 +52,33 @@ class CommandResult:
 
 
 Runner = Callable[[Sequence[str], float, Mapping[str, str] | None], CommandResult]
+
+
+class Background:
+    """Run a function in a thread now; `result()` waits for it and returns (or raises) its outcome.
+
+    Plain threads rather than concurrent.futures: that package (and the logging
+    it pulls in) is a measurable part of `agent-machine probe`'s start-up.
+    """
+
+    def __init__(self, fn: Callable[..., object], *args: object, name: str = "probe") -> None:
+        self._fn, self._args = fn, args
+        self._value: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as exc:  # handed to whoever collects the result
+            self._error = exc
+
+    def result(self) -> object:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def run_command(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
@@ -126,9 +152,8 @@ class System:
     statfs: Callable[[Path], FsUsage | None] = real_statfs
     # What the profile's ``root`` says; defaults to the root path (captures name themselves).
     label: str | None = None
-    _prefetched: dict[_CommandKey, Future] = field(default_factory=dict, init=False, repr=False)
+    _prefetched: dict[_CommandKey, Background] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def path(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")
@@ -181,9 +206,9 @@ class System:
         """Run a command, or collect the result of an earlier `prefetch` of it."""
         key = _key(argv, env)
         with self._lock:
-            future = self._prefetched.pop(key, None)
-        if future is not None:
-            return future.result()
+            pending = self._prefetched.pop(key, None)
+        if pending is not None:
+            return pending.result()  # type: ignore[return-value]
         return self.runner(argv, timeout, env)
 
     def prefetch(self, commands: Iterable[tuple[Sequence[str], float]]) -> None:
@@ -193,25 +218,22 @@ class System:
         external tools run on another core meanwhile; a later `run` of the same
         argv picks up the result. Each prefetched result is used once.
         """
-        commands = list(commands)
-        if not commands:
-            return
         with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=max(1, len(commands)),
-                                                thread_name_prefix="probe-cmd")
             for argv, timeout in commands:
                 key = _key(argv, None)
                 if key not in self._prefetched:
-                    self._prefetched[key] = self._pool.submit(self.runner, tuple(argv), timeout, None)
+                    self._prefetched[key] = Background(self.runner, tuple(argv), timeout, None,
+                                                       name=f"probe-{argv[0]}")
 
     def close(self) -> None:
-        """Wait for any prefetched command that nobody collected, then stop the pool."""
+        """Wait for any prefetched command that nobody collected (each is bounded by its timeout)."""
         with self._lock:
-            pool, self._pool = self._pool, None
-            self._prefetched.clear()
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pending, self._prefetched = list(self._prefetched.values()), {}
+        for item in pending:
+            try:
+                item.result()
+            except Exception:  # a runner that raised: nobody wanted the result
+                pass
 
     @property
     def is_real_root(self) -> bool:
