@@ -1,6 +1,8 @@
-"""Small builders for AgentPod documents used across tests."""
+"""Small helpers used across tests: AgentPod builders and polling."""
 
 from __future__ import annotations
+
+import time
 
 from nodeagent.contracts.pod import AgentPod
 
@@ -19,3 +21,13 @@ def make_pod(name: str = "p1", tenant: str = "acme", agent: str = "coder", model
             **spec_extra,
         },
     })
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; returns the last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False

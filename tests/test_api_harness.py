@@ -174,10 +174,4 @@ def make_node(tmp_path: Path, *, executor=StepExecutor, probe_fn=None, **env: st
     return node
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+from pod_factory import wait_for  # noqa: E402,F401  (re-exported for the API tests)

@@ -9,22 +9,13 @@ from nodeagent.config import load_config
 from nodeagent.contracts.pod import PodPhase
 from nodeagent.node import Node, NodeClosed, QueueFull
 
-from pod_factory import make_pod
+from pod_factory import make_pod, wait_for
 
 
 def env_for(tmp_path, **extra):
     return {"HOME": str(tmp_path), "AGENT_MACHINE_STATE_DIR": str(tmp_path / "state"),
             "AGENT_MACHINE_CONFIG_DIR": str(tmp_path / "cfg"), "AGENT_MACHINE_CACHE_DIR": str(tmp_path / "cache"),
             "AGENT_MACHINE_RUNTIME_DIR": str(tmp_path / "run"), **extra}
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class RecordingExecutor:
