@@ -25,8 +25,11 @@ benchmark measured first, kept here as `_legacy_lookup` and `_legacy_place`
 per-candidate work verbatim, its reason text abbreviated); ``after`` is the
 current code path (CacheManager.lookup_keys on the in-memory probe map,
 `place`). Both run on the same index and prompts, interleaved prompt by
-prompt so that background noise hits both alike, and must choose the same
-provider every time (``choice_mismatches``).
+prompt so that background noise hits both alike. Both must find the same
+prefix depth per tier (``lookup_depth_mismatches``); where they name the same
+entries they must choose the same provider (``choice_mismatches`` of
+``choices_compared``): the current lookup names the smallest entry covering
+the prefix (the cheapest restore), the first named any.
 
 Two queue scenarios: ``queued`` (each provider has 0-20K tokens of prefill
 queued, as in the first measurement) and ``idle`` (every queue empty: no
@@ -49,13 +52,13 @@ import uuid
 from pathlib import Path
 
 from nodeagent.kvcache.blocks import Namespace, block_keys
-from nodeagent.kvcache.index import EntryRow
+from nodeagent.kvcache.index import ENTRY_COLUMNS, MIGRATIONS, EntryRow
 from nodeagent.kvcache.manager import TIERS, CacheManager, visible_owners
 from nodeagent.kvcache.tiers import TierStore
 from nodeagent.scheduler.cost import Terms, load_s, prefill_s, queue_wait_s, restore_s
 from nodeagent.scheduler.placement import CandidateState, ContextBlocks, PlacementRequest, TierMatch, place
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
-from nodeagent.store import connect
+from nodeagent.store import connect, migrate
 
 MODEL = "sha256:" + "1" * 64
 FORMAT = "llama_cpp_python"
@@ -73,9 +76,14 @@ def rss_bytes() -> int:
 
 
 def build(state_dir: Path, target_blocks: int, agents: int, seed: int):
+    """The current index (a CacheManager's) and, beside it, the same entries in the first
+    schema (one row per block, migration step 0) for the "before" lookups."""
     rng = random.Random(seed)
     cm = CacheManager(connect(state_dir / "state.db"), TierStore("T1", state_dir / "t1", 1 << 40),
                       TierStore("T2", state_dir / "t2", 1 << 40))
+    legacy = connect(state_dir / "legacy.db")
+    migrate(legacy, "kvcache", MIGRATIONS[:1])
+    legacy.execute("BEGIN")
     namespace = Namespace(MODEL, "tenant", "acme")
     # Tuples, not lists: the collector untracks tuples of ints, so ~60M benchmark tokens
     # do not turn every full collection into a quarter-second pause inside the timings.
@@ -90,15 +98,21 @@ def build(state_dir: Path, target_blocks: int, agents: int, seed: int):
             keys = block_keys(tokens, namespace)
             tier = "T1" if rng.random() < 0.3 else "T2"
             entry_id = uuid.uuid4().hex
-            cm.index.insert(EntryRow(
+            row = EntryRow(
                 id=entry_id, deepest_key=keys[-1], model_digest=MODEL, scope="tenant", owner="acme", tenant="acme",
                 state_format=FORMAT, n_tokens=len(tokens), n_blocks=len(keys), block_tokens=BLOCK, tier=tier,
                 file=str(cm.stores[tier].path(entry_id)), bytes=len(tokens) * 36_864,
                 content_digest="sha256:" + "0" * 64, hits=0, created_at=now, last_used_at=now, pinned=False,
-                priority=rng.random()), keys)
+                priority=rng.random())
+            cm.index.insert(row, keys)
+            legacy.execute(f"INSERT INTO kv_entries ({ENTRY_COLUMNS}) VALUES ({', '.join('?' * 19)})",
+                           [getattr(row, name.strip()) for name in ENTRY_COLUMNS.split(",")])
+            legacy.executemany("INSERT OR IGNORE INTO kv_blocks (block_key, depth, entry_id) VALUES (?, ?, ?)",
+                               [(key, depth, entry_id) for depth, key in enumerate(keys)])
             pods.append(tokens)
             rows += len(keys)
-    return cm, namespace, contexts, pods
+    legacy.execute("COMMIT")
+    return cm, legacy, namespace, contexts, pods
 
 
 # ------------------------------------------------------------------ the code path measured first ("before")
@@ -110,23 +124,23 @@ def _legacy_visible_at(conn, key: bytes, owners: list[str], state_format: str, t
     return row[0] if row else None
 
 
-def _legacy_lookup(cm: CacheManager, keys: list[bytes], owners: list[str], state_format: str) -> list[TierMatch]:
+def _legacy_lookup(legacy, keys: list[bytes], owners: list[str], state_format: str) -> list[TierMatch]:
     """Binary search per tier, each probe a join of kv_blocks and kv_entries, then the entry row."""
     owners = sorted(set(owners))
     matches = []
-    with cm._lock:
-        for tier in TIERS:
-            lo, hi, found = 0, len(keys), None
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                entry_id = _legacy_visible_at(cm.index.conn, keys[mid - 1], owners, state_format, tier)
-                if entry_id is not None:
-                    lo, found = mid, entry_id
-                else:
-                    hi = mid - 1
-            row = cm.index.get(found) if found is not None else None
-            if row is not None:
-                matches.append(TierMatch(tier, lo * row.block_tokens, row.bytes, state_format, row.id))
+    for tier in TIERS:
+        lo, hi, found = 0, len(keys), None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            entry_id = _legacy_visible_at(legacy, keys[mid - 1], owners, state_format, tier)
+            if entry_id is not None:
+                lo, found = mid, entry_id
+            else:
+                hi = mid - 1
+        row = legacy.execute(f"SELECT {ENTRY_COLUMNS} FROM kv_entries WHERE id = ?", (found,)).fetchone()
+        if row is not None:
+            row = EntryRow.from_row(row)
+            matches.append(TierMatch(tier, lo * row.block_tokens, row.bytes, state_format, row.id))
     return matches
 
 
@@ -228,14 +242,14 @@ class Burners:
             proc.wait()
 
 
-def measure(cm, namespace, prompts, providers, registry, t0_held, hot, queued, *, render_every: int) -> dict:
+def measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, queued, *, render_every: int) -> dict:
     owners = visible_owners(namespace)
     parts = ("hash", "lookup", "t0", "candidates", "place", "decision", "with_hashing")
     times = {path: {part: [] for part in parts} for path in ("before", "after")}
     render_us: list[float] = []
-    mismatches = 0
+    mismatches = depth_mismatches = compared = 0
 
-    def one(path: str, prompt: tuple[int, ...]) -> str:
+    def one(path: str, prompt: tuple[int, ...]) -> tuple[str, tuple]:
         t = times[path]
         start = time.perf_counter_ns()
         keys = block_keys(prompt, namespace)
@@ -245,7 +259,7 @@ def measure(cm, namespace, prompts, providers, registry, t0_held, hot, queued, *
             matches = tuple(TierMatch(m.tier, m.cached_tokens, m.bytes, FORMAT, m.entry_id)
                             for m in lookup.by_tier.values())
         else:
-            matches = tuple(_legacy_lookup(cm, keys, owners, FORMAT))
+            matches = tuple(_legacy_lookup(legacy, keys, owners, FORMAT))
         looked = time.perf_counter_ns()
         if path == "after":
             t0 = [t0_held[name].matched_blocks(keys) * BLOCK if hot[name] else 0 for name in providers]
@@ -271,14 +285,22 @@ def measure(cm, namespace, prompts, providers, registry, t0_held, hot, queued, *
             rendered = time.perf_counter_ns()
             decision.to_contract()
             render_us.append((time.perf_counter_ns() - rendered) / 1000)
-        return chosen  # type: ignore[return-value]
+        return chosen, matches  # type: ignore[return-value]
 
     load_before = os.getloadavg()
     gc_before = sum(s["collections"] for s in gc.get_stats())
     for i, prompt in enumerate(prompts):
         order = ("before", "after") if i % 2 == 0 else ("after", "before")
-        chosen = {path: one(path, prompt) for path in order}
-        mismatches += chosen["before"] != chosen["after"]
+        out = {path: one(path, prompt) for path in order}
+        (before, before_matches), (after, after_matches) = out["before"], out["after"]
+        # Both lookups must find the same depth per tier. They may name different entries
+        # covering it (the current one restores the smallest); with the same entries, the
+        # choice must be the same.
+        depth_mismatches += ([(m.tier, m.cached_tokens) for m in before_matches]
+                             != [(m.tier, m.cached_tokens) for m in after_matches])
+        if before_matches == after_matches:
+            compared += 1
+            mismatches += before != after
     load_after = os.getloadavg()
     summary: dict = {
         path: {part: {"p50": round(pct(v, 50), 1), "p99": round(pct(v, 99), 1),
@@ -286,7 +308,9 @@ def measure(cm, namespace, prompts, providers, registry, t0_held, hot, queued, *
         for path, by_part in times.items()
     }
     summary["contract_render_us"] = {"p50": round(pct(render_us, 50), 1), "p99": round(pct(render_us, 99), 1)}
+    summary["lookup_depth_mismatches"] = depth_mismatches
     summary["choice_mismatches"] = mismatches
+    summary["choices_compared"] = compared
     summary["loadavg_1m_before_after"] = [round(load_before[0], 2), round(load_after[0], 2)]
     summary["gc_collections"] = sum(s["collections"] for s in gc.get_stats()) - gc_before
     return summary
@@ -308,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="placement-bench-") as tmp:
         started = time.perf_counter()
-        cm, namespace, contexts, pods = build(Path(tmp), args.blocks, args.agents, args.seed)
+        cm, legacy, namespace, contexts, pods = build(Path(tmp), args.blocks, args.agents, args.seed)
         print(f"index: {cm.index.block_rows()} block rows, {len(pods)} entries, built in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
         rss = rss_bytes()
@@ -348,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 time.sleep(1.0 if burn else 0.0)
                 for scenario, queues in scenarios.items():
-                    run = measure(cm, namespace, prompts, providers, registry, t0_held, hot, queues,
+                    run = measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, queues,
                                   render_every=10)
                     run.update(scenario=scenario, background_burners=burn)
                     result["runs"].append(run)

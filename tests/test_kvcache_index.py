@@ -114,12 +114,6 @@ def test_lookup_filters_by_state_format_and_queries_are_logarithmic(tmp_path, mo
     found = cm.lookup(tokens, ns, state_format="llama_cpp_python")
     assert found.best.blocks == 40
     assert 0 < len(calls) <= 2 * 7  # two tiers x ceil(log2(64 + 1)) probes, not 64 per tier
-    sql_calls = []
-    original_sql = cm.index._visible_at
-    cm.index._visible_at = lambda *a, **k: sql_calls.append(1) or original_sql(*a, **k)
-    assert cm.index.deepest(cm.keys(tokens, ns), ["acme", "public"], "llama_cpp_python", "T1",
-                            source="sqlite")[0] == 40
-    assert 0 < len(sql_calls) <= 7
 
 
 def test_longer_state_of_the_same_prefix_supersedes_the_shorter(tmp_path):
@@ -133,22 +127,35 @@ def test_longer_state_of_the_same_prefix_supersedes_the_shorter(tmp_path):
     assert again.id == second.id
 
 
-# ---------------------------------------------------------------- the in-memory probe map vs SQLite
+# ---------------------------------------------------------------- the in-memory probe map vs the tables
 def both_sources_agree(cm, tokens, namespace, fmt="fmt"):
-    """The decision path (probe map) answers exactly what the tables answer, per tier."""
+    """The decision path (probe map) answers, per tier, exactly what a brute-force
+    scan of the entries' stored block keys answers."""
     keys = cm.keys(tokens, namespace)
     owners = visible_owners(namespace)
     fast = cm.index.deepest_per_tier(keys, owners, fmt)
     for tier in TIERS:
-        from_sql = cm.index.deepest(keys, owners, fmt, tier, source="sqlite")
-        from_map = cm.index.deepest(keys, owners, fmt, tier, source="memory")
-        depth_sql = from_sql[0] if from_sql else 0
-        assert (from_map[0] if from_map else 0) == depth_sql
-        assert (fast[tier][0] if tier in fast else 0) == depth_sql
+        expected, covering = 0, []
+        for entry in cm.entries(tier=tier):
+            if entry.state_format != fmt or entry.owner not in owners:
+                continue
+            held = cm.index.entry_keys(entry.id)
+            n = 0
+            while n < min(len(held), len(keys)) and held[n] == keys[n]:
+                n += 1
+            if n > expected:
+                expected, covering = n, [entry]
+            elif n == expected and n:
+                covering.append(entry)
+        assert (fast[tier][0] if tier in fast else 0) == expected
+        from_rows = cm.index.deepest(keys, owners, fmt, tier)
+        assert (from_rows[0] if from_rows else 0) == expected
         if tier in fast:  # the entry named really covers that prefix, in that tier
             entry = cm.get(fast[tier][1].id)
-            assert entry is not None and entry.tier == tier and entry.blocks >= depth_sql
+            assert entry is not None and entry.tier == tier
+            assert cm.index.entry_keys(entry.id)[:expected] == keys[:expected]
             assert fast[tier][1].n_tokens == entry.tokens and fast[tier][1].bytes == entry.bytes
+            assert entry.bytes == min(e.bytes for e in covering)  # the cheapest state to restore
 
 
 map_op = st.one_of(
@@ -238,7 +245,8 @@ def test_an_eviction_by_another_connection_is_seen_by_the_next_lookup(tmp_path):
 
 
 def test_an_index_of_the_first_schema_is_migrated_in_place(tmp_path):
-    """Step 0 had block rows without format, tier and owner; step 1 copies them in."""
+    """Step 0 kept one row per block; steps 1-2 fold them into their entry's row, in
+    depth order, and drop an entry whose rows were incomplete."""
     conn = connect(tmp_path / "state.db")
     migrate(conn, "kvcache", MIGRATIONS[:1])
     ns = Namespace(MODEL, "tenant", "acme")
@@ -251,10 +259,19 @@ def test_an_index_of_the_first_schema_is_migrated_in_place(tmp_path):
         " priority) VALUES ('old', ?, ?, 'tenant', 'acme', 'acme', 'fmt', ?, 3, ?, 'T2', 'f', 10, 'sha256:x', 0,"
         " 0, 0, 0, 0)", (keys[-1], MODEL, len(tokens), B))
     conn.executemany("INSERT INTO kv_blocks (block_key, depth, entry_id) VALUES (?, ?, 'old')",
-                     [(k, d) for d, k in enumerate(keys)])
+                     [(k, d) for d, k in reversed(list(enumerate(keys)))])  # any insertion order
+    conn.execute(
+        "INSERT INTO kv_entries (id, deepest_key, model_digest, scope, owner, tenant, state_format, n_tokens,"
+        " n_blocks, block_tokens, tier, file, bytes, content_digest, hits, created_at, last_used_at, pinned,"
+        " priority) SELECT 'torn', deepest_key, model_digest, scope, owner, tenant, state_format, n_tokens,"
+        " n_blocks, block_tokens, tier, file, bytes, content_digest, hits, created_at, last_used_at, pinned,"
+        " priority FROM kv_entries WHERE id = 'old'")
+    conn.execute("INSERT INTO kv_blocks (block_key, depth, entry_id) VALUES (?, 0, 'torn')", (keys[0],))
     conn.execute("COMMIT")
     index = CacheIndex(conn)
     assert index.check_consistency() == []
+    assert index.entry_keys("old") == keys
+    assert index.get("torn") is None  # 1 of its 3 block rows: not servable, dropped
     found = index.deepest_per_tier(keys, ["acme", "public"], "fmt")
     assert set(found) == {"T2"} and found["T2"][0] == 3 and found["T2"][1].id == "old"
-    assert index.deepest(keys, ["acme"], "fmt", "T2", source="sqlite")[0] == 3
+    assert index.deepest(keys[:2], ["acme"], "fmt", "T2")[0] == 2

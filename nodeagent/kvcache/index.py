@@ -2,54 +2,44 @@
 
 Tables:
 * ``kv_entries``: one row per saved state (`CacheEntry` metadata): tier, file,
-  bytes, content digest, hits, last use, pin, GDSF priority.
-* ``kv_blocks``: ``(block_key, state_format, tier, owner, entry_id, depth)``
-  for *every* full block an entry covers, not only its deepest one. The
-  entry's state format, tier and owner are copied into each of its block rows
-  (denormalised, migration step 1) so that "is key k covered by an entry of
-  this format, in this tier, that these owners may see?" is one seek in the
-  primary key, with no join and no row of another format, tier or owner read.
+  bytes, content digest, hits, last use, pin, GDSF priority, and
+  ``block_keys``: the keys of *every* full block the state covers, shallowest
+  first, concatenated (32 bytes each).
 * ``kv_counters``: hit/miss/eviction counters; ``kv_clock``: the GDSF
-  inflation value L of each tier.
+  inflation value L of each tier; ``kv_meta``: the generation (below).
 
-Invariants (the lookup relies on both):
-1. An entry with ``n`` full blocks has exactly the rows ``depth = 0..n-1`` in
-   ``kv_blocks``, inserted in the same transaction as the entry and deleted
-   with it (ON DELETE CASCADE). Because block keys are chained, "some visible
-   entry covers key(d)" is then monotone in ``d``: if it holds at depth d it
-   holds at every shallower depth. So the deepest cached prefix of a sequence
-   is found by binary search over the sequence's block keys: O(log n) indexed
-   point queries for n blocks (within the O(n) bound), whatever the number of
-   entries.
-2. A block row's ``state_format``, ``tier`` and ``owner`` equal its entry's.
-   Format and owner never change; a tier move updates the entry and its block
-   rows in one transaction (`move`). `check_consistency` verifies it.
+Invariant (the lookup relies on it): an entry with ``n`` full blocks carries
+exactly their ``n`` keys, the last being ``deepest_key``. Because block keys
+are chained, "some visible entry covers key(d)" is then monotone in ``d``: if
+it holds at depth d it holds at every shallower depth. So the deepest cached
+prefix of a sequence is found by binary search over the sequence's block
+keys: O(log n) probes for n blocks (within the O(n) bound), whatever the
+number of entries. `check_consistency` verifies the invariant.
 
-Probes in memory. A placement decision probes ~2 log2(n) block keys; through
-SQLite each probe costs 5-10 us (statement, locks, b-tree), in a dict well
-under one. So lookups read `ProbeMap`, an in-memory copy of ``kv_blocks``
-(block key -> the entries covering it, with their format, tier and owner),
-while SQLite stays the durable truth:
+Probes run in memory. A placement decision probes ~2 log2(n) block keys, a
+node saves a state after every turn. Through SQLite a probe cost 5-10 us and
+indexing every block of a state as its own row made a save write ~150
+scattered b-tree pages (3-8 ms, most of it the block rows). So SQLite keeps
+each entry's keys as one value (a save writes one row) and lookups read
+`ProbeMap`, a hash map from block key to the entries covering it, with their
+format, tier and owner, derived from the table. SQLite stays the durable
+truth:
 
-* it is built from ``kv_blocks`` on the first lookup (not on open: CLI
-  commands that never look up never pay for it), ~1-2 s per million rows;
+* the map is built from ``kv_entries`` on the first lookup (not on open: CLI
+  commands that never look up never pay for it), ~0.5 s per million blocks;
 * every write goes through `CacheIndex.transaction`, which applies the same
   change to the map; a rollback discards the map (rebuilt on next use), so
   the map never holds an uncommitted change after the transaction ends;
-* ``kv_meta.generation`` is bumped by every transaction that changes block
-  rows. Before a lookup, ``PRAGMA data_version`` (a counter of commits by
-  *other* connections, e.g. ``agent-machine cache evict`` while the daemon
-  runs) is compared with the last one seen; if it moved and the generation is
-  not the map's, the map is rebuilt. A crash loses only the map.
-
-``deepest(..., source="sqlite")`` answers the same question from the tables
-(one primary-key seek per probe); the property tests check both agree.
+* ``kv_meta.generation`` is bumped by every transaction that adds, drops or
+  moves an entry. Before a lookup, ``PRAGMA data_version`` (a counter of
+  commits by *other* connections, e.g. ``agent-machine cache evict`` while
+  the daemon runs) is compared with the last one seen; if it moved and the
+  generation is not the map's, the map is rebuilt. A crash loses only the map.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -116,11 +106,28 @@ MIGRATIONS = [
     CREATE TABLE kv_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO kv_meta (name, value) VALUES ('generation', 0)
     """,
+    # Step 2: an entry's block keys become one column of its row (see the module
+    # docstring: probes moved to memory, and per-block rows made every save slow).
+    # Keys are concatenated in depth order; an entry whose rows were incomplete
+    # is dropped (its file is then an orphan, removed by CacheManager.recover).
+    """
+    ALTER TABLE kv_entries ADD COLUMN block_keys BLOB NOT NULL DEFAULT x'';
+    CREATE INDEX kv_blocks_chain ON kv_blocks (entry_id, depth);
+    WITH RECURSIVE chain (entry_id, depth, acc) AS (
+        SELECT entry_id, 0, block_key FROM kv_blocks WHERE depth = 0
+        UNION ALL
+        SELECT c.entry_id, c.depth + 1, CAST(c.acc || b.block_key AS BLOB)
+        FROM chain c JOIN kv_blocks b ON b.entry_id = c.entry_id AND b.depth = c.depth + 1
+    )
+    UPDATE kv_entries SET block_keys = COALESCE(
+        (SELECT acc FROM chain WHERE chain.entry_id = kv_entries.id AND chain.depth = kv_entries.n_blocks - 1), x'');
+    DELETE FROM kv_entries WHERE length(block_keys) != 32 * n_blocks
+        OR (n_blocks > 0 AND substr(block_keys, -32) != deepest_key);
+    DROP TABLE kv_blocks
+    """,
 ]
 
-# Page cache for the index (KiB when negative): a probe touches a few pages of
-# the block b-tree's upper levels, which must stay in memory.
-CACHE_KIB = 64 << 10
+KEY_BYTES = 32
 
 ENTRY_COLUMNS = (
     "id, deepest_key, model_digest, scope, owner, tenant, state_format, n_tokens, n_blocks, block_tokens,"
@@ -275,6 +282,25 @@ class ProbeMap:
                 return self.meta[handles[0]]
         return None
 
+    def smallest(self, key: bytes, state_format: str, tier: str | None, owners: Sequence[str]) -> tuple | None:
+        """Like `probe`, but of all the entries that qualify, the one with the fewest bytes
+        (the cheapest to restore). Asked once per lookup, at the deepest key found."""
+        held = self.blocks.get(key)
+        if held is None or held.__class__ is int:
+            return self.probe(key, state_format, tier, owners)
+        best = None
+        for group, handles in held:
+            if group[0] == state_format and (tier is None or group[1] == tier) and group[2] in owners:
+                for handle in handles:
+                    entry = self.meta[handle]
+                    if best is None or entry[5] < best[5]:
+                        best = entry
+        return best
+
+
+def _split_keys(blob: bytes) -> list[bytes]:
+    return [blob[i:i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
+
 
 def _with(held: tuple, group: Group, handle: int) -> tuple:
     """``held`` (group, handles) pairs with ``handle`` added to ``group``."""
@@ -305,11 +331,9 @@ class CacheIndex:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         migrate(conn, COMPONENT, MIGRATIONS)
-        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-        # Probes and map upkeep run on their own cursor returning plain tuples (no Row objects).
+        # Map upkeep runs on its own cursor returning plain tuples (no Row objects).
         self._cursor = conn.cursor()
         self._cursor.row_factory = None
-        self._probe_sql: dict[tuple[int, bool], str] = {}
         self._map: ProbeMap | None = None
         self._map_generation = -1  # kv_meta.generation the map reflects
         self._data_version = -1  # PRAGMA data_version when the map was last known current
@@ -357,9 +381,10 @@ class CacheIndex:
         if not self._in_tx:
             raise RuntimeError("CacheIndex writes must run inside CacheIndex.transaction()")
 
-    def _keys_of(self, entry_id: str) -> list[bytes]:
-        return [r[0] for r in self._cursor.execute("SELECT block_key FROM kv_blocks WHERE entry_id = ?",
-                                                   (entry_id,)).fetchall()]
+    def entry_keys(self, entry_id: str) -> list[bytes]:
+        """The block keys an entry covers, shallowest first (empty if no such entry)."""
+        rows = self._cursor.execute("SELECT block_keys FROM kv_entries WHERE id = ?", (entry_id,)).fetchall()
+        return _split_keys(rows[0][0]) if rows else []
 
     # ------------------------------------------------------------ writes
     def insert(self, entry: EntryRow, keys: Sequence[bytes]) -> None:
@@ -367,17 +392,15 @@ class CacheIndex:
         self._require_tx()
         if len(keys) != entry.n_blocks or (keys and keys[-1] != entry.deepest_key):
             raise ValueError("an entry must be indexed under every one of its block keys")
+        joined = b"".join(keys)
+        if len(joined) != KEY_BYTES * len(keys):
+            raise ValueError(f"block keys are {KEY_BYTES} bytes each")
         self.conn.execute(
-            f"INSERT INTO kv_entries ({ENTRY_COLUMNS}) VALUES ({', '.join('?' * 19)})",
+            f"INSERT INTO kv_entries ({ENTRY_COLUMNS}, block_keys) VALUES ({', '.join('?' * 20)})",
             (entry.id, entry.deepest_key, entry.model_digest, entry.scope, entry.owner, entry.tenant,
              entry.state_format, entry.n_tokens, entry.n_blocks, entry.block_tokens, entry.tier, entry.file,
              entry.bytes, entry.content_digest, entry.hits, entry.created_at, entry.last_used_at,
-             int(entry.pinned), entry.priority),
-        )
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO kv_blocks (block_key, state_format, tier, owner, entry_id, depth)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            ((key, entry.state_format, entry.tier, entry.owner, entry.id, depth) for depth, key in enumerate(keys)),
+             int(entry.pinned), entry.priority, joined),
         )
         self._tx_changes_blocks = True
         if self._map is not None:
@@ -385,22 +408,21 @@ class CacheIndex:
                                    entry.bytes, entry.block_tokens), keys)
 
     def delete(self, entry_id: str) -> None:
-        """Inside `transaction`; the block rows go with the entry (ON DELETE CASCADE)."""
+        """Inside `transaction`."""
         self._require_tx()
         if self._map is not None and entry_id in self._map.handles:
-            self._map.remove(entry_id, self._keys_of(entry_id))
+            self._map.remove(entry_id, self.entry_keys(entry_id))
         if self.conn.execute("DELETE FROM kv_entries WHERE id = ?", (entry_id,)).rowcount:
             self._tx_changes_blocks = True
 
     def move(self, entry_id: str, tier: str, file: str, priority: float) -> None:
-        """Inside `transaction`: the entry and its block rows change tier together."""
+        """Inside `transaction`."""
         self._require_tx()
         self.conn.execute("UPDATE kv_entries SET tier = ?, file = ?, priority = ? WHERE id = ?",
                           (tier, file, priority, entry_id))
-        self.conn.execute("UPDATE kv_blocks SET tier = ? WHERE entry_id = ?", (tier, entry_id))
         self._tx_changes_blocks = True
         if self._map is not None:
-            self._map.move(entry_id, tier, self._keys_of(entry_id))
+            self._map.move(entry_id, tier, self.entry_keys(entry_id))
 
     def touch(self, entry_id: str, now: float, priority: float) -> None:
         self.conn.execute("UPDATE kv_entries SET hits = hits + 1, last_used_at = ?, priority = ? WHERE id = ?",
@@ -470,27 +492,18 @@ class CacheIndex:
         return float(row[0]) if row else 0.0
 
     def block_rows(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM kv_blocks").fetchone()[0])
+        """Blocks indexed, over all entries (a prefix shared by k entries counts k times)."""
+        return int(self.conn.execute("SELECT COALESCE(SUM(n_blocks), 0) FROM kv_entries").fetchone()[0])
 
     def check_consistency(self) -> list[str]:
-        """Violations of the module invariants (empty when the index is sound)."""
-        problems = [
-            f"block rows of entry {row[0]} disagree with it on format, tier or owner"
+        """Violations of the module invariant (empty when the index is sound)."""
+        return [
+            f"entry {row[0]} has {row[1]} bytes of block keys for {row[2]} blocks, or a last key that is not its"
+            " deepest key"
             for row in self.conn.execute(
-                "SELECT DISTINCT b.entry_id FROM kv_blocks b JOIN kv_entries e ON e.id = b.entry_id"
-                " WHERE b.state_format != e.state_format OR b.tier != e.tier OR b.owner != e.owner")
+                "SELECT id, length(block_keys), n_blocks FROM kv_entries WHERE length(block_keys) != ? * n_blocks"
+                " OR (n_blocks > 0 AND substr(block_keys, ?) != deepest_key)", (KEY_BYTES, -KEY_BYTES))
         ]
-        problems += [
-            f"entry {row[0]} has {row[2]} block rows at depths {row[3]}..{row[4]}, expected {row[1]} at 0..{row[1] - 1}"
-            for row in self.conn.execute(
-                "SELECT e.id, e.n_blocks, COUNT(b.entry_id), MIN(b.depth), MAX(b.depth) FROM kv_entries e"
-                " LEFT JOIN kv_blocks b ON b.entry_id = e.id GROUP BY e.id"
-                " HAVING COUNT(b.entry_id) != e.n_blocks OR (e.n_blocks > 0 AND"
-                " (MIN(b.depth) != 0 OR MAX(b.depth) != e.n_blocks - 1))")
-        ]
-        problems += [f"block rows of a missing entry {row[0]}" for row in self.conn.execute(
-            "SELECT DISTINCT entry_id FROM kv_blocks WHERE entry_id NOT IN (SELECT id FROM kv_entries)")]
-        return problems
 
     # ------------------------------------------------------------ probes
     def probe_map(self) -> ProbeMap:
@@ -515,16 +528,9 @@ class CacheIndex:
             self.conn.execute("BEGIN")
         try:
             generation = self._generation()
-            sizes = {row[0]: row[1:] for row in self._cursor.execute(
-                "SELECT id, n_tokens, bytes, block_tokens FROM kv_entries").fetchall()}
-            rows = self._cursor.execute(
-                # The (entry_id) index covers these columns (it carries the primary key):
-                # rows arrive grouped by entry without a sort.
-                "SELECT entry_id, state_format, tier, owner, block_key FROM kv_blocks INDEXED BY kv_blocks_entry"
-                " ORDER BY entry_id")
-            for (entry_id, state_format, tier, owner), group in itertools.groupby(rows, key=lambda r: r[:4]):
-                probe_map.add(MapEntry(entry_id, state_format, tier, owner, *sizes[entry_id]),
-                              [r[4] for r in group])
+            for row in self._cursor.execute(
+                    "SELECT id, state_format, tier, owner, n_tokens, bytes, block_tokens, block_keys FROM kv_entries"):
+                probe_map.add(MapEntry(*row[:7]), _split_keys(row[7]))
         finally:
             if own_tx:
                 self.conn.execute("COMMIT")
@@ -532,60 +538,27 @@ class CacheIndex:
         self.map_builds += 1
         self.last_build_s = time.perf_counter() - started
 
-    def _visible_at(self, key: bytes, owners: Sequence[str], state_format: str, tier: str | None) -> str | None:
-        """The id of some visible entry covering ``key``, or None: one primary-key seek per owner."""
-        sql = self._probe_sql.get((len(owners), tier is None))
-        if sql is None:
-            sql = ("SELECT entry_id FROM kv_blocks WHERE block_key = ? AND state_format = ?"
-                   + (" AND tier IN ('T1', 'T2')" if tier is None else " AND tier = ?")
-                   + f" AND owner IN ({', '.join('?' * len(owners))}) LIMIT 1")
-            self._probe_sql[(len(owners), tier is None)] = sql
-        params = (key, state_format, *owners) if tier is None else (key, state_format, tier, *owners)
-        # fetchall (of at most one row) runs the statement to its end, so it holds no
-        # read snapshot open between lookups (which would keep the WAL from resetting).
-        rows = self._cursor.execute(sql, params).fetchall()
-        return rows[0][0] if rows else None
-
     def deepest(self, keys: Sequence[bytes], owners: Iterable[str], state_format: str,
-                tier: str | None = None, *, source: str = "memory") -> tuple[int, EntryRow] | None:
-        """(blocks matched, an entry covering them) for the deepest visible cached prefix.
-
-        Binary search relying on invariant 1: O(log n) probes, each a dict
-        lookup in the probe map (``source="memory"``) or a primary-key seek
-        (``source="sqlite"``). Both give the same answer.
-        """
-        owners = tuple(sorted(set(owners)))
-        if source == "memory":
-            probe_map = self.probe_map()
-
-            def visible(key: bytes) -> str | None:
-                entry = probe_map.probe(key, state_format, tier, owners)
-                return None if entry is None else entry[0]
-        elif source == "sqlite":
-            def visible(key: bytes) -> str | None:
-                return self._visible_at(key, owners, state_format, tier)
-        else:
-            raise ValueError(f"index source must be memory or sqlite, got {source!r}")
-        lo, hi = 0, len(keys)  # answer (blocks matched) lies in [lo, hi]
-        found: str | None = None
-        while lo < hi:
-            mid = (lo + hi + 1) // 2  # test "matched >= mid" via key index mid-1
-            entry_id = visible(keys[mid - 1])
-            if entry_id is not None:
-                lo, found = mid, entry_id
-            else:
-                hi = mid - 1
-        # `found` came from the probe that raised `lo` last, i.e. covers depth lo.
-        row = self.get(found) if found is not None else None
-        return (lo, row) if row is not None else None
+                tier: str | None = None) -> tuple[int, EntryRow] | None:
+        """(blocks matched, an entry covering them) for the deepest visible cached prefix
+        in ``tier`` (None: either), with the entry's full row; see `deepest_per_tier`."""
+        found = self.deepest_per_tier(keys, owners, state_format, (tier,) if tier else (None,))
+        if not found:
+            return None
+        blocks, entry = next(iter(found.values()))
+        row = self.get(entry.id)
+        return (blocks, row) if row is not None else None
 
     def deepest_per_tier(self, keys: Sequence[bytes], owners: Iterable[str], state_format: str,
-                         tiers: Sequence[str] = ("T1", "T2")) -> dict[str, tuple[int, MapEntry]]:
-        """The decision-path lookup: for each tier, (blocks matched, an entry covering them)
-        of the deepest visible prefix, from the probe map alone (no SQL beyond the
-        staleness check). Same answer as `deepest` per tier."""
+                         tiers: Sequence[str | None] = ("T1", "T2")) -> dict[str | None, tuple[int, MapEntry]]:
+        """The decision-path lookup: for each tier (None: any), (blocks matched, the smallest
+        entry covering them) of the deepest prefix visible to ``owners`` in ``state_format``.
+
+        Binary search relying on the module invariant: O(log n) probes of the
+        probe map, no SQL beyond the staleness check."""
         owners = tuple(sorted(set(owners)))
-        probe = self.probe_map().probe
+        probe_map = self.probe_map()
+        probe = probe_map.probe
         found_by_tier: dict[str, tuple[int, MapEntry]] = {}
         for tier in tiers:
             lo, hi = 0, len(keys)
@@ -598,5 +571,7 @@ class CacheIndex:
                 else:
                     hi = mid - 1
             if found is not None:
+                # Every entry covering key(lo) holds the same prefix: restore the smallest.
+                found = probe_map.smallest(keys[lo - 1], state_format, tier, owners) or found
                 found_by_tier[tier] = (lo, MapEntry(*found))
         return found_by_tier
