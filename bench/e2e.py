@@ -87,7 +87,7 @@ TENANT = "bench"
 class TraceParams:
     seed: int = 0
     agents: int = 4
-    pods: int = 8
+    pods: int = 24  # 1/4 of the issue's 96 pods over 16 agents, as agents are 4
     zipf_s: float = 1.1
     context_len: tuple[int, int] = (600, 1200)  # system + tools, shared by an agent's pods
     task_len: tuple[int, int] = (30, 80)
@@ -194,6 +194,7 @@ class Record:
     ttft_provider_s: float | None = None
     done_s: float | None = None  # send -> answer back at the client
     error: str | None = None
+    round: int = 0
 
 
 def drive(chains: list[list[Request]], send: Callable[[Request], Record], *, clients: int,
@@ -474,7 +475,8 @@ class RunParams:
     arm_timeout: float = 420.0
 
 
-def summarize(arm: str, records: list[Record], wall_s: float, load: tuple[float, float]) -> dict:
+def summarize(arm: str, records: list[Record], wall_s: float, loads: list[tuple[float, float]]) -> dict:
+    """``loads``: the 1-minute load average before and after each run of the arm."""
     ok = [r for r in records if r.ok]
     e2e = [r.ttft_e2e_s for r in ok if r.ttft_e2e_s is not None]
     at = [r.ttft_provider_s for r in ok if r.ttft_provider_s is not None]
@@ -499,7 +501,7 @@ def summarize(arm: str, records: list[Record], wall_s: float, load: tuple[float,
         "first_turn_p50_s": pct(first_turns, 50), "later_turn_p50_s": pct(later_turns, 50),
         "hit_rate": cached / prompt if prompt else 0.0, "prompt_tokens": prompt, "cached_tokens": cached,
         "evaluated_tokens": sum(r.evaluated_tokens for r in ok), "per_worker": per_worker, "tiers": tiers,
-        "wall_s": wall_s, "load_before": load[0], "load_after": load[1],
+        "wall_s": wall_s, "loads": [[round(a, 2), round(b, 2)] for a, b in loads],
     }
 
 
@@ -533,7 +535,7 @@ def token_check(by_arm: dict[str, list[Record]]) -> dict:
 
 def table(summaries: dict[str, dict]) -> str:
     head = ("arm", "ok", "ttft p50 s", "p90 s", "mean s", "first-turn p50", "later p50", "at provider p50/p90",
-            "wait p50/max", "hit rate", "evaluated", "per worker", "tiers", "wall s")
+            "wait p50/max", "hit rate", "evaluated", "per worker", "tiers", "wall s", "load")
     rows = []
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     for s in summaries.values():
@@ -542,7 +544,8 @@ def table(summaries: dict[str, dict]) -> str:
                      f"{fmt(s['at_provider_p50_s'])}/{fmt(s['at_provider_p90_s'])}",
                      f"{fmt(s['wait_p50_s'])}/{fmt(s['wait_max_s'])}", fmt(s["hit_rate"]),
                      str(s["evaluated_tokens"]), " ".join(f"{k}:{v}" for k, v in sorted(s["per_worker"].items())),
-                     " ".join(f"{k}:{v}" for k, v in sorted(s["tiers"].items())) or "-", fmt(s["wall_s"], ".0f")))
+                     " ".join(f"{k}:{v}" for k, v in sorted(s["tiers"].items())) or "-", fmt(s["wall_s"], ".0f"),
+                     " ".join(f"{a:.1f}-{b:.1f}" for a, b in s["loads"])))
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(head)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -561,53 +564,68 @@ def ensure_model(path: Path, preset: str) -> Path:
 
 
 def run(trace: TraceParams, params: RunParams, arms: Sequence[str], model: Path, log_dir: Path,
-        work_root: Path) -> dict:
+        work_root: Path, rounds: int = 1) -> dict:
+    """Every arm on the same trace; with ``rounds`` > 1 the arm order alternates (A B C, C B A, ...)
+    so that a drift in the shared machine's load falls on all arms alike; records are pooled."""
     requests = build_requests(trace)
     chains = sessions_in_order(requests)
     unknown = [a for a in arms if a not in ARMS + WHAT_IF_ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS + WHAT_IF_ARMS)}")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    longest = max(len(r.conversation.segments[0].text.split()) + sum(len(s.text.split()) for s in
+                  r.conversation.segments[1:]) + sum(len(m.content.split()) for m in r.conversation.messages)
+                  + r.max_tokens for r in requests)
+    if longest * 1.1 + 64 > params.n_ctx:  # role headers add a few tokens per piece
+        raise ValueError(f"the longest request needs about {longest} tokens; raise --n-ctx above {params.n_ctx}")
     if any(a.startswith("sglang-") for a in arms):
         missing = sglang_available()
         if missing:
             raise RuntimeError(missing)
     log_dir.mkdir(parents=True, exist_ok=True)
     work_root.mkdir(parents=True, exist_ok=True)
-    by_arm: dict[str, list[Record]] = {}
-    summaries: dict[str, dict] = {}
-    infos: dict[str, dict] = {}
+    by_arm: dict[str, list[Record]] = {arm: [] for arm in arms}
+    walls = {arm: 0.0 for arm in arms}
+    loads: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
+    infos: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for round_index in range(rounds):
+        for arm in (arms if round_index % 2 == 0 else list(reversed(arms))):
+            load_before = os.getloadavg()[0]
+            started = time.monotonic()
+            print(f"[e2e] round {round_index + 1}/{rounds} {arm}: {len(requests)} requests over {len(chains)} pods ...",
+                  file=sys.stderr)
+            if arm.startswith("ours"):
+                work = Path(tempfile.mkdtemp(prefix="ours-", dir=work_root))
+                try:
+                    records, info = run_ours(chains, model=model, params=params, work=work,
+                                             idle_tokenizer=arm == "ours-idle-tokenizer")
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+            else:
+                records, info = run_http_arm(arm, chains, model=model, params=params, log_dir=log_dir)
+            wall = time.monotonic() - started
+            for r in records:
+                r.arm, r.round = arm, round_index
+            by_arm[arm].extend(sorted(records, key=lambda r: r.sent_at or 0.0))
+            walls[arm] += wall
+            loads[arm].append((load_before, os.getloadavg()[0]))
+            infos[arm].append(info)
+            s = summarize(arm, records, wall, loads[arm][-1:])
+            print(f"[e2e] round {round_index + 1}/{rounds} {arm}: ttft p50 {s['ttft_p50_s'] or 0:.3f} s, "
+                  f"p90 {s['ttft_p90_s'] or 0:.3f} s, hit {s['hit_rate']:.3f}, {s['errors']} errors, {wall:.0f} s",
+                  file=sys.stderr)
+    summaries = {arm: summarize(arm, by_arm[arm], walls[arm], loads[arm]) for arm in arms}
     for arm in arms:
-        load_before = os.getloadavg()[0]
-        started = time.monotonic()
-        print(f"[e2e] {arm}: {len(requests)} requests over {len(chains)} pods ...", file=sys.stderr)
-        if arm.startswith("ours"):
-            work = Path(tempfile.mkdtemp(prefix="ours-", dir=work_root))
-            try:
-                records, info = run_ours(chains, model=model, params=params, work=work,
-                                         idle_tokenizer=arm == "ours-idle-tokenizer")
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        else:
-            records, info = run_http_arm(arm, chains, model=model, params=params, log_dir=log_dir)
-        wall = time.monotonic() - started
-        for r in records:
-            r.arm = arm
-        by_arm[arm] = sorted(records, key=lambda r: r.sent_at or 0.0)
-        summaries[arm] = summarize(arm, records, wall, (load_before, os.getloadavg()[0]))
-        infos[arm] = info
-        s = summaries[arm]
-        print(f"[e2e] {arm}: ttft p50 {s['ttft_p50_s'] or 0:.3f} s, p90 {s['ttft_p90_s'] or 0:.3f} s, "
-              f"hit {s['hit_rate']:.3f}, {s['errors']} errors, {wall:.0f} s", file=sys.stderr)
         with open(log_dir / f"e2e-{arm}.requests.jsonl", "w") as handle:
             handle.writelines(json.dumps(asdict(r)) + "\n" for r in by_arm[arm])
-    lengths = [r for r in requests]
     return {
         "trace": {**asdict(trace), "requests": len(requests), "pods": len(chains),
-                  "agents_used": sorted({r.agent for r in lengths}),
+                  "agents_used": sorted({r.agent for r in requests}),
                   "max_tokens": sum(r.max_tokens for r in requests)},
-        "params": asdict(params), "model": str(model), "arms": list(arms), "summaries": summaries,
-        "ratios": ratios(summaries), "prompt_tokens": token_check(by_arm), "info": infos,
-        "records": {arm: [asdict(r) for r in recs] for arm, recs in by_arm.items()},
+        "params": asdict(params), "model": str(model), "arms": list(arms), "rounds": rounds,
+        "summaries": summaries, "ratios": ratios(summaries), "prompt_tokens": token_check(by_arm),
+        "info": infos, "records": {arm: [asdict(r) for r in recs] for arm, recs in by_arm.items()},
         "cpus": os.cpu_count(),
     }
 
@@ -620,14 +638,15 @@ def report(result: dict) -> str:
     check = result["prompt_tokens"]
     lines.append("prompt tokens identical across arms: " + ("yes" if check["identical"]
                                                             else f"NO ({', '.join(check['mismatched'])})"))
-    for arm, ours in result["info"].items():
-        if not arm.startswith("ours") or "cache" not in ours:
-            continue
-        c = ours["cache"]
-        lines.append(f"{arm} cache: hits {c['hits']}, misses {c['misses']}, stored {c['stored']} "
-                     f"({c['stored_bytes'] / 2**20:.0f} MiB), demotions {c['demotions']}, "
-                     f"promotions {c['promotions']}, evictions {c['evictions']}, corrupt {c['corrupt']}; "
-                     f"load guard applied {ours['guard_applied']}x")
+    for arm, rounds in result["info"].items():
+        for ours in rounds:
+            if not arm.startswith("ours") or "cache" not in ours:
+                continue
+            c = ours["cache"]
+            lines.append(f"{arm} cache: hits {c['hits']}, misses {c['misses']}, stored {c['stored']} "
+                         f"({c['stored_bytes'] / 2**20:.0f} MiB), demotions {c['demotions']}, "
+                         f"promotions {c['promotions']}, evictions {c['evictions']}, corrupt {c['corrupt']}; "
+                         f"load guard applied {ours['guard_applied']}x")
     return "\n".join(lines)
 
 
@@ -662,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=r.n_ctx)
     parser.add_argument("--t1-root", default=r.t1_root, help="tmpfs directory for ours' T1 tier")
     parser.add_argument("--no-receipts", action="store_true", help="run ours without signed receipts")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the arms this many times, alternating their order; records are pooled")
     parser.add_argument("--arm-timeout", type=float, default=r.arm_timeout, help="wall-clock bound per arm, s")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp") + "/agent-machine-e2e")
     parser.add_argument("--out", default=str(OUT / "e2e.json"), help="full results (JSON)")
@@ -675,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        t1_root=args.t1_root, receipts=not args.no_receipts, arm_timeout=args.arm_timeout)
     model = ensure_model(Path(args.model), args.preset)
     result = run(trace, params, [a for a in args.arms.split(",") if a], model, Path(args.log_dir),
-                 OUT / "e2e-work")
+                 OUT / "e2e-work", rounds=args.rounds)
     print(report(result))
     if args.out:
         from nodeagent.fsutil import atomic_write_text

@@ -72,20 +72,20 @@ def test_every_arm_serves_the_same_trace_and_reports_real_numbers(tiny_model_pat
         assert second["tier"] in ("T0", "T1"), second
         assert second["cached_tokens"] >= first["prompt_tokens"] // 64 * 64, (first, second)
     assert summaries["ours"]["hit_rate"] > 0.3
-    info = result["info"]["ours"]
+    info = result["info"]["ours"][0]  # one entry per round
     assert info["cache"]["stored"] == 4 and info["cache"]["corrupt"] == 0
     assert {q for rates in info["seeded_rates"].values() for q in rates} >= {"prefill_tokens_per_s"}
 
     # Round-robin alternates; sglang-router sat in front of the same kind of workers.
     assert summaries["round_robin"]["per_worker"] == {"w0": 2, "w1": 2}
-    assert result["info"]["sglang-cache_aware"]["router"].startswith("http://127.0.0.1:")
+    assert result["info"]["sglang-cache_aware"][0]["router"].startswith("http://127.0.0.1:")
     assert set(result["ratios"]) == {"ours / round_robin", "ours / sglang-cache_aware"}
     assert all(r["p50"] > 0 for r in result["ratios"].values())
 
     # Everything this run started has stopped, and the RAM tier is gone.
     pids = list(info["providers"].values())
     for arm in ("round_robin", "sglang-cache_aware"):
-        pids += result["info"][arm]["processes"] + result["info"][arm]["provider_pids"]
+        pids += result["info"][arm][0]["processes"] + result["info"][arm][0]["provider_pids"]
     assert pids and all(_gone(pid) for pid in pids), pids
     assert not Path(info["t1_dir"]).exists()
     assert (tmp_path / "logs" / "e2e-ours.requests.jsonl").is_file()
