@@ -114,7 +114,7 @@ def register(subparsers: Any) -> None:
                         help="a checkpoint kept elsewhere (repeatable): detects truncation and rewrites")
     verify.add_argument("--receipt", metavar="ID", help="also prove this receipt's inclusion (seq, id or run id)")
     verify.add_argument("--jobs", type=int, default=0, metavar="N",
-                        help="verify signatures in N processes (default: one per CPU, for logs of 2000+ entries)")
+                        help="verify entries in N processes (default: one per CPU, for logs of 1000+ entries)")
     add_format_option(verify)
     verify.set_defaults(func=_verify)
 
