@@ -34,8 +34,9 @@ def check_invariants(cm, pinned_ids):
     for tier, store in cm.stores.items():
         used = cm.index.used_bytes(tier)
         assert used <= store.budget_bytes, f"{tier} holds {used} > budget {store.budget_bytes}"
-        # The index and the directory agree.
+        # The index and the directory agree, and no staged state is left behind.
         assert store.entry_ids_on_disk() == {e.id for e in cm.entries(tier=tier)}
+        assert not list(store.directory.glob(".staging-*")), "a staged state file was left behind"
     present = {e.id for e in cm.entries()}
     assert pinned_ids <= present, "a pinned entry was evicted"
 

@@ -314,14 +314,15 @@ def _with(held: tuple, group: Group, handle: int) -> tuple:
 
 def _without(held: tuple, group: Group, handle: int) -> tuple:
     """``held`` with ``handle`` taken out of ``group`` (and the group gone if emptied)."""
-    out = []
-    for g, handles in held:
+    for i, (g, handles) in enumerate(held):
         if g == group:
-            handles = tuple(h for h in handles if h != handle)
-            if not handles:
-                continue
-        out.append((g, handles))
-    return tuple(out)
+            if handle not in handles:
+                return held
+            if len(handles) == 1:
+                return held[:i] + held[i + 1:]
+            at = handles.index(handle)
+            return held[:i] + ((g, handles[:at] + handles[at + 1:]),) + held[i + 1:]
+    return held
 
 
 class CacheIndex:

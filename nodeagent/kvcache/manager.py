@@ -270,23 +270,30 @@ class CacheManager:
         keys = self.keys(tokens, namespace)
         counters = _Counters()
         last = _last_namespace(namespace)
+        if not keys:
+            self._discard_staged(state_file)
+            return None
+        # Hash and flush a staged state before taking the lock: a multi-GB state takes
+        # seconds to hash, and lookups (every placement decision) wait for this lock.
+        staged = {name for name, store in self.stores.items() if store.holds(state_file)}
+        prepared = TierStore.prepare(state_file) if staged else None
         with self._lock:
-            if not keys:
-                self._discard_staged(state_file)
-                return None
             for existing in self.index.find_same(keys[-1], state_format, last.owner):
                 if existing.n_tokens >= len(tokens):  # same prefix already held, as long or longer
                     self._discard_staged(state_file)
                     return self._entry(existing)
             entry_id = uuid.uuid4().hex
-            size = state_file.stat().st_size
+            size = prepared[0] if prepared is not None else state_file.stat().st_size
             target = self._choose_tier(tier, size, counters)
             if target is None:
                 counters.add("rejected")
                 self._flush(counters)
                 self._discard_staged(state_file)
                 return None
-            size, digest = self.stores[target].adopt(state_file, entry_id)
+            size, digest = self.stores[target].adopt(state_file, entry_id,
+                                                     prepared if target in staged else None)
+            if staged and target not in staged:
+                self._discard_staged(state_file)  # copied into another tier: the staged file is spent
             now = self._clock()
             row = EntryRow(
                 id=entry_id, deepest_key=keys[-1], model_digest=last.model_digest, scope=last.scope,
@@ -499,7 +506,7 @@ class CacheManager:
 
     def _discard_staged(self, path: Path) -> None:
         # Only files we handed out (in a tier directory) are ours to delete.
-        if any(path.parent.resolve() == s.directory.resolve() for s in self.stores.values()):
+        if any(store.holds(path) for store in self.stores.values()):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

@@ -78,22 +78,34 @@ class TierStore:
         os.close(fd)
         return Path(name)
 
-    def adopt(self, source: Path, entry_id: str) -> tuple[int, str]:
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` is in this tier's directory (a rename, not a copy, adopts it)."""
+        return Path(path).parent.resolve() == self.directory.resolve()
+
+    def adopt(self, source: Path, entry_id: str, prepared: tuple[int, str] | None = None) -> tuple[int, str]:
         """Make ``source`` this tier's file for ``entry_id``; returns (bytes, digest).
 
         A file already in this directory is fsynced and renamed (no copy); any
-        other is copied crash-safely and the source left alone.
+        other is copied crash-safely and the source left alone. ``prepared`` is
+        `prepare`'s result for a file in this directory: it is then not read again.
         """
         source = Path(source)
         target = self.path(entry_id)
-        if source.parent.resolve() == self.directory.resolve():
-            size, digest = sha256_file(source)
-            with open(source, "rb") as handle:
-                os.fsync(handle.fileno())
+        if self.holds(source):
+            size, digest = prepared if prepared is not None else self.prepare(source)
             os.replace(source, target)
             fsync_dir(self.directory)
             return size, digest
         return self.copy_in(source, entry_id)
+
+    @staticmethod
+    def prepare(source: Path) -> tuple[int, str]:
+        """(bytes, digest) of a staged file, flushed to its device: the slow part of
+        adopting it, which needs no lock (nothing else touches a staged file)."""
+        size, digest = sha256_file(source)
+        with open(source, "rb") as handle:
+            os.fsync(handle.fileno())
+        return size, digest
 
     def copy_in(self, source: Path, entry_id: str) -> tuple[int, str]:
         digest = hashlib.sha256()
