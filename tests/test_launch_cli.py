@@ -119,3 +119,39 @@ def test_quadlet_up_says_why_it_cannot_run_here(capsys, tmp_path):
     code, _, err = run(capsys, "providers", "up", "llama-server", "--mode", "quadlet", "--model", str(model),
                        "--podman-version", "4.3.1")
     assert code == 1 and "Podman 4.3.1 has no Quadlet" in err
+
+
+def test_ps_joins_launched_providers_and_reports_drift(capsys, tiny_model_path, tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    monkeypatch.setenv("AGENT_MACHINE_RUNTIME_DIR", str(tmp_path / "run"))  # no agent answers there
+    binary, how = locate_llama_server(build=True)
+    if binary is None:
+        pytest.skip(how)
+    code, out, err = run(capsys, "providers", "up", "llama-server", "--mode", "subprocess", "--model",
+                         str(tiny_model_path), "--executable", str(binary), "--param", "ctx_size=256",
+                         "--format", "json", "--engine-args=--threads 1")
+    assert code == 0, err
+    pid = json.loads(out)["pid"]
+    try:
+        code, out, err = run(capsys, "ps", "--format", "json")
+        assert code == 0, err
+        (row,) = json.loads(out)
+        assert row["provider"] == "llama-server-tiny" and row["mode"] == "subprocess"
+        assert row["pid"] == pid and row["state"] == "running" and row["healthyAgo"].endswith("ago")
+        assert row["drift"] == [] and row["host"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            code, out, _ = run(capsys, "ps", "--format", "json")
+            (row,) = json.loads(out)
+            if row["drift"]:
+                break
+            time.sleep(0.1)
+        assert any(f"process {pid}" in d and "should run" in d for d in row["drift"]), row
+        code, out, _ = run(capsys, "ps")
+        assert "llama-server-tiny" in out and "should run" in out
+    finally:
+        run(capsys, "providers", "down", "llama-server-tiny")

@@ -320,21 +320,9 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from nodeagent.launch.manage import status_of
-    from nodeagent.launch.registry import Registry
+    from nodeagent.launch.manage import launched_providers
 
-    registry = Registry.default()
-    statuses = []
-    for record in registry.all():
-        version = None
-        if record.spec.mode == "quadlet":
-            version = _podman_version(argparse.Namespace(podman_version=None), required=False)
-            if version is None:
-                from nodeagent.launch.podman_versions import QUADLET_MIN
-
-                version = QUADLET_MIN
-        launcher = _context(None, version).launcher(record.spec.mode)
-        statuses.append(status_of(record, launcher))
+    statuses = [status for _, status in launched_providers()]
     if args.format == "json":
         print_json(statuses)
         return 0

@@ -176,14 +176,17 @@ def _model_names(models: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _provider_records() -> tuple[list[dict[str, Any]], str, dict[str, str]]:
-    """Providers (and digest -> model name) from the running agent.
+    """Providers (and digest -> model name): the running agent's own, plus those
+    `providers up` started (podman, quadlet, subprocess), which outlive the agent.
 
-    Providers live in the agent process: without a running agent there are none
-    to show (a provider it started died with it or is reported by systemd/podman
-    under its own unit).
+    A launched provider is configured to run; any live unit, container or process
+    state that says otherwise shows as drift.
     """
     from nodeagent.client import AgentNotRunning, ApiError
+    from nodeagent.launch.manage import launched_providers
 
+    launched = [{**status.to_wire(), "configured": {"running": True, "model": record.spec.model.digest}}
+                for record, status in launched_providers()]
     try:
         with _client() as client:
             providers = list(client.get("/v1/providers")["items"])
@@ -191,12 +194,13 @@ def _provider_records() -> tuple[list[dict[str, Any]], str, dict[str, str]]:
                 names = _model_names(client.get("/v1/models")["items"])
             except ApiError:
                 names = {}
-            return providers, "from the running agent", names
+            return providers + launched, "from the running agent and `providers up`", names
     except AgentNotRunning:
-        return [], "the agent is not running: start it with `agent-machine serve`", {}
+        where = "the agent is not running" if not launched else "launched providers; the agent is not running"
+        return launched, where + (": start it with `agent-machine serve`" if not launched else ""), {}
     except ApiError as exc:
         if exc.status == 501:
-            return [], "the node manages no providers yet", {}
+            return launched, "the node manages no providers yet", {}
         raise CliError(f"the agent answered {exc}") from exc
 
 

@@ -99,3 +99,25 @@ def status_of(record: LaunchRecord, launcher: Launcher) -> ProviderStatus:
         checked_at=now,
         reason=reason,
     )
+
+
+def launched_providers(registry: Registry | None = None, *, quadlet_scope: str = "user"
+                       ) -> list[tuple[LaunchRecord, ProviderStatus]]:
+    """Every provider `providers up` started on this machine, with its live status.
+
+    Quadlet units are checked against the probed Podman version (the oldest
+    Quadlet version when Podman cannot tell).
+    """
+    from nodeagent.launch.podman import PodmanError, podman_version
+    from nodeagent.launch.podman_versions import QUADLET_MIN
+
+    registry = registry or Registry.default()
+    records = registry.all()
+    version = None
+    if any(r.spec.mode == "quadlet" for r in records):
+        try:
+            version = podman_version()
+        except PodmanError:
+            version = QUADLET_MIN
+    context = LaunchContext(registry, podman_version=version, quadlet=QuadletOptions(scope=quadlet_scope))
+    return [(record, status_of(record, context.launcher(record.spec.mode))) for record in records]
