@@ -2,6 +2,7 @@
 
     python -m bench.routing                       # both traces, every arm, sglang-router if installed
     python -m bench.routing --trace gsp --arms ours,round_robin
+    python -m bench.routing --trace agent --capacity-blocks 256     # smaller device KV caches
     python -m bench.routing --router mine=http://127.0.0.1:9000   # any external router in front
                                                                   # of the same workers (URLs printed)
 
@@ -10,20 +11,31 @@ workers (bench.simworker; reset between arms, loopback only). Arms:
 
 * ``ours``           the scheduler core (nodeagent.scheduler.placement.place) with its load guard
 * ``ours-noguard``   the same cost model without the guard (what the guard is worth)
+* ``ours+T1``        the system: ``ours`` plus the node's T1 tier in host RAM (the product's
+  kvcache.CacheManager, T1 = 4x the workers' total device KV by default): the node saves each
+  request's state, looks up saved prefixes before placing, and `place` weighs restoring one
+  (charged on the worker's engine at a measured RAM-copy rate) against the device cache and
+  recomputing (see `OursTiered`)
+* ``ours+T1-5GB``    the same with T1 sized as LMCache's default local CPU tier (5 GB)
 * ``round_robin``, ``least_loaded`` (fewest in-flight requests), ``consistent_hash``
   (hash ring over the session id), ``random`` (seeded)
 * ``sglang-cache_aware``, ``sglang-round_robin``: the real sglang-router from
   PyPI, launched per run with its defaults apart from host/ports (loopback)
 * ``--router NAME=URL``: any external OpenAI-compatible router
 
+Only the node arms' workers can restore (``restore_bytes_per_s`` > 0); for every
+other arm the workers are plain engines with a device cache, as behind any router.
+
 Metrics: token hit rate (sum cached / sum prompt tokens, from the workers'
-logs) absolute and as a fraction of O1 and O2 computed on the order in which
-the workers saw the requests; max/mean prompt-token load over workers and
-Jain's index; TTFT p50/p90/p99 in simulated seconds, end to end (from the
-client's send, so routing and router queueing count, scaled by the speedup)
-and at the worker (queue + prefill only); router cost: decision time for
-in-process arms, and the extra wall time an external router adds over the
-median direct hop.
+logs; for the node arms "cached" includes tokens restored from T1, reported
+apart as "from T1") absolute and as a fraction of O1 and O2 computed on the
+order in which the workers saw the requests (O2 on the device capacity, and
+for the node arms also on device + T1 capacity); max/mean prompt-token load
+over workers and Jain's index; TTFT p50/p90/p99 in simulated seconds, end to
+end (from the client's send, so routing, the node's lookups and router
+queueing count, scaled by the speedup) and at the worker (queue + restore +
+prefill); router cost: time in `choose` for in-process arms, and the extra
+wall time an external router adds over the median direct hop.
 """
 
 from __future__ import annotations
@@ -41,21 +53,29 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import httpx
 
-from bench.oracle import Bound, capped_hit, keys_of, o1, o2
+from bench.oracle import BENCH_NAMESPACE, capped_hit, keys_of, o1, o2
 from bench.simworker import HOST, BlockLRU, WorkerConfig, read_headers, read_message_body
 from bench.traces import TRACES, Trace, TraceRequest, encode
-from nodeagent.scheduler.placement import CandidateState, LoadGuard, PlacementRequest, place
-from nodeagent.scheduler.rates import DECODE, PREFILL, RateRegistry
+from nodeagent.kvcache.manager import CacheManager, PrefixMatch, visible_owners
+from nodeagent.kvcache.tiers import TierStore, default_t1_dir
+from nodeagent.scheduler.placement import CandidateState, LoadGuard, PlacementRequest, TierMatch, place
+from nodeagent.scheduler.rates import DECODE, PREFILL, RateRegistry, calibrate_read_throughput, restore_quantity
+from nodeagent.store import connect
 
-IN_PROCESS = ("ours", "ours-noguard", "round_robin", "least_loaded", "consistent_hash", "random")
+# The system arms: our scheduler with the node's T1 tier, sized as 4x the workers'
+# total device KV capacity, and as LMCache's default local CPU tier (5 GB).
+TIERED = ("ours+T1", "ours+T1-5GB")
+LMCACHE_DEFAULT_CPU_BYTES = 5 * 10**9
+IN_PROCESS = ("ours", "ours-noguard", *TIERED, "round_robin", "least_loaded", "consistent_hash", "random")
 SGLANG = ("sglang-cache_aware", "sglang-round_robin")
 # Simulated seconds per wall second. GSP sends everything at once: the ~1 s of
 # wall time the client needs to push 1024 requests must stay small against the
@@ -63,6 +83,7 @@ SGLANG = ("sglang-cache_aware", "sglang-round_robin")
 # design and can run fast.
 SPEEDUP = {"gsp": 2.0, "agent": 20.0}
 MODEL = "sim-model"
+BENCH_OWNERS = visible_owners(BENCH_NAMESPACE)
 
 
 def free_port_block(count: int) -> int:
@@ -118,7 +139,7 @@ def start_workers(count: int, config: WorkerConfig, log_dir: Path) -> tuple[Proc
 def sglang_available() -> str | None:
     """None if sglang-router can be launched, else why not."""
     try:
-        import sglang_router  # noqa: F401
+        import sglang_router  # noqa: F401  (present or not is the question)
     except ImportError as exc:
         return f"sglang-router is not installed ({exc}); pip install 'agent-machine[bench]'"
     return None
@@ -227,6 +248,13 @@ class Router:
     def done(self, worker: int, req: TraceRequest, body: dict) -> None:
         pass
 
+    def body_for(self, req: TraceRequest, body: bytes) -> bytes:
+        """The request body to send (a node may add instructions for the worker)."""
+        return body
+
+    def close(self) -> None:
+        pass
+
 
 class RoundRobin(Router):
     name = "round_robin"
@@ -280,14 +308,16 @@ class Ours(Router):
     T0: a mirror of each worker's block LRU (same capacity: a node knows its
     providers' KV size), updated with what we route. Queue: a virtual FIFO
     prefill clock per worker advanced by our own estimate of each request's
-    uncached prefill time. Load: context tokens of the live sessions on each
+    restore + prefill time. Load: context tokens of the live sessions on each
     worker (a node knows which pods run where and when a pod's last turn is
     done; here, from the trace's turn structure). Rates: calibrated by one
     request per worker before the run, then refined from each response's
-    timings (EWMA).
+    timings (EWMA). ``decide_us`` times all of `choose` (tier lookup, T0
+    matching, snapshots, `place`).
     """
 
     name = "ours"
+    state_format: str | None = None  # saved-state format the workers restore; None: no tiers
 
     def __init__(self, n: int, seed: int, capacity_blocks: int, guard: LoadGuard,
                  registry: RateRegistry, final_requests: set[str]) -> None:
@@ -301,28 +331,39 @@ class Ours(Router):
         self.registry = registry
         self.decide_us: list[int] = []
 
+    def tier_matches(self, req: TraceRequest, keys: list[bytes]) -> tuple[TierMatch, ...]:
+        return ()
+
+    def placed(self, req: TraceRequest, decision) -> None:
+        """Hook: the decision is made (the tiered node starts a restore here)."""
+
     def choose(self, req, keys, now_sim):
+        started = time.perf_counter_ns()
         n_tokens = len(req.tokens)
+        matches = self.tier_matches(req, keys)
         candidates = []
         for i in range(self.n):
             candidates.append(CandidateState(
                 provider=f"w{i}", model_hot=True,
                 t0_cached_tokens=capped_hit(self.mirror[i].matched_blocks(keys), n_tokens),
+                state_format=self.state_format,
                 queued_requests=self.in_flight[i], running_remaining_s=max(0.0, self.free_at[i] - now_sim),
                 load=self.load[i]))
         previous = self.sessions.get(req.session)
-        request = PlacementRequest(MODEL, n_tokens, session_provider=f"w{previous[0]}" if previous else None)
+        request = PlacementRequest(MODEL, n_tokens, matches,
+                                   session_provider=f"w{previous[0]}" if previous else None)
         decision = place(request, candidates, self.registry, self.guard)
-        self.decide_us.append(decision.decision_us)
         i = int(decision.provider[1:])  # type: ignore[index]
         chosen = decision.chosen
+        self.placed(req, decision)
         self.mirror[i].touch(keys)
-        prefill_s = chosen.terms.prefill_s or 0.0  # type: ignore[union-attr]
-        self.free_at[i] = max(now_sim, self.free_at[i]) + prefill_s
+        service_s = (chosen.terms.restore_s or 0.0) + (chosen.terms.prefill_s or 0.0)  # type: ignore[union-attr]
+        self.free_at[i] = max(now_sim, self.free_at[i]) + service_s
         if previous:
             self.load[previous[0]] -= previous[1]
         self.sessions[req.session] = (i, n_tokens)
         self.load[i] += n_tokens
+        self.decide_us.append((time.perf_counter_ns() - started) // 1000)
         return i
 
     def done(self, worker, req, body):
@@ -334,6 +375,104 @@ class Ours(Router):
             self.registry.observe(f"w{worker}", PREFILL, timings["prompt_n"], timings["prompt_ms"] / 1000)
         if timings.get("predicted_n") and timings.get("predicted_ms"):
             self.registry.observe(f"w{worker}", DECODE, timings["predicted_n"], timings["predicted_ms"] / 1000)
+
+
+# Saved-state files of the simulated node hold FILE_BYTES_PER_TOKEN bytes per token, not the
+# modelled KV bytes (which would be ~128 KiB per token): budgets, entry sizes and the restore
+# rate the scheduler uses are all scaled by the same FILE_BYTES_PER_TOKEN / kv_bytes_per_token.
+FILE_BYTES_PER_TOKEN = 4
+SIM_STATE_FORMAT = "sim-kv"
+
+
+def tmpfs_dir() -> Path:
+    """Where the simulated node keeps T1 (and its index): RAM, as the product's T1."""
+    return default_t1_dir().parent
+
+
+class OursTiered(Ours):
+    """`Ours` plus the node's T1 tier, run by the product's own kvcache code.
+
+    The node keeps a `CacheManager` (real SQLite index, real files in tmpfs,
+    GDSF eviction, digest checked on every restore) with a T1 budget of
+    ``t1_tokens`` and no T2. After each request the node saves the state of
+    its prompt (as the node saves a pod's state after each turn); before
+    placing one it looks up the longest saved prefix, and `place` weighs,
+    per worker, its device cache (T0) against restoring that state (the
+    whole state's bytes at the calibrated T1 restore rate) and recomputing.
+    When T1 wins, the request carries ``kv_restore`` and the worker charges
+    the load on its engine (bench.simworker). The T1 restore rate is
+    calibrated the way node.py does it (reading a file in the T1 directory)
+    and refined from the workers' reported restore timings.
+
+    Saves run on a thread of their own, as a node saves after a turn while
+    deciding the next ones (they share the CacheManager's lock, as in the
+    node); lookups and restores run in the routing loop and are timed in
+    ``decide_us``.
+    """
+
+    name = "ours+T1"
+    state_format = SIM_STATE_FORMAT
+
+    def __init__(self, n: int, seed: int, capacity_blocks: int, guard: LoadGuard, registry: RateRegistry,
+                 final_requests: set[str], *, t1_tokens: int, kv_bytes_per_token: int) -> None:
+        super().__init__(n, seed, capacity_blocks, guard, registry, final_requests)
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-node-t1-", dir=tmpfs_dir())
+        base = Path(self._dir.name)
+        self.cache = CacheManager(connect(base / "state.db"),
+                                  TierStore("T1", base / "t1", t1_tokens * FILE_BYTES_PER_TOKEN),
+                                  TierStore("T2", base / "t2", 0))
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self._looked_up: dict[str, PrefixMatch] = {}
+        self._restoring: dict[str, tuple[str, int, int]] = {}  # rid -> (entry id, blocks, state tokens)
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-save")
+        self._saves: list[Future] = []
+        self.save_errors: list[str] = []
+
+    def close(self) -> None:
+        self._saver.shutdown(wait=True)
+        self.save_errors += [repr(f.exception()) for f in self._saves if f.exception() is not None]
+        self.cache.index.conn.close()
+        self._dir.cleanup()
+
+    def _save(self, tokens: tuple[int, ...]) -> None:
+        staging = self.cache.staging_path()
+        staging.write_bytes(bytes(len(tokens) * FILE_BYTES_PER_TOKEN))  # the content is not the point
+        self.cache.put(staging, tokens, BENCH_NAMESPACE, state_format=SIM_STATE_FORMAT)
+
+    def tier_matches(self, req, keys):
+        found = self.cache.lookup_keys(keys, BENCH_OWNERS, state_format=SIM_STATE_FORMAT,
+                                       prompt_tokens=len(req.tokens)).by_tier.get("T1")
+        if found is None:
+            return ()
+        self._looked_up[req.rid] = found
+        return (TierMatch("T1", capped_hit(found.blocks, len(req.tokens)), found.bytes, SIM_STATE_FORMAT,
+                          found.entry_id),)
+
+    def placed(self, req, decision):
+        found = self._looked_up.pop(req.rid, None)
+        if found is None or decision.chosen.cache_source != "T1":
+            return
+        restore = self.cache.begin_restore(found, promote=False)  # digest checked; None: dropped, recompute
+        if restore is not None:
+            self._restoring[req.rid] = (restore.entry.id, found.blocks, restore.entry.tokens)
+
+    def body_for(self, req, body):
+        restoring = self._restoring.get(req.rid)
+        if restoring is None:
+            return body
+        return b'{"kv_restore": {"blocks": %d, "state_tokens": %d}, ' % restoring[1:] + body[1:]
+
+    def done(self, worker, req, body):
+        super().done(worker, req, body)
+        restoring = self._restoring.pop(req.rid, None)
+        if restoring is not None:
+            self.cache.end_restore(restoring[0])
+        timings = body.get("timings") or {}
+        if timings.get("restore_ms") and timings.get("restore_state_n"):
+            self.registry.observe(f"w{worker}", restore_quantity("T1"),
+                                  timings["restore_state_n"] * FILE_BYTES_PER_TOKEN, timings["restore_ms"] / 1000)
+        if body:  # served: the node saves the state of this prompt for the next turn
+            self._saves.append(self._saver.submit(self._save, req.tokens))
 
 
 # ------------------------------------------------------------------ one run
@@ -364,19 +503,26 @@ async def calibrate(client: HttpClient, workers: list[str], registry: RateRegist
 
 async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConfig, *,
                   router_url: str | None, seed: int, guard: LoadGuard, timeout_s: float,
-                  bodies: dict[str, bytes], keys: dict[str, list[bytes]]) -> dict:
+                  bodies: dict[str, bytes], keys: dict[str, list[bytes]], t1_tokens: int = 0) -> dict:
     client = HttpClient()
+    router: Router | None = None
     try:
-        router: Router | None = None
         if router_url is None:
             n = len(workers)
-            if arm in ("ours", "ours-noguard"):
+            if arm in ("ours", "ours-noguard", *TIERED):
                 registry = RateRegistry()
                 await calibrate(client, workers, registry, seed)
                 afters = {r.after for r in trace.requests if r.after}
-                router = Ours(n, seed, config.capacity_blocks,
-                              guard if arm == "ours" else LoadGuard(enabled=False), registry,
-                              {r.rid for r in trace.requests if r.rid not in afters})
+                finals = {r.rid for r in trace.requests if r.rid not in afters}
+                if arm in TIERED:
+                    # Machine-wide T1 restore rate, in the scaled bytes of the node's state files.
+                    registry.set(None, restore_quantity("T1"), config.restore_bytes_per_s * FILE_BYTES_PER_TOKEN
+                                 / config.kv_bytes_per_token, "calibrated")
+                    router = OursTiered(n, seed, config.capacity_blocks, guard, registry, finals,
+                                        t1_tokens=t1_tokens, kv_bytes_per_token=config.kv_bytes_per_token)
+                else:
+                    router = Ours(n, seed, config.capacity_blocks,
+                                  guard if arm == "ours" else LoadGuard(enabled=False), registry, finals)
             else:
                 router = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "random": RandomRouter,
                           "consistent_hash": ConsistentHash}[arm](n, seed)
@@ -404,7 +550,8 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
             payload: dict = {}
             try:
                 status, payload = await asyncio.wait_for(
-                    client.post_json(f"{url}/v1/completions", bodies[req.rid]),
+                    client.post_json(f"{url}/v1/completions",
+                                     router.body_for(req, bodies[req.rid]) if router else bodies[req.rid]),
                     timeout=max(1.0, deadline - time.monotonic()))
                 ok = status == 200
                 sent.append(Sent(req.rid, payload.get("worker"), time.monotonic() - start,
@@ -441,8 +588,11 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
             logs.extend(payload["log"])
     finally:
         client.close()
+        if router is not None:
+            router.close()
     decide = getattr(router, "decide_us", None)
-    return {"arm": arm, "wall_s": wall, "sent": [asdict(s) for s in sent], "logs": logs, "decide_us": decide}
+    return {"arm": arm, "wall_s": wall, "sent": [asdict(s) for s in sent], "logs": logs, "decide_us": decide,
+            "save_errors": getattr(router, "save_errors", [])}
 
 
 # ------------------------------------------------------------------ metrics
@@ -454,7 +604,8 @@ def pct(values: Sequence[float], q: float) -> float | None:
     return ordered[index]
 
 
-def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, speedup: float) -> dict:
+def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, speedup: float,
+              t1_tokens: int = 0) -> dict:
     by_id = trace.by_id()
     logs = [rec for rec in run["logs"] if rec.get("request_id") in by_id]
     logs.sort(key=lambda rec: rec["arrival_s"])
@@ -465,6 +616,10 @@ def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, spe
     seen_keys = [keys_of(s) for s in seqs]
     b1 = o1(seqs, keys=seen_keys)
     b2 = o2(seqs, capacity_blocks * n_workers, keys=seen_keys)
+    # For an arm with the node's T1: the same bound on device + T1 capacity (T1 counted as
+    # distinct blocks; the node stores whole states, so this bound is generous to it).
+    b2_t1 = o2(seqs, capacity_blocks * n_workers + t1_tokens // 64, keys=seen_keys) if t1_tokens else None
+    restored = sum(rec.get("restored_tokens", 0) for rec in logs)
     per_worker = {f"w{i}": 0 for i in range(n_workers)}
     for rec in logs:
         per_worker[rec["worker"]] = per_worker.get(rec["worker"], 0) + rec["prompt_tokens"]
@@ -486,6 +641,12 @@ def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, spe
         "error_sample": errors[0]["error"] if errors else None,
         "hit_rate": hit, "o1": b1.rate, "o2": b2.rate,
         "frac_o1": hit / b1.rate if b1.rate else None, "frac_o2": hit / b2.rate if b2.rate else None,
+        "device_hit_rate": (cached - restored) / prompt if prompt else 0.0,
+        "restored_rate": restored / prompt if prompt else 0.0,
+        "restores": sum(1 for rec in logs if rec.get("restore_state_tokens")),
+        "restore_s_total": sum(rec.get("restore_s", 0.0) for rec in logs),
+        "t1_tokens": t1_tokens, "o2_with_t1": b2_t1.rate if b2_t1 else None,
+        "frac_o2_with_t1": hit / b2_t1.rate if b2_t1 and b2_t1.rate else None,
         "load_max_over_mean": max(loads) / mean if mean else None, "jain": jain, "load_tokens": per_worker,
         "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
         "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
@@ -493,7 +654,7 @@ def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, spe
         "hop_p50_ms": (pct(hop, 50) or 0) * 1000, "hop_p99_ms": (pct(hop, 99) or 0) * 1000,
         "decide_p50_us": pct(run["decide_us"], 50) if run["decide_us"] else None,
         "decide_p99_us": pct(run["decide_us"], 99) if run["decide_us"] else None,
-        "wall_s": run["wall_s"],
+        "wall_s": run["wall_s"], "save_errors": run.get("save_errors", []),
     }
 
 
@@ -506,8 +667,8 @@ def nominal_bounds(trace: Trace, n_workers: int, capacity_blocks: int) -> dict:
 def table(summaries: list[dict]) -> str:
     direct_hops = [s["hop_p50_ms"] for s in summaries if s["arm"] in IN_PROCESS and s["hop_p50_ms"]]
     baseline = statistics.median(direct_hops) if direct_hops else 0.0
-    head = ("arm", "hit", "xO1", "xO2", "max/mean", "jain", "ttft p50", "p90", "p99", "at worker p50/p90", "router",
-            "errors")
+    head = ("arm", "hit", "from T1", "xO1", "xO2", "xO2 dev+T1", "max/mean", "jain", "ttft p50", "p90", "p99",
+            "at worker p50/p90", "router", "errors")
     rows = []
     for s in summaries:
         if s["decide_p50_us"] is not None:
@@ -517,7 +678,8 @@ def table(summaries: list[dict]) -> str:
         else:
             router = f"+{s['hop_p50_ms'] - baseline:.1f} ms hop p50"
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        rows.append((s["arm"], fmt(s["hit_rate"], ".3f"), fmt(s["frac_o1"], ".3f"), fmt(s["frac_o2"], ".3f"),
+        rows.append((s["arm"], fmt(s["hit_rate"], ".3f"), fmt(s.get("restored_rate") or None, ".3f"),
+                     fmt(s["frac_o1"], ".3f"), fmt(s["frac_o2"], ".3f"), fmt(s.get("frac_o2_with_t1"), ".3f"),
                      fmt(s["load_max_over_mean"], ".3f"), fmt(s["jain"], ".3f"), fmt(s["ttft_p50_s"], ".2f"),
                      fmt(s["ttft_p90_s"], ".2f"), fmt(s["ttft_p99_s"], ".2f"),
                      f"{fmt(s['at_worker_ttft_p50_s'], '.2f')}/{fmt(s['at_worker_ttft_p90_s'], '.2f')}", router,
@@ -540,6 +702,9 @@ def build_trace(name: str, seed: int, scale: float) -> Trace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # The node arms save states on a thread; a finer GIL hand-over keeps that thread's
+    # Python work from holding up the routing loop for the default 5 ms at a time.
+    sys.setswitchinterval(0.0005)
     base_config = WorkerConfig(args.capacity_blocks, args.prefill_tps, args.decode_tps)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -552,15 +717,25 @@ def run(args: argparse.Namespace) -> dict:
             print(f"skipping sglang-router arms: {sglang_note}", file=sys.stderr)
             arms = [a for a in arms if a not in SGLANG]
     guard = LoadGuard(rel=args.guard_rel, abs_tokens=args.guard_abs)
+    restore_bps = 0.0
+    t1_tokens = {"ours+T1": args.t1_tokens or 4 * args.workers * args.capacity_blocks * 64,
+                 "ours+T1-5GB": LMCACHE_DEFAULT_CPU_BYTES // args.kv_bytes_per_token}
+    if any(a in TIERED for a in arms):
+        # A RAM copy on this machine, measured as the node calibrates its T1 (node.py).
+        restore_bps = args.restore_bps or calibrate_read_throughput(tmpfs_dir(), 64 << 20)
+        print(f"T1 restore rate {restore_bps / 1e9:.2f} GB/s; T1 "
+              + ", ".join(f"{a}: {t} tokens" for a, t in t1_tokens.items() if a in arms), file=sys.stderr)
     workers_proc, workers = start_workers(args.workers, base_config, log_dir)
     print(f"simulated workers: {' '.join(workers)}", file=sys.stderr)
     results: dict = {"config": asdict(base_config), "workers": args.workers, "seed": args.seed,
-                     "guard": guard.rule(), "sglang": sglang_note or "ran", "traces": {}}
+                     "guard": guard.rule(), "sglang": sglang_note or "ran", "restore_bytes_per_s": restore_bps,
+                     "kv_bytes_per_token": args.kv_bytes_per_token,
+                     "t1_tokens": {a: t for a, t in t1_tokens.items() if a in arms}, "traces": {}}
     try:
         for name in args.trace.split(","):
             trace = build_trace(name, args.seed, args.scale)
             config = WorkerConfig(args.capacity_blocks, args.prefill_tps, args.decode_tps,
-                                  args.speedup or SPEEDUP.get(name, WorkerConfig.speedup))
+                                  args.speedup or SPEEDUP.get(name, WorkerConfig.speedup), args.kv_bytes_per_token)
             # Encoded once, outside the timed runs: every arm sends the same bytes.
             bodies = {r.rid: json.dumps({"model": MODEL, "prompt": encode(r.tokens), "max_tokens": r.output_tokens,
                                          "user": r.rid}).encode() for r in trace.requests}
@@ -571,15 +746,19 @@ def run(args: argparse.Namespace) -> dict:
                 url = external.get(arm)
                 if arm in SGLANG:
                     router_proc, url = start_sglang(arm.split("-", 1)[1], workers, log_dir)
+                # Only the node arms' workers can restore: the others are plain engines.
+                arm_config = WorkerConfig(**{**asdict(config),
+                                             "restore_bytes_per_s": restore_bps if arm in TIERED else 0.0})
                 try:
                     started = time.monotonic()
-                    out = asyncio.run(run_arm(trace, arm, workers, config, router_url=url, seed=args.seed,
-                                              guard=guard, timeout_s=args.timeout,
-                                              bodies=bodies, keys=keys))
+                    out = asyncio.run(run_arm(trace, arm, workers, arm_config, router_url=url, seed=args.seed,
+                                              guard=guard, timeout_s=args.timeout, bodies=bodies, keys=keys,
+                                              t1_tokens=t1_tokens.get(arm, 0)))
                 finally:
                     if router_proc:
                         router_proc.stop()
-                summary = summarize(trace, out, args.workers, config.capacity_blocks, config.speedup)
+                summary = summarize(trace, out, args.workers, config.capacity_blocks, config.speedup,
+                                    t1_tokens.get(arm, 0))
                 with open(log_dir / f"{name}-{arm}.requests.jsonl", "w") as handle:  # every request, as served
                     handle.writelines(json.dumps(rec) + "\n" for rec in out["logs"])
                 summaries.append(summary)
@@ -609,6 +788,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speedup", type=float, default=None,
                         help="simulated seconds per wall second (default: per trace, "
                         + ", ".join(f"{k} {v:g}" for k, v in SPEEDUP.items()) + ")")
+    parser.add_argument("--kv-bytes-per-token", type=int, default=WorkerConfig.kv_bytes_per_token,
+                        help="modelled KV size of one token (default: Llama-3-8B, fp16)")
+    parser.add_argument("--t1-tokens", type=int, default=0,
+                        help="T1 capacity of the ours+T1 arm in tokens (default: 4x the workers' total)")
+    parser.add_argument("--restore-bps", type=float, default=0.0,
+                        help="T1 restore rate in bytes/s (default: measured RAM copy on this machine)")
     parser.add_argument("--guard-rel", type=float, default=LoadGuard.rel)
     parser.add_argument("--guard-abs", type=float, default=LoadGuard.abs_tokens)
     parser.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,15 @@ seconds* that run ``speedup`` times faster than the wall clock:
 * Service: prefill is serialised (one FIFO prefill engine per worker) at
   ``prefill_tps`` uncached tokens per simulated second; decode runs batched,
   each request taking ``output_tokens / decode_tps`` after its prefill.
+* Tier restore (only when ``restore_bytes_per_s`` > 0, i.e. for a node that
+  keeps saved KV states in host RAM): a request may carry
+  ``"kv_restore": {"blocks": b, "state_tokens": n}``: before its prefill, the
+  engine loads a saved state of ``n`` tokens (``n * kv_bytes_per_token`` bytes
+  at ``restore_bytes_per_s``; the whole state, as llama.cpp's load_state
+  does), after which the prompt's first ``b`` blocks are in its cache. The
+  load occupies the prefill engine, so it shows in this request's TTFT and
+  in the queue of the ones behind it. Saving states is the node's business
+  and is not charged here (it overlaps compute, as KV offloading does).
   Queue and TTFT are computed on the simulated timeline from the arrival
   times, so CPU noise of the host only shifts arrivals; the HTTP response is
   held until the simulated finish (scaled to real time) so that routers see
@@ -50,6 +59,8 @@ class WorkerConfig:
     prefill_tps: float = 8000.0  # uncached prompt tokens per simulated second
     decode_tps: float = 40.0  # generated tokens per simulated second, per request (batched)
     speedup: float = 20.0  # simulated seconds per real second
+    kv_bytes_per_token: int = 131_072  # Llama-3-8B, fp16 KV: 2 x 32 layers x 8 KV heads x 128 dims x 2 bytes
+    restore_bytes_per_s: float = 0.0  # host RAM -> engine; 0: this worker cannot restore saved states
 
 
 class BlockLRU:
@@ -78,6 +89,23 @@ class BlockLRU:
         return key in self.blocks
 
 
+@dataclass(frozen=True)
+class Restore:
+    """A saved state the node restores into the worker before the prompt (see module doc)."""
+
+    blocks: int  # leading prompt blocks the state holds
+    state_tokens: int  # tokens the state covers: what the load reads
+
+    @classmethod
+    def from_payload(cls, value: object) -> "Restore":
+        if not isinstance(value, dict) or set(value) != {"blocks", "state_tokens"}:
+            raise ValueError('`kv_restore` must be {"blocks": int, "state_tokens": int}')
+        blocks, tokens = value["blocks"], value["state_tokens"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (blocks, tokens)):
+            raise ValueError("`kv_restore` blocks and state_tokens must be integers >= 0")
+        return cls(blocks, tokens)
+
+
 @dataclass
 class SimWorker:
     name: str
@@ -97,22 +125,29 @@ class SimWorker:
     def now_sim(self) -> float:
         return (time.monotonic() - self.t0) * self.config.speedup
 
-    async def serve(self, prompt_tokens: list[int], max_tokens: int, request_id: str | None) -> dict:
+    async def serve(self, prompt_tokens: list[int], max_tokens: int, request_id: str | None,
+                    restore: "Restore | None" = None) -> dict:
         cfg = self.config
         arrival = self.now_sim()
         keys = keys_of(prompt_tokens)
-        cached = capped_hit(self.cache.matched_blocks(keys), len(prompt_tokens))
+        device = capped_hit(self.cache.matched_blocks(keys), len(prompt_tokens))
+        cached, restore_s = device, 0.0
+        if restore is not None:
+            restore_s = restore.state_tokens * cfg.kv_bytes_per_token / cfg.restore_bytes_per_s
+            cached = max(device, capped_hit(min(restore.blocks, len(keys)), len(prompt_tokens)))
         self.cache.touch(keys)
         uncached = len(prompt_tokens) - cached
         start = max(arrival, self.prefill_free_at)
         prefill_s = uncached / cfg.prefill_tps
-        self.prefill_free_at = start + prefill_s
+        self.prefill_free_at = start + restore_s + prefill_s
         decode_s = max_tokens / cfg.decode_tps
         finish = self.prefill_free_at + decode_s
         record = {
             "request_id": request_id, "worker": self.name, "arrival_s": round(arrival, 6),
             "arrival_mono": time.monotonic(),  # CLOCK_MONOTONIC is system-wide: comparable with the client's
             "prompt_tokens": len(prompt_tokens), "cached_tokens": cached, "uncached_tokens": uncached,
+            "device_cached_tokens": device, "restored_tokens": cached - device,
+            "restore_state_tokens": restore.state_tokens if restore else 0, "restore_s": round(restore_s, 6),
             "output_tokens": max_tokens, "queue_s": round(start - arrival, 6), "prefill_s": round(prefill_s, 6),
             "ttft_s": round(self.prefill_free_at - arrival, 6), "finish_s": round(finish, 6),
             "in_flight_at_arrival": self.in_flight,
@@ -135,6 +170,8 @@ def _completion_body(worker: SimWorker, record: dict, chat: bool, model: str) ->
              "prompt_tokens_details": {"cached_tokens": record["cached_tokens"]}}
     timings = {"cache_n": record["cached_tokens"], "prompt_n": record["uncached_tokens"],
                "prompt_ms": record["prefill_s"] * 1000, "queue_ms": record["queue_s"] * 1000,
+               "restored_n": record["restored_tokens"], "restore_state_n": record["restore_state_tokens"],
+               "restore_ms": record["restore_s"] * 1000,
                "ttft_ms": record["ttft_s"] * 1000, "predicted_n": record["output_tokens"],
                "predicted_ms": record["output_tokens"] / worker.config.decode_tps * 1000,
                "server_wall_ms": record["server_wall_s"] * 1000, "simulated": True}
@@ -179,9 +216,15 @@ async def route(worker: SimWorker, method: str, path: str, body: bytes, model: s
         if not tokens:
             raise ValueError("empty prompt")
         max_tokens = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or 16)
+        restore = None
+        if payload.get("kv_restore") is not None:
+            if worker.config.restore_bytes_per_s <= 0:
+                raise ValueError("`kv_restore` sent to a worker without a tier to restore from "
+                                 "(restore_bytes_per_s is 0)")
+            restore = Restore.from_payload(payload["kv_restore"])
     except (ValueError, TypeError, AttributeError) as exc:
         return 400, {"error": {"message": str(exc)}}
-    record = await worker.serve(tokens, max_tokens, payload.get("user"))
+    record = await worker.serve(tokens, max_tokens, payload.get("user"), restore)
     return 200, _completion_body(worker, record, chat, payload.get("model", model))
 
 

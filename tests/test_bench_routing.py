@@ -58,3 +58,59 @@ def test_worker_answers_openai_shapes_and_rejects_bad_prompts():
     assert bad[0] == 400 and "hex tokens" in bad[1]["error"]["message"]
     assert health == (200, {"status": "ok", "worker": "w0"})
     assert [r["request_id"] for r in worker.log][:2] == ["r1", "r1"]
+
+
+def test_a_restore_from_the_node_tier_is_charged_on_the_engine_and_counted_apart():
+    import asyncio
+
+    from bench.simworker import SimWorker, WorkerConfig, route
+    from bench.traces import encode
+
+    config = WorkerConfig(capacity_blocks=64, prefill_tps=1000.0, decode_tps=1e9, speedup=1e6,
+                          kv_bytes_per_token=1000, restore_bytes_per_s=1e6)
+    worker = SimWorker("w0", config)
+    plain = SimWorker("w1", WorkerConfig(capacity_blocks=64, speedup=1e6))
+    prompt = encode(list(range(300)))
+
+    async def go():
+        restored = await route(worker, "POST", "/v1/completions", json.dumps(
+            {"prompt": prompt, "max_tokens": 1, "user": "r", "kv_restore": {"blocks": 4, "state_tokens": 500}}).encode())
+        refused = await route(plain, "POST", "/v1/completions", json.dumps(
+            {"prompt": prompt, "max_tokens": 1, "kv_restore": {"blocks": 4, "state_tokens": 500}}).encode())
+        malformed = await route(worker, "POST", "/v1/completions", json.dumps(
+            {"prompt": prompt, "max_tokens": 1, "kv_restore": {"blocks": -1, "state_tokens": 5}}).encode())
+        return restored, refused, malformed
+
+    restored, refused, malformed = asyncio.run(go())
+    assert restored[0] == 200
+    usage, timings = restored[1]["usage"], restored[1]["timings"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 256  # 4 blocks restored into an empty cache
+    assert timings["restored_n"] == 256 and timings["prompt_n"] == 300 - 256
+    assert timings["restore_ms"] == pytest.approx(500 * 1000 / 1e6 * 1000)  # the whole state is read
+    # The load sits on the prefill engine before the prefill: both are in the TTFT.
+    assert timings["ttft_ms"] == pytest.approx(500.0 + 44.0)
+    assert worker.log[0]["device_cached_tokens"] == 0 and worker.log[0]["restored_tokens"] == 256
+    assert refused[0] == 400 and "without a tier" in refused[1]["error"]["message"]
+    assert malformed[0] == 400 and "kv_restore" in malformed[1]["error"]["message"]
+
+
+@pytest.mark.slow
+def test_the_node_arm_restores_evicted_prefixes_from_its_t1_and_beats_the_device_only_arm(tmp_path):
+    """Small worker caches, a multi-turn trace: the node's T1 (real CacheManager in tmpfs)
+    serves prefixes the workers evicted, the restores show up in the workers' logs, and
+    nothing about the other arms changes (their workers cannot restore)."""
+    out = tmp_path / "results.json"
+    code = routing.main(["--trace", "agent", "--arms", "ours,ours+T1", "--scale", "0.2", "--workers", "2",
+                         "--capacity-blocks", "96", "--speedup", "20", "--timeout", "90",
+                         "--log-dir", str(tmp_path / "logs"), "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    arms = {a["arm"]: a for a in data["traces"]["agent"]["arms"]}
+    ours, tiered = arms["ours"], arms["ours+T1"]
+    assert ours["errors"] == tiered["errors"] == 0 and not tiered["save_errors"]
+    assert ours["restored_rate"] == 0 and ours["restores"] == 0
+    assert tiered["restores"] > 0 and tiered["restored_rate"] > 0 and tiered["restore_s_total"] > 0
+    assert tiered["hit_rate"] > ours["hit_rate"] + 0.05
+    assert tiered["hit_rate"] <= tiered["o1"] + 1e-9
+    assert tiered["o2_with_t1"] >= tiered["o2"] and tiered["t1_tokens"] == 4 * 2 * 96 * 64
+    assert data["restore_bytes_per_s"] > 0
