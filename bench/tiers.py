@@ -140,6 +140,7 @@ def run(model: Path, *, prefix: int, repeat: int, threads: int, seed: int, t1_ro
 
     if repeat < 1 or prefix < 64:
         raise ValueError("--repeat must be >= 1 and --prefix >= 64 (one cache block)")
+    load_before = os.getloadavg()
     digest = file_digest(model)
     work_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tiers-", dir=work_root))
@@ -228,7 +229,7 @@ def run(model: Path, *, prefix: int, repeat: int, threads: int, seed: int, t1_ro
             "model": str(model), "model_digest": digest, "prefix_tokens": prefix, "repeat": repeat,
             "threads": threads, "state_bytes": state_bytes, "save_s": saved.save_s,
             "t1_fs": filesystem_of(t1_dir), "t2_fs": filesystem_of(work / "t2"),
-            "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
+            "load_avg_before": load_before, "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
             "median": {"recompute_s": recompute, "t1_s": t1_med, "t2_s": t2_med,
                        "t1_begin_s": med([r.t1_begin_s for r in reps]),
                        "t1_restore_s": med([r.t1_restore_s for r in reps]),
@@ -256,8 +257,9 @@ def report(result: dict) -> str:
     evaluated = {(x["recompute_evaluated"], x["t1_evaluated"], x["t2_evaluated"]) for x in result["reps"]}
     lines = [
         f"prefix {result['prefix_tokens']} tokens, state {result['state_bytes'] / 2**20:.1f} MiB, "
-        f"{result['repeat']} repetitions, n_threads {result['threads']}, load average "
-        f"{' '.join(f'{x:.2f}' for x in result['load_avg'])} on {result['cpus']} CPUs",
+        f"{result['repeat']} repetitions, n_threads {result['threads']}, load average (1/5/15 min) "
+        f"{' '.join(f'{x:.2f}' for x in result['load_avg_before'])} before, "
+        f"{' '.join(f'{x:.2f}' for x in result['load_avg'])} after, on {result['cpus']} CPUs",
         f"T1 on {result['t1_fs']}, T2 on {result['t2_fs']}",
         "",
         "path        median s   of recompute  (begin_restore / restore_state / generate 1 token)",
@@ -272,9 +274,13 @@ def report(result: dict) -> str:
         f"T2: {r['t2'] * 100:.2f}% of recompute (per-repetition median {r['t2_per_rep_median'] * 100:.2f}%), "
         f"target <= 6%: {'holds' if t['t2_holds'] else 'does not hold'}",
         f"evaluated tokens (recompute, T1, T2): {sorted(evaluated)}; T2 file in page cache before/after the "
-        f"drop: {', '.join(f'{b}->{a}' for b, a in resident)}",
+        f"drop: {', '.join(_fraction(b) + '->' + _fraction(a) for b, a in resident)}",
     ]
     return "\n".join(lines)
+
+
+def _fraction(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
