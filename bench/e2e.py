@@ -1,7 +1,8 @@
 """Benchmark 4: real end to end. Our node vs round-robin vs sglang-router, same trace, same hardware.
 
-    python -m bench.e2e                          # the run recorded in bench/README.md (~6-9 min)
-    python -m bench.e2e --pods 4 --arms ours,round_robin   # quicker look
+    python -m bench.e2e --rounds 2               # the run recorded in bench/README.md (~10 min)
+    python -m bench.e2e                          # one round of the three arms (~5 min)
+    python -m bench.e2e --pods 8 --arms ours,round_robin   # quicker look
     python -m bench.e2e --model bench/out/tiny.gguf --pods 2 --turns 2,2   # smoke (seconds)
 
 One command, one run, three arms on the same scaled agent trace, each arm
@@ -45,7 +46,9 @@ with the agent's other pods; then its task; then turns that each append the
 model's previous reply (as scripted by the trace, so that every arm sends the
 same bytes) and a tool result. Token ids become words (one word = one token
 of the generated test vocabularies). Two clients run the pods closed-loop in
-trace order, sleeping each turn's think time between turns.
+trace order, sleeping each turn's think time between turns. ``--rounds N``
+repeats the arms in alternating order (A B C, C B A, ...) and pools the records,
+so that a drift in the shared machine's load falls on every arm alike.
 """
 
 from __future__ import annotations
