@@ -32,6 +32,7 @@ import hashlib
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
@@ -93,6 +94,28 @@ class SegmentStore:
 
 
 # ------------------------------------------------------------------ providers
+@dataclass(frozen=True)
+class HeldContext:
+    """Tokens a provider's context holds, and whose they are: ``(first token, Namespace)`` spans."""
+
+    tokens: tuple[int, ...] = ()
+    spans: tuple[tuple[int, Any], ...] = ()
+
+    def visible_prefix(self, owners: Sequence[str]) -> int:
+        """How many leading tokens a pod seeing ``owners`` may reuse.
+
+        Scopes only narrow along a context, so the visible part is a prefix: it
+        ends where the first span owned by someone else begins.
+        """
+        for start, namespace in self.spans:
+            if namespace.owner not in owners:
+                return start
+        return len(self.tokens)
+
+    def reusable(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
+        return min(common_prefix_tokens(self.tokens, prompt), self.visible_prefix(owners))
+
+
 @dataclass
 class ManagedProvider:
     """A provider as the executor sees it: one request at a time, with its queue and live context."""
@@ -102,10 +125,13 @@ class ManagedProvider:
     launch_mode: str = "subprocess"  # the embedded worker is our own subprocess
     version: str = "unknown"
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # What its context holds after the last request (kept here so placement never
-    # waits on a busy provider), and whose it is: (first token, namespace) spans.
-    context: list[int] = field(default_factory=list)
-    context_spans: list[tuple[int, Any]] = field(default_factory=list)
+    # ``held``: what the engine's context holds now (after its last request);
+    # the isolation bound of every generation is computed from it.
+    # ``expected``: what it will hold once its queue drains (the prompt of the
+    # last request placed on it); placement reasons about that, so a prefix
+    # still being computed counts as a hit for whoever queues behind it.
+    held: HeldContext = field(default_factory=HeldContext)
+    expected: HeldContext = field(default_factory=HeldContext)
     queued_requests: int = 0
     queued_prefill_tokens: int = 0
     queued_decode_tokens: int = 0
@@ -130,19 +156,10 @@ class ManagedProvider:
         return self.provider.kind
 
     def forget_context(self) -> None:
-        self.context = []
-        self.context_spans = []
-
-    def visible_prefix(self, owners: Sequence[str]) -> int:
-        """How many leading context tokens a pod seeing ``owners`` may reuse.
-
-        Scopes only narrow along a context, so the visible part is a prefix: it
-        ends where the first span owned by someone else begins.
-        """
-        for start, namespace in self.context_spans:
-            if namespace.owner not in owners:
-                return start
-        return len(self.context)
+        """The engine's context is unknown (crash, failed request, restore): reuse nothing of it."""
+        self.held = HeldContext()
+        if self.queued_requests <= 1:
+            self.expected = HeldContext()
 
 
 class ProviderPool:
@@ -238,6 +255,20 @@ def _us(seconds: float | None) -> int:
 
 
 # ------------------------------------------------------------------ executor
+TOKEN_CACHE_MIN_CHARS = 256  # shorter pieces (turn messages) are cheap and rarely repeat
+TOKEN_CACHE_ENTRIES = 1024
+SESSION_HOMES = 4096
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    executor: "PodExecutor"
+    digest: str
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.executor.tokenize(self.digest, text, add_bos)
+
+
 @dataclass
 class TurnOutcome:
     result: TurnResult
@@ -266,6 +297,10 @@ class PodExecutor:
         self.segments = SegmentStore(node.db, node._db_lock)
         self._machine = machine
         self._place_lock = threading.Lock()  # placement + queue accounting are one step
+        self._token_cache: "OrderedDict[tuple[str, bool, str], tuple[int, ...]]" = OrderedDict()
+        # (tenant, agent, session) -> provider of its last turn: a session sent one
+        # turn per pod (as agent loops do) keeps its affinity like a multi-turn pod.
+        self._session_homes: "OrderedDict[tuple[str, str, str], str]" = OrderedDict()
         self.decisions: dict[str, list[Decision]] = {}  # pod id -> one per turn (recent pods)
 
     # ------------------------------------------------------------ node hooks
@@ -324,7 +359,8 @@ class PodExecutor:
 
     def _run_turns(self, pod: AgentPod, record: Any, texts: list[str], queued: float) -> None:
         session: SessionContext | None = None
-        previous: str | None = None
+        home_key = (pod.metadata.tenant, pod.metadata.agent, pod.metadata.session)
+        previous: str | None = self._session_homes.get(home_key)
         for index, turn in enumerate(pod.spec.turns):
             if self.node.is_cancelled(pod.id):
                 self._receipt(pod, index, "cancelled", None, queued=queued, record=record)
@@ -351,6 +387,10 @@ class PodExecutor:
                                   queued, turn=index, record=record)
             session.add_reply(outcome.completion_tokens)
             previous = outcome.managed.name
+            self._session_homes[home_key] = previous
+            self._session_homes.move_to_end(home_key)
+            while len(self._session_homes) > SESSION_HOMES:
+                self._session_homes.popitem(last=False)
             self._hold_session(pod.id, outcome.managed, len(session.tokens))
             self.node.record_turn(pod.id, outcome.result)
             appended = self._receipt(pod, index, "succeeded", None, queued=queued, record=record, outcome=outcome)
@@ -373,11 +413,33 @@ class PodExecutor:
         return decision
 
     # ------------------------------------------------------------ steps
-    def _tokenizer_for(self, record: Any, load: bool = True) -> Provider | None:
-        found = self.pool.for_model(record.digest)
-        if found:
-            return found[0].provider
-        return self.pool.load(record).provider if load else None
+    def _tokenizer_for(self, record: Any, load: bool = True) -> "Tokenizer | None":
+        """Tokenizes with whichever provider of the model is idle now (a busy one would
+        make this pod wait behind another pod's prefill), remembering long pieces
+        (segments repeat across an agent's pods)."""
+        if not self.pool.for_model(record.digest):
+            if not load:
+                return None
+            self.pool.load(record)
+        return Tokenizer(self, record.digest)
+
+    def tokenize(self, digest: str, text: str, add_bos: bool) -> list[int]:
+        key = (digest, add_bos, text)
+        cached = self._token_cache.get(key)
+        if cached is not None:
+            self._token_cache.move_to_end(key)
+            return list(cached)
+        candidates = self.pool.for_model(digest)
+        if not candidates:
+            raise ProviderError(f"no provider holds model {digest[:19]} to tokenize with")
+        idle = [m for m in candidates if not m.lock.locked()]
+        chosen = idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)
+        tokens = chosen.provider.tokenize(text, add_bos=add_bos)
+        if len(text) >= TOKEN_CACHE_MIN_CHARS:
+            self._token_cache[key] = tuple(tokens)
+            while len(self._token_cache) > TOKEN_CACHE_ENTRIES:
+                self._token_cache.popitem(last=False)
+        return tokens
 
     def _admit_with_tokens(self, pod: AgentPod, record: Any, prompt_tokens: int) -> list[str]:
         decision = self.node.policy.decide(AdmissionRequest(
@@ -389,7 +451,7 @@ class PodExecutor:
         owners = _owners(session)
         states, by_name = [], {}
         for m in managed:
-            t0 = min(common_prefix_tokens(m.context, session.tokens), m.visible_prefix(owners))
+            t0 = m.expected.reusable(session.tokens, owners)
             rejected = () if pinned in (None, m.name) else (f"pod is pinned to provider {pinned}",)
             states.append(CandidateState(
                 provider=m.name, model_hot=True, t0_cached_tokens=t0,
@@ -444,6 +506,7 @@ class PodExecutor:
                 managed.queued_requests += 1
                 managed.queued_prefill_tokens += uncached
                 managed.queued_decode_tokens += max_tokens
+                managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
         self.decisions.setdefault(pod.id, []).append(decision)
         while len(self.decisions) > 256:
             self.decisions.pop(next(iter(self.decisions)))
@@ -454,9 +517,11 @@ class PodExecutor:
             started_load = time.perf_counter()
             managed = self.pool.load(record)
             self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
-            managed.queued_requests += 1
-            managed.queued_prefill_tokens += uncached
-            managed.queued_decode_tokens += max_tokens
+            with self._place_lock:
+                managed.queued_requests += 1
+                managed.queued_prefill_tokens += uncached
+                managed.queued_decode_tokens += max_tokens
+                managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
         try:
             return self._execute(pod, session, index, max_tokens, decision, managed)
         finally:
@@ -470,11 +535,12 @@ class PodExecutor:
         chosen = decision.chosen
         provider = managed.provider
         tier = chosen.cache_source if chosen.cache_source in ("T0", "T1", "T2") else "none"
-        # Reuse of the live context is bounded by what its scope-salted block keys
-        # allow this pod to see; a restored state is one this pod may see whole.
-        reuse_limit: int | None = chosen.state.t0_cached_tokens if pod.spec.policy.cache_reuse else 0
         with managed.lock:
             started = time.time()
+            # Reuse of the live context is bounded by what the engine really holds
+            # now and this pod may see (scopes); a restored state it may see whole.
+            reuse_limit: int | None = (managed.held.reusable(session.tokens, _owners(session))
+                                       if pod.spec.policy.cache_reuse else 0)
             if tier in ("T1", "T2"):
                 match = next(m for m in decision.request.tier_matches
                              if m.tier == tier and m.state_format == managed.kind)
@@ -497,8 +563,11 @@ class PodExecutor:
             if len(result.completion_tokens) > 1:
                 self.rates.observe(managed.name, DECODE, len(result.completion_tokens) - 1,
                                    max(result.total_s - result.ttft_s, 1e-9))
-            context = list(session.tokens) + list(result.completion_tokens)
-            self._remember_context(managed, context, session)
+            held = tuple(session.tokens) + tuple(result.completion_tokens)
+            managed.held = HeldContext(held, tuple(session.spans_for(len(held))))
+            with self._place_lock:
+                if managed.queued_requests <= 1:  # nothing placed behind it: this is the future too
+                    managed.expected = managed.held
             if self.cache is not None and pod.spec.policy.cache_reuse:
                 self._save(managed, session)
             finished = time.time()
@@ -536,12 +605,8 @@ class PodExecutor:
             self.rates.observe(managed.name, restore_quantity(restore.served_from), restore.entry.bytes,
                                time.perf_counter() - began)
             del provider_tokens
-            managed.forget_context()  # the turn's generate sets it from what the provider now holds
+            managed.held = HeldContext()  # the turn's generate sets it from what the provider now holds
             return restore.served_from
-
-    def _remember_context(self, managed: ManagedProvider, context: list[int], session: SessionContext) -> None:
-        managed.context = context
-        managed.context_spans = session.spans_for(len(context))
 
     def _save(self, managed: ManagedProvider, session: SessionContext) -> None:
         staging = self.cache.staging_path()

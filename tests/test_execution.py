@@ -160,3 +160,28 @@ def test_receipts_verify_offline_after_the_node_stops(tmp_path, tiny_model_path)
     rows = json.loads(listed.stdout)
     assert len(rows) >= 2
     del ok, refused_policy
+
+
+def test_a_prefix_still_being_computed_counts_for_the_pod_queued_behind_it(tmp_path, tiny_model_path):
+    env = env_for(tmp_path)
+    ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    node = Node(load_config(env), executor_factory=default_executor, dispatchers=2)
+    node.start()
+    try:
+        node.load_model("tiny")
+        first = node.submit_pod(make_pod(name="long", system=SYSTEM, max_tokens=600))
+        deadline = time.monotonic() + 30
+        while node.get_pod(first.id).status.phase is not PodPhase.running and time.monotonic() < deadline:
+            time.sleep(0.005)
+        second = node.submit_pod(make_pod(name="behind", system=SYSTEM, turns=["another question"], max_tokens=2))
+        done = wait_terminal(node, second.id)
+        wait_terminal(node, first.id)
+        assert node.get_pod(first.id).status.phase is PodPhase.succeeded
+        (decision,) = node.pod_decisions(second.id)
+        chosen = next(c for c in decision.candidates if c.provider == decision.chosen)
+        # Placed while `long` was still generating: the system prompt it is computing is
+        # what the provider will hold, so placement counts it (T0) and queues behind it.
+        assert chosen.cache_source == "T0" and chosen.cached_tokens >= 64
+        assert done.status.turns[0].cached_tokens >= 64
+    finally:
+        node.close()
