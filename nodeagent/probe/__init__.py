@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["System", "probe", "profile_digest"]
 
-# Sections probed independently (and concurrently); asahi and the derived parts follow.
-INDEPENDENT = ("host", "cpu", "memory", "nvidia", "amd", "vulkan", "runtime", "storage")
-
-
 def _guard(name: str, section_type: type, fn: Callable[[], Any], timings: dict[str, float] | None) -> Any:
     from nodeagent.contracts.machine import ProbeStatus
 
