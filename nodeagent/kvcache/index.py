@@ -224,9 +224,10 @@ class ProbeMap:
             elif held.__class__ is int:
                 if held != handle:
                     other = self.meta[held]
-                    blocks[key] = _with(((self._group(other[1], other[2], other[3]), (held,)),), group, handle)
+                    blocks[key] = _with(((self._group(other[1], other[2], other[3]), (held,)),), group, handle,
+                                        self.meta)
             else:
-                blocks[key] = _with(held, group, handle)
+                blocks[key] = _with(held, group, handle, self.meta)
 
     def remove(self, entry_id: str, keys: Iterable[bytes]) -> None:
         handle = self.handles.pop(entry_id, None)
@@ -264,7 +265,7 @@ class ProbeMap:
         for key in keys:
             held = blocks.get(key)
             if held is not None and held.__class__ is not int:
-                blocks[key] = _with(_without(held, old, handle), new, handle)
+                blocks[key] = _with(_without(held, old, handle), new, handle, self.meta)
 
     def probe(self, key: bytes, state_format: str, tier: str | None, owners: Sequence[str]) -> tuple | None:
         """Some entry covering ``key`` in ``tier`` (None: either) that ``owners`` may see,
@@ -284,17 +285,17 @@ class ProbeMap:
 
     def smallest(self, key: bytes, state_format: str, tier: str | None, owners: Sequence[str]) -> tuple | None:
         """Like `probe`, but of all the entries that qualify, the one with the fewest bytes
-        (the cheapest to restore). Asked once per lookup, at the deepest key found."""
+        (the cheapest to restore): the first of each qualifying group, whose handles are
+        kept in size order."""
         held = self.blocks.get(key)
         if held is None or held.__class__ is int:
             return self.probe(key, state_format, tier, owners)
         best = None
         for group, handles in held:
             if group[0] == state_format and (tier is None or group[1] == tier) and group[2] in owners:
-                for handle in handles:
-                    entry = self.meta[handle]
-                    if best is None or entry[5] < best[5]:
-                        best = entry
+                entry = self.meta[handles[0]]
+                if best is None or entry[5] < best[5]:
+                    best = entry
         return best
 
 
@@ -302,13 +303,18 @@ def _split_keys(blob: bytes) -> list[bytes]:
     return [blob[i:i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
 
 
-def _with(held: tuple, group: Group, handle: int) -> tuple:
-    """``held`` (group, handles) pairs with ``handle`` added to ``group``."""
+def _with(held: tuple, group: Group, handle: int, meta: dict[int, tuple]) -> tuple:
+    """``held`` (group, handles) pairs with ``handle`` added to ``group``; each group's
+    handles stay ordered by their entry's bytes, so the first is the cheapest to restore."""
+    size = meta[handle][5]
     for i, (g, handles) in enumerate(held):
         if g == group:
             if handle in handles:
                 return held
-            return held[:i] + ((g, handles + (handle,)),) + held[i + 1:]
+            at = 0
+            while at < len(handles) and meta[handles[at]][5] <= size:
+                at += 1
+            return held[:i] + ((g, handles[:at] + (handle,) + handles[at:]),) + held[i + 1:]
     return held + ((group, (handle,)),)
 
 
