@@ -1,8 +1,5 @@
 """agent-machine: a per-machine node agent for local LLM inference hosts."""
 
-from importlib import metadata as _metadata
-
-try:
-    __version__ = _metadata.version("agent-machine")
-except _metadata.PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+source"
+# The one place the version is written (pyproject.toml reads it from here):
+# importlib.metadata would cost ~20 ms on every command.
+__version__ = "0.1.0"
