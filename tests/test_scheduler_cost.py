@@ -157,6 +157,21 @@ def test_ties_go_to_the_least_loaded_provider():
     assert decision.provider == "b"
 
 
+def test_a_later_turn_is_moved_by_the_guard_only_when_its_history_is_saved_in_a_tier():
+    registry = registry_for("hot", "idle")
+    candidates = [CandidateState("hot", True, t0_cached_tokens=3000, load=50_000, state_format="f"),
+                  CandidateState("idle", True, load=1_000, state_format="f")]
+    saved = (TierMatch("T1", 3000, 10**6, "f"),)
+    moved = place(PlacementRequest("m", 4000, saved, session_provider="hot"), candidates, registry)
+    assert moved.provider == "idle" and moved.guard_applied and moved.chosen.cache_source == "T1"
+    shorter = (TierMatch("T1", 2000, 10**6, "f"),)  # the tier holds less than its provider: recompute to move
+    stays = place(PlacementRequest("m", 4000, shorter, session_provider="hot"), candidates, registry)
+    assert stays.provider == "hot" and not stays.guard_applied
+    other_format = (TierMatch("T1", 3000, 10**6, "g"),)  # nobody here can restore it
+    assert place(PlacementRequest("m", 4000, other_format, session_provider="hot"), candidates,
+                 registry).provider == "hot"
+
+
 def test_load_guard_diverts_new_sessions_only_and_says_so():
     registry = registry_for("hot", "idle")
     candidates = [CandidateState("hot", True, t0_cached_tokens=3000, load=50_000),
@@ -209,7 +224,13 @@ def reference_place(request, candidates, registry, guard):
 
     eligible = [s for s in candidates if not s.rejected]
     pool, applied = eligible, False
-    if guard.enabled and request.session_provider is None and len(eligible) > 1:
+    # A later turn is guarded too when a restorable saved state holds as much of the prompt
+    # as its own provider's context: moving it then costs a restore, not a recompute.
+    formats = {s.state_format for s in eligible if s.state_format is not None}
+    saved = max([m.cached_tokens for m in request.tier_matches if m.state_format in formats] + [0])
+    own = [s.t0_cached_tokens for s in candidates if s.provider == request.session_provider]
+    movable = request.session_provider is None or (saved > 0 and saved >= min(own[0] if own else 0, prompt))
+    if guard.enabled and movable and len(eligible) > 1:
         limit = guard.limit(min(s.load for s in eligible))
         kept = [s for s in eligible if s.load <= limit]
         if kept and len(kept) < len(eligible):

@@ -23,13 +23,17 @@ the prefix saves, which under light load is never. The guard is the explicit
 rule: with ``load`` = the context tokens of the live sessions (pods) a
 candidate holds and ``floor`` = the least-loaded eligible candidate's,
 
-    when a session is placed for the first time, a candidate is excluded
-    if load > floor * rel + abs_tokens (default rel 1.5, abs 0),
+    when a session is placed for the first time, or when a saved state (T1/T2)
+    holds at least as much of its prompt as its current provider does, a
+    candidate is excluded if load > floor * rel + abs_tokens (default rel 1.5,
+    abs 0),
 
-unless that would exclude every eligible candidate. A session's later turns
-are not moved by the guard, only by the cost model: moving a pod away from its
-own history costs more than the imbalance it would fix. Measured with and
-without the guard in bench/README.md ("## scheduler").
+unless that would exclude every eligible candidate. Otherwise a session's later
+turns are not moved by the guard, only by the cost model: moving a pod away from
+its own history means recomputing it, which costs more than the imbalance it
+would fix. When its history is saved in a tier, moving it costs a restore, which
+the cost model then weighs like any other option. Measured with and without the
+guard in bench/README.md ("## scheduler").
 """
 
 from __future__ import annotations
@@ -295,6 +299,21 @@ def assess(request: PlacementRequest, state: CandidateState, registry: RateRegis
                                        registry.resolved(state.provider)))
 
 
+def _movable(request: PlacementRequest, candidates: Sequence[CandidateState]) -> bool:
+    """Whether the load guard may place this request away from its session's provider:
+    always for a new session; for a later turn, when a saved state holds at least as
+    many of its prompt's tokens as that provider's context (moving costs a restore,
+    not a recompute)."""
+    if request.session_provider is None:
+        return True
+    formats = {c.state_format for c in candidates if c.state_format is not None and not c.rejected}
+    saved = max((m.cached_tokens for m in request.tier_matches if m.state_format in formats), default=0)
+    if saved <= 0:
+        return False
+    held = next((c.t0_cached_tokens for c in candidates if c.provider == request.session_provider), 0)
+    return saved >= min(held, request.prompt_tokens)
+
+
 def _tie_key(state: CandidateState) -> tuple:
     return (state.load, state.queued_prefill_tokens + state.queued_decode_tokens, state.provider)
 
@@ -345,7 +364,7 @@ def place(
 
     # The load guard depends on loads only, so its pools are known before any TTFT.
     guarded: frozenset[int] = frozenset()
-    if guard.enabled and request.session_provider is None and len(eligible) > 1:
+    if guard.enabled and len(eligible) > 1 and _movable(request, candidates):
         limit = guard.limit(min(candidates[i].load for i in eligible))
         over = [i for i in eligible if candidates[i].load > limit]
         if over and len(over) < len(eligible):
