@@ -216,7 +216,9 @@ def inspect_entries(lines: Sequence[bytes], trusted: Mapping[str, PublicKey], jo
     checks the chain while the workers go on.
 
     ``joined``, if given, must start with ``b"\\n".join(lines)`` (e.g. the file the
-    lines were split from): it saves building that buffer.
+    lines were split from): it saves building that buffer. The workers' input
+    is a module global (fork hands it over), so one parallel run at a time per
+    process; the CLI is the only caller that asks for several jobs.
     """
     if jobs <= 1 or len(lines) < PARALLEL_MIN_ENTRIES:
         for line in lines:
