@@ -119,7 +119,7 @@ _LAYOUT_KEYID = b'","signatures":[{"keyid":"'
 _LAYOUT_SIG = b'","sig":"'
 _LAYOUT_TAIL = b'"}]}'
 _KEYID = re.compile(rb"[0-9a-f]{64}")
-_LAYOUT_TYPES = ("application/vnd.in-toto+json",)
+_LAYOUT_MIDDLES = tuple((t, _LAYOUT_TYPE + t.encode() + _LAYOUT_KEYID) for t in ("application/vnd.in-toto+json",))
 
 
 def _parse_written_layout(line: bytes) -> Envelope | None:
@@ -129,15 +129,15 @@ def _parse_written_layout(line: bytes) -> Envelope | None:
     payload_end = line.find(b'"', len(_LAYOUT_HEAD))
     if payload_end < 0:
         return None
-    for payload_type in _LAYOUT_TYPES:
-        middle = _LAYOUT_TYPE + payload_type.encode() + _LAYOUT_KEYID
+    for payload_type, middle in _LAYOUT_MIDDLES:
         keyid_start = payload_end + len(middle)
         sig_start = keyid_start + 64 + len(_LAYOUT_SIG)
         if (line.startswith(middle, payload_end) and _KEYID.fullmatch(line, keyid_start, keyid_start + 64)
                 and line.startswith(_LAYOUT_SIG, keyid_start + 64) and line.find(b'"', sig_start) == len(line) - 4):
+            view = memoryview(line)  # decode in place, without copying the base64 out first
             try:
-                payload = binascii.a2b_base64(line[len(_LAYOUT_HEAD):payload_end], strict_mode=True)
-                signature = binascii.a2b_base64(line[sig_start:-len(_LAYOUT_TAIL)], strict_mode=True)
+                payload = binascii.a2b_base64(view[len(_LAYOUT_HEAD):payload_end], strict_mode=True)
+                signature = binascii.a2b_base64(view[sig_start:-len(_LAYOUT_TAIL)], strict_mode=True)
             except ValueError:
                 return None
             keyid = line[keyid_start:keyid_start + 64].decode("ascii")
