@@ -8,8 +8,13 @@ Side by side, in one run, on the same disk:
                 (the baseline group commit is measured against);
 * ``serial``  — one thread with group commit (nothing to share: latency-bound);
 * ``verify``  — `verify_bundle` over the log written by ``group`` (every
-                signature, schema, chain link and checkpoint), 1 process and
-                ``--jobs`` processes;
+                signature, schema, chain link and checkpoint), in 1 process
+                and in ``--jobs`` processes, each with the libsodium verify
+                backend (the default) and with the OpenSSL one (`cryptography`,
+                the previous default), interleaved over ``--rounds`` rounds so
+                the four share the same background load; reported: the median
+                and best rate, and CPU time per entry (all processes: the cost,
+                which other jobs on the machine do not change);
 * ``ed25519`` — bare sign/verify calls on one core: the ceiling the two
                 above are bounded by (each verified receipt is one Ed25519
                 verify; each appended one is one sign).
@@ -19,7 +24,8 @@ stable storage. Inputs are built before the clock starts (the pod executor
 builds them anyway); signing, canonical JSON, the write, the fdatasync, the
 index update and periodic checkpoints are all inside the measurement.
 
-    python bench/receipts.py [--receipts 6000] [--threads 32] [--jobs 2] [--dir DIR] [--json FILE]
+    python bench/receipts.py [--receipts 6000] [--threads 32] [--jobs 2] [--rounds 3] [--verify-only]
+                             [--dir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -39,7 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nodeagent.receipts import ReceiptLog, Signer  # noqa: E402
 from nodeagent.receipts.samples import STATUSES, sample_input  # noqa: E402
+from nodeagent.receipts.keys import PublicKey, set_verify_backend  # noqa: E402
 from nodeagent.receipts.verify import verify_bundle  # noqa: E402
+
+BACKENDS = ("sodium", "openssl")
 
 
 def filesystem_of(path: Path) -> str:
@@ -101,28 +112,67 @@ def run_appends(directory: Path, inputs: list, threads: int, group_commit: bool)
 def raw_ed25519(seconds: float = 1.0) -> dict:
     """The ceiling: bare Ed25519 sign and verify calls on a receipt-sized message, one core."""
     signer = Signer.generate()
+    public: PublicKey = signer.public
     message = b"x" * 1700
     signature = signer.sign(message)
     out = {}
-    for name, call in (("signPerSecond", lambda: signer.sign(message)),
-                       ("verifyPerSecond", lambda: signer.public.verify(signature, message))):
+
+    def rate(call) -> int:
         count, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             for _ in range(100):
                 call()
             count += 100
-        out[name] = round(count / (time.perf_counter() - started))
+        return round(count / (time.perf_counter() - started))
+
+    out["signPerSecond"] = rate(lambda: signer.sign(message))
+    for backend in BACKENDS:
+        previous = set_verify_backend(backend)
+        try:
+            assert public.verify(signature, message)
+            out[f"verifyPerSecond_{backend}"] = rate(lambda: public.verify(signature, message))
+        finally:
+            set_verify_backend(previous)
     return out
 
 
-def run_verify(directory: Path, jobs: int) -> dict:
-    started = time.perf_counter()
-    report = verify_bundle(directory, jobs=jobs)
-    elapsed = time.perf_counter() - started
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the verification workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def verify_once(directory: Path, jobs: int, backend: str) -> tuple[int, float, float]:
+    """(entries, wall seconds, CPU seconds) of one `verify_bundle` run."""
+    previous = set_verify_backend(backend)
+    try:
+        cpu, started = cpu_seconds(), time.perf_counter()
+        report = verify_bundle(directory, jobs=jobs)
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    finally:
+        set_verify_backend(previous)
     if not report.ok:
-        raise SystemExit(f"verification failed: {report.failures[:3]}")
-    return {"entries": report.entries, "jobs": jobs, "seconds": round(elapsed, 3),
-            "perSecond": round(report.entries / elapsed), "checkpoints": len(report.checkpoints)}
+        raise SystemExit(f"verification failed ({backend}, {jobs} jobs): {report.failures[:3]}")
+    return report.entries, elapsed, cpu
+
+
+def run_verify(directory: Path, jobs: int, rounds: int) -> list[dict]:
+    configs = [(backend, n) for backend in BACKENDS for n in sorted({1, jobs})]
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
+    entries = 0
+    verify_once(directory, 1, "sodium")  # warm-up: imports, pydantic schema, page cache
+    for _ in range(rounds):
+        for backend, n in configs:
+            entries, elapsed, cpu = verify_once(directory, n, backend)
+            samples[(backend, n)].append((entries / elapsed, cpu / entries))
+    out = []
+    for (backend, n), runs in samples.items():
+        rates = [r for r, _ in runs]
+        out.append({"backend": backend, "jobs": n, "entries": entries, "rounds": rounds,
+                    "medianPerSecond": round(statistics.median(rates)), "bestPerSecond": round(max(rates)),
+                    "rates": [round(r) for r in rates],
+                    "cpuUsPerEntry": round(statistics.median(c for _, c in runs) * 1e6, 1)})
+    return out
 
 
 def main() -> int:
@@ -131,6 +181,9 @@ def main() -> int:
     parser.add_argument("--each-receipts", type=int, default=1500, help="appends in the one-fsync-each run")
     parser.add_argument("--threads", type=int, default=32, help="concurrent appenders (pods finishing at once)")
     parser.add_argument("--jobs", type=int, default=2, help="processes for the parallel verification")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the four verification runs")
+    parser.add_argument("--verify-only", action="store_true",
+                        help="write the log (the group-commit run) and measure verification only")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir in the cwd)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -138,32 +191,45 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="receipts-bench-", dir=args.dir or Path.cwd()))
     try:
         inputs = [sample_input(i, STATUSES[i % 4]) for i in range(args.receipts)]
-        results = {
+        results: dict = {
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "filesystem": filesystem_of(base),
                         "loadavg": os.getloadavg()},
             "group": run_appends(base / "group", inputs, args.threads, True),
-            "each": run_appends(base / "each", inputs[: args.each_receipts], args.threads, False),
-            "serial": run_appends(base / "serial", inputs[: args.each_receipts], 1, True),
-            "verify1": run_verify(base / "group", 1),
-            "verifyN": run_verify(base / "group", args.jobs),
-            "ed25519": raw_ed25519(),
         }
+        if not args.verify_only:
+            results["each"] = run_appends(base / "each", inputs[: args.each_receipts], args.threads, False)
+            results["serial"] = run_appends(base / "serial", inputs[: args.each_receipts], 1, True)
+        results["machine"]["loadavgBeforeVerify"] = os.getloadavg()
+        results["verify"] = run_verify(base / "group", args.jobs, args.rounds)
+        results["machine"]["loadavgAfterVerify"] = os.getloadavg()
+        results["ed25519"] = raw_ed25519()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    g, e, s = results["group"], results["each"], results["serial"]
-    print(f"filesystem: {results['machine']['filesystem']}, {results['machine']['cpus']} CPUs, "
-          f"load {results['machine']['loadavg'][0]:.2f}")
+    machine = results["machine"]
+    print(f"filesystem: {machine['filesystem']}, {machine['cpus']} CPUs, load {machine['loadavg'][0]:.2f} at start, "
+          f"{machine['loadavgBeforeVerify'][0]:.2f} before / {machine['loadavgAfterVerify'][0]:.2f} after verification")
     print(f"{'run':<26}{'receipts':>9}{'threads':>8}{'per s':>8}{'fsyncs':>8}{'per fsync':>10}{'p50 ms':>8}{'p99 ms':>8}")
-    for name, r in (("group commit", g), ("one fsync per receipt", e), ("serial (1 thread)", s)):
+    runs = [("group commit", results["group"])]
+    if not args.verify_only:
+        runs += [("one fsync per receipt", results["each"]), ("serial (1 thread)", results["serial"])]
+    for name, r in runs:
         print(f"{name:<26}{r['receipts']:>9}{r['threads']:>8}{r['perSecond']:>8}{r['fdatasyncs']:>8}"
               f"{r['receiptsPerFsync']:>10}{r['p50ms']:>8}{r['p99ms']:>8}")
-    print(f"group commit / one fsync per receipt: {g['perSecond'] / e['perSecond']:.2f}x")
+    if not args.verify_only:
+        print(f"group commit / one fsync per receipt: {results['group']['perSecond'] / results['each']['perSecond']:.2f}x")
     raw = results["ed25519"]
-    for r in (results["verify1"], results["verifyN"]):
-        print(f"verify {r['entries']} entries, {r['jobs']} process(es): {r['perSecond']}/s ({r['seconds']} s) = "
-              f"{r['perSecond'] / raw['verifyPerSecond']:.2f}x one core's bare Ed25519 verify rate")
-    print(f"bare Ed25519 on one core (the ceiling): sign {raw['signPerSecond']}/s, verify {raw['verifyPerSecond']}/s")
+    entries = results["verify"][0]["entries"]
+    print(f"verify {entries} entries, {args.rounds} interleaved rounds:")
+    print(f"{'backend':<9}{'processes':>10}{'median/s':>10}{'best/s':>8}{'CPU us/entry':>14}   rates")
+    for r in results["verify"]:
+        print(f"{r['backend']:<9}{r['jobs']:>10}{r['medianPerSecond']:>10}{r['bestPerSecond']:>8}{r['cpuUsPerEntry']:>14}"
+              f"   {', '.join(map(str, r['rates']))}")
+    by = {(r["backend"], r["jobs"]): r for r in results["verify"]}
+    for n in sorted({1, args.jobs}):
+        print(f"sodium / openssl, {n} process(es): {by[('sodium', n)]['medianPerSecond'] / by[('openssl', n)]['medianPerSecond']:.2f}x")
+    print(f"bare Ed25519 on one core: sign {raw['signPerSecond']}/s, verify {raw['verifyPerSecond_sodium']}/s (libsodium), "
+          f"{raw['verifyPerSecond_openssl']}/s (OpenSSL)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
