@@ -1,15 +1,17 @@
 """Benchmark 5 (placement half): decision latency with 64 providers and 1M indexed blocks.
 
-    python -m bench.placement_latency                   # 64 providers, ~1M block rows, 2000 decisions
+    python -m bench.placement_latency                   # 64 providers, ~1M indexed blocks, 2000 prompts
     python -m bench.placement_latency --burn 0,2        # and again with 2 CPU-burning processes
     python -m bench.placement_latency --providers 8 --blocks 100000
 
 The index is a real SQLite CacheIndex (WAL, in a temporary state dir) filled
-with ~1M block rows: pods of agents whose 2-8K-token contexts are shared,
+with ~1M indexed blocks: pods of agents whose 2-8K-token contexts are shared,
 each entry indexed under every block it covers. Entries are inserted through
 CacheIndex.insert in bulk (one transaction) without writing state files: a
 placement only reads the index, and state files are touched by a restore, not
-by a decision. Each provider holds a few pods' contexts in T0 (ContextBlocks).
+by a decision. The first lookup builds the in-memory probe map (its time and
+memory are reported). Each provider holds a few pods' contexts in T0
+(ContextBlocks).
 
 One decision = what a node does per request before running it, from the
 prompt's block keys: the T1/T2 index lookup, T0 matching on every provider,
