@@ -11,9 +11,11 @@ The pod executor's API (see docs/receipts.md):
     log.proof(appended.seq)                        # ReceiptProof, verifiable offline
     log.close()
 
-Modules: keys (Ed25519 signer, key sources), dsse (envelopes), entry (one
-line: build and check), merkle (RFC 6962), checkpoint (signed notes), log
-(the writer and a lock-free reader), verify (offline verification), export,
+Modules: keys (Ed25519 signer, key sources; verification through libsodium),
+dsse (envelopes), entry (one line: build and check), fastcheck (a quick,
+conservative statement check in front of the pydantic contract), merkle
+(RFC 6962), checkpoint (signed notes), log (the writer and a lock-free
+reader), verify (offline verification, in parallel processes), export,
 machine (the state-dir log and key rotation).
 """
 
