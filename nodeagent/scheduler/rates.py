@@ -215,9 +215,8 @@ class RateRegistry:
 def calibrate_read_throughput(directory: str | Path, size_bytes: int = 32 << 20) -> float:
     """Bytes/s reading a freshly written file in ``directory`` (a tier's start-up calibration).
 
-    On tmpfs this is RAM speed; on disk it includes the page cache unless the
-    file is larger than RAM, so it is an optimistic bound for T2 and refined by
-    observed restores.
+    On tmpfs this is RAM speed; on disk the file's pages are dropped from the
+    page cache first, so it measures the device. Observed restores refine it.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -229,6 +228,9 @@ def calibrate_read_throughput(directory: str | Path, size_bytes: int = 32 << 20)
                 handle.write(block)
             handle.flush()
             os.fsync(handle.fileno())
+            # Drop the pages just written, so a disk tier is measured reading the
+            # disk, not the page cache (on tmpfs this changes nothing: RAM is the medium).
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         start = time.perf_counter()
         read = 0
         with open(name, "rb", buffering=0) as handle:
