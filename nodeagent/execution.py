@@ -19,10 +19,11 @@ Receipts are per turn (one model execution each; ``runId`` = ``<pod>-t<i>``),
 plus one for a pod that ends without running a turn (refused, cancelled,
 failed before placement), so every pod leaves at least one receipt.
 
-Isolation: a provider's live context is matched by *block keys*, which are
-salted by cache scope, so placement never counts another tenant's private
-context as a hit, and the generation request carries that bound
-(``reuse_limit``) so the engine recomputes what the pod may not see.
+Isolation: a provider's context is tracked with its scope spans, so a pod
+may reuse only the prefix it is allowed to see (public, its tenant's, its
+agent's). Placement reasons about the context the provider will hold when its
+queue drains; the generation request carries the bound computed from what the
+engine holds *now* (``reuse_limit``), so the engine recomputes anything else.
 """
 
 from __future__ import annotations
@@ -409,7 +410,7 @@ class PodExecutor:
                                  lambda text, bos: tokenizer.tokenize(text, add_bos=bos))
         session.add_segments(pod.spec.context, self.segments.texts(pod.spec.context))
         session.add_turn(pod.spec.turns[0].messages)
-        decision, _, _ = self._place(pod, record, session, dry_run=True)
+        decision, _ = self._place(pod, record, session, dry_run=True)
         return decision
 
     # ------------------------------------------------------------ steps
@@ -469,7 +470,6 @@ class PodExecutor:
                session_provider: str | None = None):
         keys = block_keys(session.tokens, session.spans, block_tokens=self.block_tokens)
         matches: tuple[TierMatch, ...] = ()
-        lookup = None
         if self.cache is not None and pod.spec.policy.cache_reuse:
             kinds = {m.kind for m in self.pool.for_model(record.digest)} or {"llama_cpp_python"}
             found = []
@@ -491,22 +491,19 @@ class PodExecutor:
 
         outcome = "dry_run" if dry_run else ("placed" if decision.chosen is not None else "no_candidate")
         metrics.record_placement(decision.provider or "none", outcome, decision.decision_us / 1e6)
-        return decision, by_name, keys
+        return decision, by_name
 
     def _run_turn(self, pod: AgentPod, record: Any, session: SessionContext, index: int, max_tokens: int,
                   *, first: bool, session_provider: str | None = None) -> TurnOutcome:
         with self._place_lock:
-            decision, by_name, keys = self._place(pod, record, session, session_provider=session_provider)
+            decision, by_name = self._place(pod, record, session, session_provider=session_provider)
             if decision.chosen is None:
                 raise ProviderError(f"no provider can run this turn: {decision.reason}")
             chosen = decision.chosen
             managed = by_name.get(chosen.state.provider)
             uncached = len(session.tokens) - chosen.cached_tokens
             if managed is not None:
-                managed.queued_requests += 1
-                managed.queued_prefill_tokens += uncached
-                managed.queued_decode_tokens += max_tokens
-                managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
+                self._enqueue(managed, session, uncached, max_tokens)
         self.decisions.setdefault(pod.id, []).append(decision)
         while len(self.decisions) > 256:
             self.decisions.pop(next(iter(self.decisions)))
@@ -518,10 +515,7 @@ class PodExecutor:
             managed = self.pool.load(record)
             self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
             with self._place_lock:
-                managed.queued_requests += 1
-                managed.queued_prefill_tokens += uncached
-                managed.queued_decode_tokens += max_tokens
-                managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
+                self._enqueue(managed, session, uncached, max_tokens)
         try:
             return self._execute(pod, session, index, max_tokens, decision, managed)
         finally:
@@ -529,6 +523,15 @@ class PodExecutor:
                 managed.queued_requests -= 1
                 managed.queued_prefill_tokens -= uncached
                 managed.queued_decode_tokens -= max_tokens
+
+    @staticmethod
+    def _enqueue(managed: ManagedProvider, session: SessionContext, uncached: int, max_tokens: int) -> None:
+        """Account a placed turn on its provider (caller holds the placement lock): its
+        queue grows, and the context it will hold afterwards is this prompt."""
+        managed.queued_requests += 1
+        managed.queued_prefill_tokens += uncached
+        managed.queued_decode_tokens += max_tokens
+        managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
 
     def _execute(self, pod: AgentPod, session: SessionContext, index: int, max_tokens: int,
                  decision: Decision, managed: ManagedProvider) -> TurnOutcome:
