@@ -22,8 +22,10 @@ fi
 # llama-cpp-python compiles llama.cpp on first install (~6 min on 2 cores);
 # pip's wheel cache serves later installs. The editable install uses a plain
 # path entry (compat mode), not an import hook that every command would pay for.
-if ! "$PYTHON" -c "import nodeagent, llama_cpp, pytest, hypothesis" 2>/dev/null \
-   || [ pyproject.toml -nt "$(${PYTHON} -c 'import nodeagent,os;print(os.path.dirname(nodeagent.__file__))' 2>/dev/null || echo /nonexistent)" ]; then
+# (asked from / so that the current directory is not what answers)
+installed=$(cd / && "$PYTHON" -c 'import nodeagent, llama_cpp, pytest, hypothesis, os; print(os.path.dirname(nodeagent.__file__))' 2>/dev/null || true)
+# Reinstall unless this very checkout is what Python imports and its pyproject is unchanged since.
+if [ "$installed" != "$PWD/nodeagent" ] || [ pyproject.toml -nt "$installed" ]; then
   echo "setup: pip install -e .[dev,bench]"
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     "$PYTHON" -m pip install -q -e ".[dev,bench]" --config-settings editable_mode=compat
