@@ -172,17 +172,26 @@ class ProviderPool:
     cost and refuses over-commit with a clear error).
     """
 
-    def __init__(self, loader: Callable[[Any], Provider] | None = None, residency: Any | None = None) -> None:
+    def __init__(self, loader: Callable[[Any], Provider] | None = None, residency: Any | None = None,
+                 loader_kind: str | None = "llama_cpp_python") -> None:
         self._providers: dict[str, ManagedProvider] = {}
         self._lock = threading.Lock()
         self._loader = loader
         self.residency = residency
+        # The provider kind the loader makes: a cold start may restore saved states of it.
+        self.loader_kind = loader_kind if loader is not None else None
 
-    def using(self, digest: str):
-        """While a request runs, the residency manager must not evict its model."""
+    def using(self, digest: str, keep_alive: str | None = None):
+        """While a request runs, the residency manager must not evict its model; a
+        request's keep-alive (Ollama's semantics) applies from when it ends."""
         if self.residency is None or digest not in self.residency.loaded_digests():
             return contextlib.nullcontext()
-        return self.residency.use(digest)
+        if keep_alive is None:
+            return self.residency.use(digest)
+        from nodeagent.config import parse_duration
+
+        seconds = parse_duration(keep_alive)
+        return self.residency.use(digest, keep_alive_s=-1.0 if seconds is None else seconds)
 
     def add(self, managed: ManagedProvider) -> ManagedProvider:
         with self._lock:
@@ -463,7 +472,8 @@ class PodExecutor:
             by_name[m.name] = m
         if not managed:
             states.append(CandidateState(provider=f"load:{model_name(record)}", model_hot=False,
-                                         model_bytes=int(record.size_bytes), state_format=None))
+                                         model_bytes=int(record.size_bytes),
+                                         state_format=self.pool.loader_kind if self.cache is not None else None))
         return states, by_name
 
     def _place(self, pod: AgentPod, record: Any, session: SessionContext, *, dry_run: bool = False,
@@ -471,7 +481,8 @@ class PodExecutor:
         keys = block_keys(session.tokens, session.spans, block_tokens=self.block_tokens)
         matches: tuple[TierMatch, ...] = ()
         if self.cache is not None and pod.spec.policy.cache_reuse:
-            kinds = {m.kind for m in self.pool.for_model(record.digest)} or {"llama_cpp_python"}
+            kinds = {m.kind for m in self.pool.for_model(record.digest)} or {self.pool.loader_kind}
+            kinds.discard(None)
             found = []
             for kind in kinds:
                 lookup = self.cache.lookup_keys(keys, _owners(session), state_format=kind,
@@ -538,7 +549,9 @@ class PodExecutor:
         chosen = decision.chosen
         provider = managed.provider
         tier = chosen.cache_source if chosen.cache_source in ("T0", "T1", "T2") else "none"
-        with managed.lock:
+        # The whole turn (restore, generate, save) holds the model in use; the pod's
+        # keep-alive, if it has one, applies from when the turn ends.
+        with managed.lock, self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
             started = time.time()
             # Reuse of the live context is bounded by what the engine really holds
             # now and this pod may see (scopes); a restored state it may see whole.
@@ -554,10 +567,9 @@ class PodExecutor:
                 self.cache.record_lookup(len(session.tokens), t0_tokens=chosen.cached_tokens if tier == "T0" else 0,
                                          miss=tier == "none")
             try:
-                with self.pool.using(managed.model_digest):
-                    result = provider.generate(GenerationRequest(
-                        prompt_tokens=list(session.tokens), max_tokens=max_tokens, temperature=0.0,
-                        reuse_limit=reuse_limit))
+                result = provider.generate(GenerationRequest(
+                    prompt_tokens=list(session.tokens), max_tokens=max_tokens, temperature=0.0,
+                    reuse_limit=reuse_limit))
             except ProviderError:
                 managed.forget_context()
                 raise

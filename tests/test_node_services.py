@@ -125,3 +125,18 @@ def test_load_requests_recorded_without_an_agent_are_applied_at_start(tmp_path, 
         assert rows[0].pinned and rows[0].keep_alive_s == -1
     finally:
         node.close()
+
+
+def test_a_pods_keep_alive_applies_when_its_turn_ends(node):
+    node.load_model("tiny")
+    pod = wait_terminal(node, node.submit_pod(make_pod(max_tokens=2, policy={"keepAlive": "-1"})).id)
+    assert pod.status.phase is PodPhase.succeeded
+    (row,) = node.list_residency()
+    assert row.keep_alive_s == -1 and row.until is None  # loaded for good
+    pod = wait_terminal(node, node.submit_pod(make_pod(name="p2", system=SYSTEM, max_tokens=2,
+                                                       policy={"keepAlive": "0"})).id)
+    assert pod.status.phase is PodPhase.succeeded
+    assert node.list_residency() == []  # unloaded as soon as it was idle
+    # its state was saved before the model went: the next pod restores it (T1)
+    again = wait_terminal(node, node.submit_pod(make_pod(name="p3", system=SYSTEM, max_tokens=2)).id)
+    assert again.status.turns[0].cache_tier == "T1"

@@ -96,6 +96,10 @@ class Resources(Contract):
 class PodPolicy(Contract):
     cache_reuse: bool = True  # false: never restore or save cache for this pod
     deadline: datetime | None = None  # refuse to start after this instant (UTC)
+    # How long the model stays loaded once this pod's turn ends, as Ollama's
+    # keep_alive: "5m", "90s", "1h", "0" (unload when idle), "-1" (forever).
+    # None: the model's own (or the node's default) keep-alive.
+    keep_alive: str | None = Field(default=None, pattern=r"^(-1|0|\d+(\.\d+)?(ms|s|m|h)?)$")
 
 
 class PodMetadata(Contract):
