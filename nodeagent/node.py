@@ -247,6 +247,9 @@ class Node:
         return self.executor
 
     def list_models(self) -> list:
+        models = getattr(self.executor, "models", None)
+        if models is not None:
+            return models.list()
         from nodeagent.models.store import ModelStore
 
         store = ModelStore(self.paths.state_dir)
@@ -378,23 +381,14 @@ class Node:
 
     def get_receipt(self, selector: str):
         """The receipt by id (leaf hash), seq, or run id, as an ExecutionReceipt."""
-        import json
-
-        from nodeagent.contracts.receipt import DsseEnvelope, ExecutionReceipt
-        from nodeagent.receipts.dsse import parse_envelope
-
         with self._receipt_reader() as reader:
-            row = reader.find(int(selector) if selector.isdigit() else selector)
-            line = reader.line(row)
-        statement = json.loads(parse_envelope(line).payload)
-        return ExecutionReceipt(seq=row.seq, receipt_id=row.receipt_id,
-                                envelope=DsseEnvelope.model_validate_json(line), statement=statement)
+            return reader.view(reader.find(int(selector) if selector.isdigit() else selector))[0]
 
     def list_receipts(self, since: int = 0, limit: int = 100) -> list:
         """Receipts with seq >= ``since``, oldest first (a planner polls with the last seq + 1)."""
         with self._receipt_reader() as reader:
             rows = [r for r in reader.rows(newest_first=False) if r.seq >= since and r.kind == "execution"]
-        return [self.get_receipt(str(r.seq)) for r in rows[:limit]]
+            return [reader.view(row)[0] for row in rows[:limit]]
 
     def latest_checkpoint(self) -> dict | None:
         executor = self.executor

@@ -97,11 +97,10 @@ def register(subparsers: Any) -> None:
     fit.set_defaults(func=_fit)
 
     load = group.add_parser(
-        "load", help="plan (and record) loading a model",
-        description="Check that MODEL fits this machine's budget and record the request (context, keep-alive, "
-        "pin) for the daemon. Models stay loaded only inside a long-running process: until `agent-machine "
-        "serve` runs, this command loads nothing; it prints the plan and exits 0, or explains the over-commit "
-        "and exits 1.",
+        "load", help="load a model in the running agent (or record the request for when it starts)",
+        description="Check that MODEL fits this machine's budget, then load it in the running agent with the "
+        "given context, keep-alive and pin. With no agent running, the request is recorded and `agent-machine "
+        "serve` loads it when it starts. An over-commit is explained and exits 1.",
         epilog="keep-alive: 30s, 5m, 1h; -1 keeps it loaded forever; 0 unloads it as soon as it is idle.\n"
         + EPILOG_REF, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -112,9 +111,9 @@ def register(subparsers: Any) -> None:
     add_format_option(load)
     load.set_defaults(func=_load)
 
-    unload = group.add_parser("unload", help="withdraw a recorded load request",
-                              description="Forget the recorded load request for MODEL. A model held by a running "
-                              "daemon is unloaded through its API.", epilog=EPILOG_REF,
+    unload = group.add_parser("unload", help="unload a model from the running agent (and forget a recorded request)",
+                              description="Unload MODEL from the running agent, and forget any load request "
+                              "recorded while no agent ran.", epilog=EPILOG_REF,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     unload.add_argument("ref", metavar="MODEL")
     add_format_option(unload)

@@ -274,22 +274,12 @@ def _show(args: argparse.Namespace) -> int:
             f"inclusion proof: {len(p.entry.inclusion_proof)} hashes", f"key rotations: {len(p.key_chain)}",
             "", p.checkpoint.rstrip(), "", "(use --format json to save it for `receipts verify`)"]))
         return 0
-    from nodeagent.contracts.receipt import DsseEnvelope, ExecutionReceipt
-    from nodeagent.receipts.dsse import parse_envelope
-
     with ctx.reader() as reader:
         try:
             row = reader.find(args.receipt)
-            line = reader.line(row)
+            value, statement = reader.view(row)
         except _receipt_errors() as exc:
             raise CliError(str(exc)) from exc
-    envelope = DsseEnvelope.model_validate_json(line)
-    statement = json.loads(parse_envelope(line).payload)
-    if row.kind == "execution":
-        value: Any = ExecutionReceipt(seq=row.seq, receipt_id=row.receipt_id, envelope=envelope, statement=statement)
-    else:
-        value = {"seq": row.seq, "receiptId": row.receipt_id, "kind": row.kind,
-                 "envelope": envelope.to_wire(), "statement": statement}
     emit(value, args.format, lambda _: _show_table(row, statement))
     return 0
 

@@ -762,6 +762,21 @@ class LogReader:
             raise LogCorrupt("index", "the line on disk differs from the one indexed", seq=row.seq)
         return data
 
+    def view(self, row: LogRow) -> tuple[Any, dict[str, Any]]:
+        """The entry at ``row`` as ``(envelope, statement)``: an `ExecutionReceipt` for an
+        execution entry, else a plain dict of the same parts; and the decoded statement."""
+        from nodeagent.contracts.receipt import DsseEnvelope, ExecutionReceipt
+        from nodeagent.receipts.dsse import parse_envelope
+
+        line = self.line(row)
+        envelope = DsseEnvelope.model_validate_json(line)
+        statement = json.loads(parse_envelope(line).payload)
+        if row.kind == "execution":
+            return ExecutionReceipt(seq=row.seq, receipt_id=row.receipt_id, envelope=envelope,
+                                    statement=statement), statement
+        return {"seq": row.seq, "receiptId": row.receipt_id, "kind": row.kind,
+                "envelope": envelope.to_wire(), "statement": statement}, statement
+
     def latest_checkpoint(self) -> tuple[int, str] | None:
         latest = latest_checkpoint_file(self.directory)
         return (int(latest.stem), latest.read_text(encoding="utf-8")) if latest else None
