@@ -73,7 +73,10 @@ def test_every_arm_serves_the_same_trace_and_reports_real_numbers(tiny_model_pat
         assert second["cached_tokens"] >= first["prompt_tokens"] // 64 * 64, (first, second)
     assert summaries["ours"]["hit_rate"] > 0.3
     info = result["info"]["ours"][0]  # one entry per round
-    assert info["cache"]["stored"] == 4 and info["cache"]["corrupt"] == 0
+    # Four turns save four states, except that p0 and p1 open with the same prompt: when
+    # their first turns run at once on the two providers, both save the same state and
+    # the cache keeps one (a duplicate prefix is not stored twice).
+    assert info["cache"]["stored"] in (3, 4) and info["cache"]["corrupt"] == 0
     assert {q for rates in info["seeded_rates"].values() for q in rates} >= {"prefill_tokens_per_s"}
 
     # Round-robin alternates; sglang-router sat in front of the same kind of workers.
