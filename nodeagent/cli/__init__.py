@@ -14,18 +14,19 @@ from typing import Sequence
 
 from nodeagent.cli.output import CliError
 
-# Order here is the order in `--help`.
-COMMAND_MODULES = (
-    "nodeagent.cli.core",      # version, paths, contracts
-    "nodeagent.cli.probe",     # probe, doctor
-    "nodeagent.cli.config",    # config show
-    "nodeagent.cli.service",   # serve, status, ps, install-service
-    "nodeagent.cli.models",    # models import/ls/inspect/rm/fit/load/unload/ps
-    "nodeagent.cli.cache",     # cache ls/stats/evict/pin/unpin
-    "nodeagent.cli.pods",      # pods submit/ls/get/cancel/score/conflicts
-    "nodeagent.cli.providers", # providers catalog/render/up/down/ls/logs
-    "nodeagent.cli.receipts",  # key show/rotate; receipts ls/show/export/verify/checkpoint
-)
+# Each module and the top-level commands it registers; order here is the order
+# in `--help`. tests/test_cli.py checks the names against what each registers.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "nodeagent.cli.core": ("version", "paths", "contracts"),
+    "nodeagent.cli.probe": ("probe", "doctor"),
+    "nodeagent.cli.config": ("config",),
+    "nodeagent.cli.service": ("serve", "status", "ps", "install-service"),
+    "nodeagent.cli.models": ("models",),
+    "nodeagent.cli.cache": ("cache",),
+    "nodeagent.cli.pods": ("pods",),
+    "nodeagent.cli.providers": ("providers",),
+    "nodeagent.cli.receipts": ("key", "receipts"),
+}
 
 EPILOG = """\
 examples:
@@ -36,7 +37,15 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for every command, or only for ``command``'s module when it names one.
+
+    Registering all nine modules costs ~30 ms of imports and argparse work, a
+    tenth of `agent-machine probe`'s budget; a known command pays for its own
+    module only. Anything else (no command, `--help`, a typo) gets the full
+    parser, so help and "invalid choice" errors list every command.
+    """
+    modules = [name for name, commands in COMMAND_MODULES.items() if command in commands] or COMMAND_MODULES
     parser = argparse.ArgumentParser(
         prog="agent-machine",
         description="Node agent for local LLM inference hosts: probes hardware, keeps models "
@@ -46,13 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     handler = getattr(args, "func", None)
     if handler is None:
