@@ -76,10 +76,6 @@ from bench.traces import _tokens, agent_trace
 from nodeagent.contracts.pod import ContextSegment, Message
 
 ARMS = ("ours", "round_robin", "sglang-cache_aware")
-# Opt-in what-if arm: the production executor with ONE change, the one proposed in
-# bench/README.md ("## end to end"): tokenize with an idle provider of the model
-# instead of always the first one (whose prefill of another pod it would wait behind).
-WHAT_IF_ARMS = ("ours-idle-tokenizer",)
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 TENANT = "bench"
@@ -244,8 +240,7 @@ def warmup_tokens(seed: int, n: int = 256) -> str:
 
 
 # ------------------------------------------------------------------ arm: ours
-def run_ours(chains, *, model: Path, params: "RunParams", work: Path,
-             idle_tokenizer: bool = False) -> tuple[list[Record], dict]:
+def run_ours(chains, *, model: Path, params: "RunParams", work: Path) -> tuple[list[Record], dict]:
     from nodeagent.config import load_config
     from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
     from nodeagent.execution import ManagedProvider, PodExecutor, ProviderPool, machine_facts
@@ -253,7 +248,12 @@ def run_ours(chains, *, model: Path, params: "RunParams", work: Path,
     from nodeagent.models.store import ModelStore
     from nodeagent.node import Node, calibrate_restore_rates
     from nodeagent.providers.base import GenerationRequest
-    from nodeagent.providers.llama_cpp_python import LlamaCppPythonProvider, LlamaOptions
+    from nodeagent.providers.llama_cpp_python import (
+        LLAMA_CPP_TOKENIZER_KINDS,
+        LlamaCppPythonProvider,
+        LlamaOptions,
+        start_tokenizer,
+    )
 
     class TimedExecutor(PodExecutor):
         """The production executor; records each turn's exact instants and wakes the waiting client."""
@@ -279,14 +279,6 @@ def run_ours(chains, *, model: Path, params: "RunParams", work: Path,
             finally:
                 self.event(pod.id).set()
 
-        def _tokenizer_for(self, record, load: bool = True):
-            if idle_tokenizer:  # the what-if arm only
-                idle = [m for m in self.pool.for_model(record.digest)
-                        if not m.lock.locked() and m.queued_requests == 0]
-                if idle:
-                    return idle[0].provider
-            return super()._tokenizer_for(record, load)
-
     state = work / "state"
     t1 = Path(params.t1_root) / f"agent-machine-e2e-{os.getpid()}-{int(time.time())}"
     env = {"HOME": str(work), "AGENT_MACHINE_STATE_DIR": str(state), "AGENT_MACHINE_CONFIG_DIR": str(work / "cfg"),
@@ -307,7 +299,8 @@ def run_ours(chains, *, model: Path, params: "RunParams", work: Path,
     def factory(node):
         models = ModelStore(node.paths.state_dir)
         record = models.resolve("bench-model")
-        pool = ProviderPool()
+        # As the node's default executor: a vocab-only worker tokenizes, never busy.
+        pool = ProviderPool(tokenizer=start_tokenizer, tokenizer_kinds=LLAMA_CPP_TOKENIZER_KINDS)
         cache = CacheManager.open(node.paths.db_file, t1_dir=t1, t2_dir=node.paths.state_dir / "kvcache",
                                   t1_budget=params.t1_budget, t2_budget=params.t2_budget)
         receipts = None
@@ -329,6 +322,7 @@ def run_ours(chains, *, model: Path, params: "RunParams", work: Path,
             # a provider reports at start, which seed the cost model.
             provider.generate(GenerationRequest(prompt_text=warm, max_tokens=8, temperature=0.0))
             executor.rates.seed_from_provider(provider.name, provider.rates())
+        pool.tokenizer(record)  # started with the providers, before the clock
         return executor
 
     node = Node(load_config(env), executor_factory=factory, dispatchers=params.clients)
@@ -377,6 +371,9 @@ def run_ours(chains, *, model: Path, params: "RunParams", work: Path,
         info["rates_after"] = {p: {q: round(r.value, 1) for q, r in rates.items() if r.value}
                                for p, rates in executor.rates.snapshot().items()}
         info["guard_applied"] = sum(1 for ds in executor.decisions.values() for d in ds if d.guard_applied)
+        names = {pod.id: pod.metadata.name for pod in node.list_pods(limit=100_000)}
+        info["decisions"] = {names.get(pod_id, pod_id): [d.to_contract().to_wire() for d in ds]
+                             for pod_id, ds in executor.decisions.items()}
     finally:
         node.close()
         shutil.rmtree(t1, ignore_errors=True)
@@ -572,9 +569,9 @@ def run(trace: TraceParams, params: RunParams, arms: Sequence[str], model: Path,
     so that a drift in the shared machine's load falls on all arms alike; records are pooled."""
     requests = build_requests(trace)
     chains = sessions_in_order(requests)
-    unknown = [a for a in arms if a not in ARMS + WHAT_IF_ARMS]
+    unknown = [a for a in arms if a not in ARMS]
     if unknown:
-        raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS + WHAT_IF_ARMS)}")
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     longest = max(len(r.conversation.segments[0].text.split()) + sum(len(s.text.split()) for s in
@@ -601,8 +598,7 @@ def run(trace: TraceParams, params: RunParams, arms: Sequence[str], model: Path,
             if arm.startswith("ours"):
                 work = Path(tempfile.mkdtemp(prefix="ours-", dir=work_root))
                 try:
-                    records, info = run_ours(chains, model=model, params=params, work=work,
-                                             idle_tokenizer=arm == "ours-idle-tokenizer")
+                    records, info = run_ours(chains, model=model, params=params, work=work)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
             else:
@@ -664,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = TraceParams()
     r = RunParams()
     parser.add_argument("--arms", default=",".join(ARMS),
-                        help=f"comma list of: {', '.join(ARMS)} (default), and the what-if {', '.join(WHAT_IF_ARMS)}")
+                        help=f"comma list of: {', '.join(ARMS)} (default: all)")
     parser.add_argument("--model", default=str(OUT / "small.gguf"),
                         help="GGUF model (default bench/out/small.gguf, generated once if missing)")
     parser.add_argument("--preset", default="small", help="test-model preset used when --model is missing")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
@@ -58,6 +59,8 @@ from nodeagent.scheduler.placement import (
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.session import SessionContext
 from nodeagent.store import migrate, transaction
+
+log = logging.getLogger("agent_machine.execution")
 
 
 # ------------------------------------------------------------------ segments
@@ -117,6 +120,69 @@ class HeldContext:
         return min(common_prefix_tokens(self.tokens, prompt), self.visible_prefix(owners))
 
 
+class TurnQueue:
+    """A provider's turns, one at a time, in the order they were placed.
+
+    Placement prices a candidate's queue as FIFO (the work placed before a turn
+    runs before it) and reasons about ``expected``, the context of the last
+    turn placed; both hold only if turns run in placement order, which a plain
+    lock does not promise (measured: a pod placed behind another's prefill, to
+    reuse it, ran first and recomputed it). Tickets are taken under the
+    executor's placement lock; every ticket is released exactly once, run or
+    not, so an abandoned one (a failed load, an error before the turn) never
+    stalls the turns behind it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._issued = 0  # tickets handed out
+        self._next = 0  # the ticket whose turn it is
+        self._released: set[int] = set()  # released before their turn came
+
+    def ticket(self) -> int:
+        with self._cond:
+            self._issued += 1
+            return self._issued - 1
+
+    def busy(self) -> bool:
+        """A turn is running or waiting for its turn."""
+        with self._cond:
+            return self._next < self._issued
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int):
+        with self._cond:
+            while self._next != ticket:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            self.release(ticket)
+
+    def release(self, ticket: int) -> None:
+        with self._cond:
+            if ticket < self._next or ticket in self._released:
+                return  # already released
+            self._released.add(ticket)
+            while self._next in self._released:
+                self._released.remove(self._next)
+                self._next += 1
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class RunningTurn:
+    """The turn a provider is running: what it was estimated to take, and since when."""
+
+    since: float  # time.monotonic()
+    estimate_s: float | None  # restore + prefill + decode of max tokens; None: a rate was unknown
+    prefill_tokens: int
+    decode_tokens: int
+
+    def remaining_s(self, now: float) -> float | None:
+        return None if self.estimate_s is None else max(0.0, self.estimate_s - (now - self.since))
+
+
 @dataclass
 class ManagedProvider:
     """A provider as the executor sees it: one request at a time, with its queue and live context."""
@@ -125,7 +191,7 @@ class ManagedProvider:
     model_digest: str
     launch_mode: str = "subprocess"  # the embedded worker is our own subprocess
     version: str = "unknown"
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    turns: TurnQueue = field(default_factory=TurnQueue)
     # ``held``: what the engine's context holds now (after its last request);
     # the isolation bound of every generation is computed from it.
     # ``expected``: what it will hold once its queue drains (the prompt of the
@@ -135,7 +201,8 @@ class ManagedProvider:
     expected: HeldContext = field(default_factory=HeldContext)
     queued_requests: int = 0
     queued_prefill_tokens: int = 0
-    queued_decode_tokens: int = 0
+    queued_decode_tokens: int = 0  # the queue counts include the running turn's
+    running: RunningTurn | None = None
     # Live sessions it holds: pod id -> context tokens (the load guard's measure).
     sessions: dict[str, int] = field(default_factory=dict)
     last_healthy_at: float | None = None  # time.time() of the last passing health check
@@ -173,13 +240,50 @@ class ProviderPool:
     """
 
     def __init__(self, loader: Callable[[Any], Provider] | None = None, residency: Any | None = None,
-                 loader_kind: str | None = "llama_cpp_python") -> None:
+                 loader_kind: str | None = "llama_cpp_python", *,
+                 tokenizer: Callable[[Any], Provider] | None = None,
+                 tokenizer_kinds: Iterable[str] = ()) -> None:
         self._providers: dict[str, ManagedProvider] = {}
         self._lock = threading.Lock()
         self._loader = loader
         self.residency = residency
         # The provider kind the loader makes: a cold start may restore saved states of it.
         self.loader_kind = loader_kind if loader is not None else None
+        # Optional: starts a tokenize-only provider for a model, whose ids equal
+        # those of every provider kind in `tokenizer_kinds` (see `tokenizer`).
+        self._start_tokenizer = tokenizer
+        self._tokenizer_kinds = frozenset(tokenizer_kinds)
+        self._tokenizers: dict[str, Provider | None] = {}
+        self._tokenizer_lock = threading.Lock()
+
+    def tokenizer(self, record: Any) -> Provider | None:
+        """A tokenize-only provider for ``record``'s model, or None when the pool has
+        none or the model's providers (or, with none loaded, the loader's kind)
+        tokenize differently. Started once per model; one that fails to start is
+        not retried (the providers tokenize instead)."""
+        if self._start_tokenizer is None:
+            return None
+        kinds = {m.kind for m in self.for_model(record.digest)} or {self.loader_kind}
+        if not kinds <= self._tokenizer_kinds:
+            return None
+        with self._tokenizer_lock:
+            if record.digest not in self._tokenizers:
+                try:
+                    self._tokenizers[record.digest] = self._start_tokenizer(record)
+                except Exception as exc:
+                    log.warning("no tokenizer for %s (%s: %s); tokenizing with its providers",
+                                model_name(record), type(exc).__name__, exc)
+                    self._tokenizers[record.digest] = None
+            tokenizer = self._tokenizers[record.digest]
+        return tokenizer if tokenizer is not None and _running(tokenizer) else None
+
+    def close_tokenizers(self) -> None:
+        with self._tokenizer_lock:
+            started, self._tokenizers = list(self._tokenizers.values()), {}
+        for tokenizer in started:
+            if tokenizer is not None:
+                with contextlib.suppress(Exception):
+                    tokenizer.stop()
 
     def using(self, digest: str, keep_alive: str | None = None):
         """While a request runs, the residency manager must not evict its model; a
@@ -274,9 +378,10 @@ SESSION_HOMES = 4096
 class Tokenizer:
     executor: "PodExecutor"
     digest: str
+    record: Any = None
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return self.executor.tokenize(self.digest, text, add_bos)
+        return self.executor.tokenize(self.digest, text, add_bos, self.record)
 
 
 @dataclass
@@ -340,6 +445,7 @@ class PodExecutor:
                 managed.provider.stop()
             except Exception:
                 pass
+        self.pool.close_tokenizers()
         if self.receipts is not None:
             if self.receipts.size:
                 self.receipts.checkpoint()  # sign what this run appended, so truncation is detectable
@@ -424,27 +530,31 @@ class PodExecutor:
 
     # ------------------------------------------------------------ steps
     def _tokenizer_for(self, record: Any, load: bool = True) -> "Tokenizer | None":
-        """Tokenizes with whichever provider of the model is idle now (a busy one would
-        make this pod wait behind another pod's prefill), remembering long pieces
-        (segments repeat across an agent's pods)."""
-        if not self.pool.for_model(record.digest):
+        """How this pod's pieces get tokenized: by the pool's tokenize-only provider when
+        it has one for the model (never busy, and the model need not be loaded), else
+        by whichever provider of the model is idle now (a busy one would make this pod
+        wait behind another pod's prefill), loading the model when none holds it and
+        ``load`` allows. Long pieces are remembered (segments repeat across pods)."""
+        if self.pool.tokenizer(record) is None and not self.pool.for_model(record.digest):
             if not load:
                 return None
             self.pool.load(record)
-        return Tokenizer(self, record.digest)
+        return Tokenizer(self, record.digest, record)
 
-    def tokenize(self, digest: str, text: str, add_bos: bool) -> list[int]:
+    def tokenize(self, digest: str, text: str, add_bos: bool, record: Any | None = None) -> list[int]:
         key = (digest, add_bos, text)
         cached = self._token_cache.get(key)
         if cached is not None:
             self._token_cache.move_to_end(key)
             return list(cached)
-        candidates = self.pool.for_model(digest)
-        if not candidates:
-            raise ProviderError(f"no provider holds model {digest[:19]} to tokenize with")
-        idle = [m for m in candidates if not m.lock.locked()]
-        chosen = idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)
-        tokens = chosen.provider.tokenize(text, add_bos=add_bos)
+        tokenizer = self.pool.tokenizer(record) if record is not None else None
+        if tokenizer is None:
+            candidates = self.pool.for_model(digest)
+            if not candidates:
+                raise ProviderError(f"no provider holds model {digest[:19]} to tokenize with")
+            idle = [m for m in candidates if not m.turns.busy()]
+            tokenizer = (idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)).provider
+        tokens = tokenizer.tokenize(text, add_bos=add_bos)
         if len(text) >= TOKEN_CACHE_MIN_CHARS:
             self._token_cache[key] = tuple(tokens)
             while len(self._token_cache) > TOKEN_CACHE_ENTRIES:
@@ -460,14 +570,19 @@ class PodExecutor:
         managed = self.pool.for_model(record.digest)
         owners = _owners(session)
         states, by_name = [], {}
+        now = time.monotonic()
         for m in managed:
             t0 = m.expected.reusable(session.tokens, owners)
             rejected = () if pinned in (None, m.name) else (f"pod is pinned to provider {pinned}",)
+            prefill, decode, remaining = m.queued_prefill_tokens, m.queued_decode_tokens, 0.0
+            running = m.running.remaining_s(now) if m.running is not None else None
+            if running is not None:  # the running turn counts by its time left, not its whole size
+                prefill, decode, remaining = prefill - m.running.prefill_tokens, decode - m.running.decode_tokens, running
             states.append(CandidateState(
                 provider=m.name, model_hot=True, t0_cached_tokens=t0,
                 state_format=m.kind if self.cache is not None else None,
-                queued_requests=m.queued_requests, queued_prefill_tokens=m.queued_prefill_tokens,
-                queued_decode_tokens=m.queued_decode_tokens,
+                queued_requests=m.queued_requests, queued_prefill_tokens=prefill,
+                queued_decode_tokens=decode, running_remaining_s=remaining,
                 load=float(sum(m.sessions.values())), rejected=rejected))
             by_name[m.name] = m
         if not managed:
@@ -513,8 +628,7 @@ class PodExecutor:
             chosen = decision.chosen
             managed = by_name.get(chosen.state.provider)
             uncached = len(session.tokens) - chosen.cached_tokens
-            if managed is not None:
-                self._enqueue(managed, session, uncached, max_tokens)
+            ticket = self._enqueue(managed, session, uncached, max_tokens) if managed is not None else -1
         self.decisions.setdefault(pod.id, []).append(decision)
         while len(self.decisions) > 256:
             self.decisions.pop(next(iter(self.decisions)))
@@ -526,32 +640,64 @@ class PodExecutor:
             managed = self.pool.load(record)
             self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
             with self._place_lock:
-                self._enqueue(managed, session, uncached, max_tokens)
+                ticket = self._enqueue(managed, session, uncached, max_tokens)
         try:
-            return self._execute(pod, session, index, max_tokens, decision, managed)
+            return self._execute(pod, session, index, max_tokens, decision, managed, ticket, uncached)
         finally:
+            managed.turns.release(ticket)  # a no-op when the turn ran
             with self._place_lock:
                 managed.queued_requests -= 1
                 managed.queued_prefill_tokens -= uncached
                 managed.queued_decode_tokens -= max_tokens
 
     @staticmethod
-    def _enqueue(managed: ManagedProvider, session: SessionContext, uncached: int, max_tokens: int) -> None:
+    def _enqueue(managed: ManagedProvider, session: SessionContext, uncached: int, max_tokens: int) -> int:
         """Account a placed turn on its provider (caller holds the placement lock): its
-        queue grows, and the context it will hold afterwards is this prompt."""
+        queue grows, the context it will hold afterwards is this prompt, and the turn
+        takes its place in line (the returned ticket)."""
         managed.queued_requests += 1
         managed.queued_prefill_tokens += uncached
         managed.queued_decode_tokens += max_tokens
         managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
+        return managed.turns.ticket()
+
+    @contextlib.contextmanager
+    def _running(self, managed: ManagedProvider, decision: Decision, uncached: int, max_tokens: int):
+        """While the turn holds its provider, placement sees its time left (`RunningTurn`)."""
+        estimate = self._service_estimate(managed, decision, uncached, max_tokens)
+        with self._place_lock:
+            managed.running = RunningTurn(time.monotonic(), estimate, uncached, max_tokens)
+        try:
+            yield
+        finally:
+            with self._place_lock:
+                managed.running = None
+
+    def _service_estimate(self, managed: ManagedProvider, decision: Decision, uncached: int,
+                          max_tokens: int) -> float | None:
+        """Seconds the chosen turn should keep its provider busy: restore + prefill, as
+        placement priced them, plus decoding ``max_tokens``."""
+        terms = decision.chosen.terms
+        decode = self.rates.resolved(managed.name).decode_value
+        if terms.restore_s is None or decode is None:
+            return None
+        prefill = terms.prefill_s if decision.chosen.state.provider == managed.name else None
+        if prefill is None:  # placed as a cold load: price its prefill on the provider now running it
+            rate = self.rates.resolved(managed.name).prefill_value
+            if rate is None:
+                return None
+            prefill = uncached / rate
+        return terms.restore_s + prefill + max_tokens / decode
 
     def _execute(self, pod: AgentPod, session: SessionContext, index: int, max_tokens: int,
-                 decision: Decision, managed: ManagedProvider) -> TurnOutcome:
+                 decision: Decision, managed: ManagedProvider, ticket: int, uncached: int) -> TurnOutcome:
         chosen = decision.chosen
         provider = managed.provider
         tier = chosen.cache_source if chosen.cache_source in ("T0", "T1", "T2") else "none"
         # The whole turn (restore, generate, save) holds the model in use; the pod's
         # keep-alive, if it has one, applies from when the turn ends.
-        with managed.lock, self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
+        with managed.turns.turn(ticket), self._running(managed, decision, uncached, max_tokens), \
+                self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
             started = time.time()
             # Reuse of the live context is bounded by what the engine really holds
             # now and this pod may see (scopes); a restored state it may see whole.

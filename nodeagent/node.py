@@ -441,7 +441,7 @@ class Node:
             if loaded is not None and managed.model_digest not in loaded:
                 pool.remove(managed.name)  # evicted or expired: the worker is gone
                 continue
-            if managed.lock.locked():
+            if managed.turns.busy():
                 continue  # busy serving: its last answer is recent enough
             health = managed.check_health()
             metrics.record_provider_health(managed.name, health.ok)
@@ -543,7 +543,7 @@ def default_executor(node: Node):
     from nodeagent.kvcache.manager import CacheManager
     from nodeagent.models.residency import LoadRequest, ResidencyManager, budgets_from_devices
     from nodeagent.models.store import ModelStore
-    from nodeagent.providers.llama_cpp_python import residency_loader
+    from nodeagent.providers.llama_cpp_python import LLAMA_CPP_TOKENIZER_KINDS, residency_loader, start_tokenizer
     from nodeagent.receipts import open_machine_log
 
     cfg = node.config
@@ -575,7 +575,9 @@ def default_executor(node: Node):
     receipts = open_machine_log(state, key_file=cfg.receipts.key_file,
                                 checkpoint_every=cfg.receipts.checkpoint_every,
                                 checkpoint_seconds=cfg.receipts.checkpoint_seconds)
-    executor = PodExecutor(node, pool=ProviderPool(loader=load, residency=residency), models=models,
+    pool = ProviderPool(loader=load, residency=residency, tokenizer=start_tokenizer,
+                        tokenizer_kinds=LLAMA_CPP_TOKENIZER_KINDS)
+    executor = PodExecutor(node, pool=pool, models=models,
                            cache=cache, receipts=receipts, block_tokens=cfg.cache.block_tokens)
     calibrate_restore_rates(executor)
     return executor

@@ -185,3 +185,44 @@ def test_a_prefix_still_being_computed_counts_for_the_pod_queued_behind_it(tmp_p
         assert done.status.turns[0].cached_tokens >= 64
     finally:
         node.close()
+
+
+def test_a_cold_model_is_tokenized_and_placed_before_it_loads(node):
+    """The pool's vocab-only tokenizer needs no loaded model: a dry run and a real
+    placement both see the cold model as a candidate that must load it first."""
+    assert node.list_residency() == []
+    scored = node.score_pod(make_pod(system=SYSTEM))
+    assert node.list_residency() == []  # a dry run loads nothing
+    (candidate,) = scored.candidates
+    assert scored.chosen == candidate.provider and candidate.provider.startswith("load:")
+    assert candidate.model_hot is False and candidate.cached_tokens == 0
+
+    pod = run(node, make_pod(system=SYSTEM, turns=["hello"], max_tokens=4))
+    assert pod.status.phase is PodPhase.succeeded, pod.status.reasons
+    (decision,) = node.pod_decisions(pod.id)
+    assert decision.chosen.startswith("load:")
+    assert len(node.list_residency()) == 1  # loaded after placement chose to load it
+    pool = node.executor.pool
+    (managed,) = pool.all()
+    record = node.executor.models.resolve("tiny")
+    tokenizer = pool.tokenizer(record)
+    assert tokenizer is not None and tokenizer is not managed.provider
+    for text in (SYSTEM, "  leading spaces, ünïcödé and <|role|> markers\n", ""):
+        for bos in (True, False):
+            assert tokenizer.tokenize(text, add_bos=bos) == managed.provider.tokenize(text, add_bos=bos)
+
+
+def test_a_refused_pod_never_loads_the_model(tmp_path, tiny_model_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text('version = 1\ndefault = "allow"\n[limits]\nmax_context = 64\n')
+    env = {**env_for(tmp_path), "AGENT_MACHINE_POLICY_PATH": str(policy)}
+    ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    node = Node(load_config(env), executor_factory=default_executor)
+    node.start()
+    try:
+        pod = run(node, make_pod(system=SYSTEM, max_tokens=4))
+        assert pod.status.phase is PodPhase.refused
+        assert "exceeds the largest allowed (64)" in " ".join(pod.status.reasons)
+        assert node.list_residency() == [] and node.executor.pool.all() == []
+    finally:
+        node.close()

@@ -65,6 +65,8 @@ class LlamaOptions:
     kv_type: str = "f16"
     flash_attn: bool = False
     seed: int = 0
+    # Only the vocabulary (no weights, no KV): a worker that tokenizes and nothing else.
+    vocab_only: bool = False
 
 
 @dataclass
@@ -478,6 +480,28 @@ def _usage(result: GenerationResult) -> dict[str, Any]:
         "total_tokens": result.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
+
+
+# Provider kinds that tokenize with llama.cpp's own tokenizer from the GGUF file,
+# so a vocab-only worker of the same file gives their token ids exactly.
+LLAMA_CPP_TOKENIZER_KINDS = frozenset({"llama_cpp_python", "llama_server"})
+
+
+def start_tokenizer(record: Any) -> LlamaCppPythonProvider:
+    """A worker holding only ``record``'s vocabulary (``vocab_only``), for tokenizing.
+
+    It answers ``tokenize`` in about a millisecond whatever the model's providers are
+    doing, and exists before any of them is loaded: a pod can be tokenized,
+    admitted and placed (load term included) on a cold model. It lives in its
+    own process like every llama.cpp worker, so a bad file cannot take the
+    agent down. ~50 MB of RSS (the interpreter and llama.cpp), no weights.
+    """
+    provider = LlamaCppPythonProvider(
+        f"tokenizer/{record.digest.removeprefix('sha256:')[:12]}", record.path,
+        model_digest=record.digest, options=LlamaOptions(n_ctx=256, n_threads=1, vocab_only=True, use_mmap=True),
+    )
+    provider.start()
+    return provider
 
 
 def residency_loader(*, n_threads: int | None = None, use_mmap: bool = True) -> Any:

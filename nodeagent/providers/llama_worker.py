@@ -170,7 +170,7 @@ class Worker:
 
     def op_load(self, model_path: str, identity: str, n_ctx: int = 2048, n_threads: int | None = None,
                 n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, use_mmap: bool = True,
-                kv_type: str = "f16", flash_attn: bool = False, seed: int = 0) -> dict:
+                kv_type: str = "f16", flash_attn: bool = False, seed: int = 0, vocab_only: bool = False) -> dict:
         if self.llm is not None:
             self.op_unload()
         if not os.path.isfile(model_path):
@@ -186,7 +186,7 @@ class Worker:
                 model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                 n_batch=n_batch, n_ubatch=n_ubatch, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
                 type_k=ggml_types[kv_type], type_v=ggml_types[kv_type], flash_attn=flash_attn,
-                seed=seed, verbose=False,
+                seed=seed, vocab_only=vocab_only, verbose=False,
             )
         except Exception as exc:
             why = self.log.messages[-1] if self.log.messages else str(exc)
