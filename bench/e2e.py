@@ -268,8 +268,9 @@ def run_ours(chains, *, model: Path, params: "RunParams", work: Path) -> tuple[l
             with self._events_lock:
                 return self._events.setdefault(pod_id, threading.Event())
 
-        def _execute(self, pod, session, index, max_tokens, decision, managed):
-            outcome = super()._execute(pod, session, index, max_tokens, decision, managed)
+        def _execute(self, *args, **kwargs):
+            outcome = super()._execute(*args, **kwargs)
+            pod = args[0]
             self.instants[pod.id] = (outcome.started, outcome.first_token, outcome.finished)
             return outcome
 
