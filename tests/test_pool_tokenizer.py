@@ -1,0 +1,63 @@
+"""Which tokenizer a pod's pieces go through (`ProviderPool.tokenizer`)."""
+
+from types import SimpleNamespace
+
+from nodeagent.execution import ManagedProvider, ProviderPool
+
+RECORD = SimpleNamespace(digest="sha256:" + "ab" * 32, names=["m"], path="/nonexistent.gguf")
+
+
+class Engine:
+    """Stands in for a provider process: only what the pool reads (name, kind, running)."""
+
+    def __init__(self, name, kind):
+        self.name, self.kind, self.running = name, kind, True
+
+    def stop(self):
+        self.running = False
+
+
+def pool_with(*kinds, starts=None):
+    started = starts if starts is not None else []
+
+    def start(record):
+        started.append(record.digest)
+        return Engine(f"tokenizer/{record.digest[7:19]}", "llama_cpp_python")
+
+    pool = ProviderPool(loader=lambda record: None, tokenizer=start,
+                        tokenizer_kinds={"llama_cpp_python", "llama_server"})
+    for i, kind in enumerate(kinds):
+        pool.add(ManagedProvider(Engine(f"p{i}", kind), RECORD.digest))
+    return pool, started
+
+
+def test_one_tokenizer_per_model_for_llama_cpp_kinds_and_none_for_others():
+    pool, started = pool_with("llama_cpp_python", "llama_server")
+    first = pool.tokenizer(RECORD)
+    assert first is not None and pool.tokenizer(RECORD) is first and started == [RECORD.digest]
+    vllm, _ = pool_with("llama_cpp_python", "vllm")
+    assert vllm.tokenizer(RECORD) is None  # vLLM's tokenizer may differ: ask the providers
+
+
+def test_a_cold_model_uses_the_loader_kind():
+    pool, started = pool_with()
+    assert pool.tokenizer(RECORD) is not None and started == [RECORD.digest]
+    other = ProviderPool(loader=lambda record: None, loader_kind="vllm", tokenizer=lambda r: Engine("t", "x"),
+                         tokenizer_kinds={"llama_cpp_python"})
+    assert other.tokenizer(RECORD) is None
+
+
+def test_a_tokenizer_that_fails_to_start_is_not_retried_and_a_stopped_one_is_not_used(caplog):
+    calls = []
+
+    def broken(record):
+        calls.append(record)
+        raise ValueError("llama.cpp could not load /nonexistent.gguf")
+
+    pool = ProviderPool(loader=lambda record: None, tokenizer=broken, tokenizer_kinds={"llama_cpp_python"})
+    assert pool.tokenizer(RECORD) is None and pool.tokenizer(RECORD) is None
+    assert len(calls) == 1 and "no tokenizer for m" in caplog.text
+    working, _ = pool_with("llama_cpp_python")
+    tokenizer = working.tokenizer(RECORD)
+    working.close_tokenizers()
+    assert tokenizer.running is False
