@@ -45,8 +45,10 @@ pod runs one agent (Zipf popularity), whose system + tool context it shares
 with the agent's other pods; then its task; then turns that each append the
 model's previous reply (as scripted by the trace, so that every arm sends the
 same bytes) and a tool result. Token ids become words (one word = one token
-of the generated test vocabularies). Two clients run the pods closed-loop in
-trace order, sleeping each turn's think time between turns. ``--rounds N``
+of the generated test vocabularies). Two clients (``--clients``) run the pods
+closed-loop in trace order, sleeping each turn's think time between turns.
+The JSON (``--out``) keeps every record and, for ours, every placement
+decision with each candidate's terms (``info.ours.decisions``). ``--rounds N``
 repeats the arms in alternating order (A B C, C B A, ...) and pools the records,
 so that a drift in the shared machine's load falls on every arm alike.
 """

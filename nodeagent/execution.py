@@ -628,27 +628,30 @@ class PodExecutor:
             chosen = decision.chosen
             managed = by_name.get(chosen.state.provider)
             uncached = len(session.tokens) - chosen.cached_tokens
-            ticket = self._enqueue(managed, session, uncached, max_tokens) if managed is not None else -1
-        self.decisions.setdefault(pod.id, []).append(decision)
-        while len(self.decisions) > 256:
-            self.decisions.pop(next(iter(self.decisions)))
-        if first:
-            self.node.pod_transition(pod.id, PodPhase.placed, reason=decision.reason)
-            self.node.pod_transition(pod.id, PodPhase.running)
-        if managed is None:  # the chosen candidate must load the model first
-            started_load = time.perf_counter()
-            managed = self.pool.load(record)
-            self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
-            with self._place_lock:
-                ticket = self._enqueue(managed, session, uncached, max_tokens)
+            ticket = self._enqueue(managed, session, uncached, max_tokens) if managed is not None else None
+        # From here on the ticket is released whatever happens: a ticket never
+        # released would stall every turn placed behind it on this provider.
         try:
+            self.decisions.setdefault(pod.id, []).append(decision)
+            while len(self.decisions) > 256:
+                self.decisions.pop(next(iter(self.decisions)))
+            if first:
+                self.node.pod_transition(pod.id, PodPhase.placed, reason=decision.reason)
+                self.node.pod_transition(pod.id, PodPhase.running)
+            if managed is None:  # the chosen candidate must load the model first
+                started_load = time.perf_counter()
+                managed = self.pool.load(record)
+                self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
+                with self._place_lock:
+                    ticket = self._enqueue(managed, session, uncached, max_tokens)
             return self._execute(pod, session, index, max_tokens, decision, managed, ticket, uncached)
         finally:
-            managed.turns.release(ticket)  # a no-op when the turn ran
-            with self._place_lock:
-                managed.queued_requests -= 1
-                managed.queued_prefill_tokens -= uncached
-                managed.queued_decode_tokens -= max_tokens
+            if ticket is not None:
+                managed.turns.release(ticket)  # a no-op when the turn ran
+                with self._place_lock:
+                    managed.queued_requests -= 1
+                    managed.queued_prefill_tokens -= uncached
+                    managed.queued_decode_tokens -= max_tokens
 
     @staticmethod
     def _enqueue(managed: ManagedProvider, session: SessionContext, uncached: int, max_tokens: int) -> int:
