@@ -186,6 +186,23 @@ def test_load_guard_diverts_new_sessions_only_and_says_so():
     assert off.provider == "hot"
 
 
+def test_a_later_turn_moved_off_its_busy_provider_lands_like_a_new_session():
+    registry = registry_for("home", "crowded", "light")
+    # Its own provider is far behind (queue), so the cost model moves it; "crowded" holds
+    # a little of its prefix and is one token of queue cheaper than "light", but it is over
+    # the guard's limit: a session leaving home must not pile onto it.
+    candidates = [CandidateState("home", True, t0_cached_tokens=3000, load=9_000, queued_prefill_tokens=400_000),
+                  CandidateState("crowded", True, t0_cached_tokens=64, load=30_000),
+                  CandidateState("light", True, load=5_000)]
+    guard = LoadGuard(rel=1.5, abs_tokens=0)
+    moved = place(PlacementRequest("m", 4000, session_provider="home"), candidates, registry, guard)
+    assert moved.provider == "light" and moved.guard_applied
+    assert moved.to_contract().load_guard.excluded == ["crowded"]  # never its own provider
+    unguarded = place(PlacementRequest("m", 4000, session_provider="home"), candidates, registry,
+                      LoadGuard(enabled=False))
+    assert unguarded.provider == "crowded"
+
+
 def test_t0_helpers():
     assert common_prefix_tokens([1, 2, 3, 4], [1, 2, 9]) == 2
     assert common_prefix_tokens(list(range(1000)), list(range(1000))) == 999  # never the whole prompt
@@ -230,11 +247,17 @@ def reference_place(request, candidates, registry, guard):
     saved = max([m.cached_tokens for m in request.tier_matches if m.state_format in formats] + [0])
     own = [s.t0_cached_tokens for s in candidates if s.provider == request.session_provider]
     movable = request.session_provider is None or (saved > 0 and saved >= min(own[0] if own else 0, prompt))
-    if guard.enabled and movable and len(eligible) > 1:
+    # A later turn that may not be moved keeps its own provider, whatever its load; the
+    # guard still applies to every other provider it could be moved to.
+    if guard.enabled and len(eligible) > 1:
         limit = guard.limit(min(s.load for s in eligible))
-        kept = [s for s in eligible if s.load <= limit]
+
+        def allowed(s):
+            return s.load <= limit or (not movable and s.provider == request.session_provider)
+
+        kept = [s for s in eligible if allowed(s)]
         if kept and len(kept) < len(eligible):
-            applied = min(eligible, key=key).load > limit
+            applied = not allowed(min(eligible, key=key))
             pool = kept
     chosen = min(pool, key=key).provider if pool else None
     return chosen, applied, best

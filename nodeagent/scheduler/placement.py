@@ -97,8 +97,9 @@ class LoadGuard:
     def rule(self) -> str:
         if not self.enabled:
             return "off"
-        return (f"placing a new session, exclude a candidate whose live-session tokens exceed {self.rel:g} x "
-                f"the least-loaded eligible candidate's + {self.abs_tokens:g}, unless that excludes all")
+        return (f"exclude a candidate whose live-session tokens exceed {self.rel:g} x the least-loaded "
+                f"eligible candidate's + {self.abs_tokens:g}, unless that excludes all; a later turn keeps "
+                f"its own provider unless a saved state makes moving it a restore")
 
     def limit(self, floor: float) -> float:
         return floor * self.rel + self.abs_tokens
@@ -363,10 +364,15 @@ def place(
     eligible = [i for i, state in enumerate(candidates) if not state.rejected]
 
     # The load guard depends on loads only, so its pools are known before any TTFT.
+    # A later turn the guard may not move keeps its own provider eligible, but if
+    # the cost model moves it anyway (that provider's queue), it lands like a new
+    # session: never on another overloaded provider.
     guarded: frozenset[int] = frozenset()
-    if guard.enabled and len(eligible) > 1 and _movable(request, candidates):
+    if guard.enabled and len(eligible) > 1:
         limit = guard.limit(min(candidates[i].load for i in eligible))
         over = [i for i in eligible if candidates[i].load > limit]
+        if over and not _movable(request, candidates):
+            over = [i for i in over if candidates[i].provider != request.session_provider]
         if over and len(over) < len(eligible):
             guarded = frozenset(over)
     pool = [i for i in eligible if i not in guarded] if guarded else eligible
