@@ -128,9 +128,9 @@ class TurnQueue:
     turn placed; both hold only if turns run in placement order, which a plain
     lock does not promise (measured: a pod placed behind another's prefill, to
     reuse it, ran first and recomputed it). Tickets are taken under the
-    executor's placement lock; every ticket is released exactly once, run or
-    not, so an abandoned one (a failed load, an error before the turn) never
-    stalls the turns behind it.
+    executor's placement lock; every ticket is released, run or not (releasing
+    twice is harmless), so an abandoned one (a failed load, an error before
+    the turn) never stalls the turns behind it.
     """
 
     def __init__(self) -> None:
@@ -149,15 +149,11 @@ class TurnQueue:
         with self._cond:
             return self._next < self._issued
 
-    @contextlib.contextmanager
-    def turn(self, ticket: int):
+    def wait(self, ticket: int) -> None:
+        """Block until it is ``ticket``'s turn; the caller releases it when done."""
         with self._cond:
             while self._next != ticket:
                 self._cond.wait()
-        try:
-            yield
-        finally:
-            self.release(ticket)
 
     def release(self, ticket: int) -> None:
         with self._cond:
@@ -174,6 +170,7 @@ class TurnQueue:
 class RunningTurn:
     """The turn a provider is running: what it was estimated to take, and since when."""
 
+    ticket: int
     since: float  # time.monotonic()
     estimate_s: float | None  # restore + prefill + decode of max tokens; None: a rate was unknown
     prefill_tokens: int
@@ -254,28 +251,43 @@ class ProviderPool:
         self._start_tokenizer = tokenizer
         self._tokenizer_kinds = frozenset(tokenizer_kinds)
         self._tokenizers: dict[str, Provider | None] = {}
-        self._tokenizer_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # guards the two dicts only
+        self._tokenizer_starts: dict[str, threading.Lock] = {}  # one start per model at a time
+        self._load_lock = threading.Lock()  # one model load at a time (see `load`)
 
     def tokenizer(self, record: Any) -> Provider | None:
         """A tokenize-only provider for ``record``'s model, or None when the pool has
         none or the model's providers (or, with none loaded, the loader's kind)
-        tokenize differently. Started once per model; one that fails to start is
-        not retried (the providers tokenize instead)."""
+        tokenize differently. Started on first use; one that died is started
+        again; one that fails to start is not retried (the providers tokenize)."""
         if self._start_tokenizer is None:
             return None
         kinds = {m.kind for m in self.for_model(record.digest)} or {self.loader_kind}
         if not kinds <= self._tokenizer_kinds:
             return None
+        digest = record.digest
         with self._tokenizer_lock:
-            if record.digest not in self._tokenizers:
-                try:
-                    self._tokenizers[record.digest] = self._start_tokenizer(record)
-                except Exception as exc:
-                    log.warning("no tokenizer for %s (%s: %s); tokenizing with its providers",
-                                model_name(record), type(exc).__name__, exc)
-                    self._tokenizers[record.digest] = None
-            tokenizer = self._tokenizers[record.digest]
-        return tokenizer if tokenizer is not None and _running(tokenizer) else None
+            tokenizer = self._tokenizers.get(digest, False)
+            if tokenizer is None or (tokenizer is not False and _running(tokenizer)):
+                return tokenizer
+            start_lock = self._tokenizer_starts.setdefault(digest, threading.Lock())
+        with start_lock:  # others wait for this model's start, not for every model's
+            with self._tokenizer_lock:
+                tokenizer = self._tokenizers.get(digest, False)
+            if tokenizer is None or (tokenizer is not False and _running(tokenizer)):
+                return tokenizer
+            if tokenizer is not False:
+                with contextlib.suppress(Exception):
+                    tokenizer.stop()  # it died: reap it before starting another
+            try:
+                tokenizer = self._start_tokenizer(record)
+            except Exception as exc:
+                log.warning("no tokenizer for %s (%s: %s); tokenizing with its providers",
+                            model_name(record), type(exc).__name__, exc)
+                tokenizer = None
+            with self._tokenizer_lock:
+                self._tokenizers[digest] = tokenizer
+        return tokenizer
 
     def close_tokenizers(self) -> None:
         with self._tokenizer_lock:
@@ -317,8 +329,18 @@ class ProviderPool:
         """Load ``record`` through the loader (``options``: keep_alive_s, pin for the residency manager)."""
         if self._loader is None:
             raise ProviderError(f"no provider holds model {model_name(record)} and this node cannot load models")
-        provider = self._loader(record, **options)
-        return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
+        # Pods are placed before their model loads, so several may choose to load the
+        # same cold model at once: the first loads it, the others get its provider
+        # (one ManagedProvider per engine, or queues and contexts would split).
+        with self._load_lock:
+            existing = self.for_model(record.digest)
+            if existing:
+                return existing[0]
+            provider = self._loader(record, **options)
+            for managed in self.all():
+                if managed.provider is provider:
+                    return managed
+            return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
 
 
 def _running(provider: Provider) -> bool:
@@ -547,14 +569,20 @@ class PodExecutor:
         if cached is not None:
             self._token_cache.move_to_end(key)
             return list(cached)
+        tokens: list[int] | None = None
         tokenizer = self.pool.tokenizer(record) if record is not None else None
-        if tokenizer is None:
+        if tokenizer is not None:
+            try:
+                tokens = tokenizer.tokenize(text, add_bos=add_bos)
+            except ProviderError as exc:  # it died mid-call: started again next time
+                log.warning("tokenizer %s failed (%s); tokenizing with a provider", tokenizer.name, exc)
+        if tokens is None:
             candidates = self.pool.for_model(digest)
             if not candidates:
                 raise ProviderError(f"no provider holds model {digest[:19]} to tokenize with")
             idle = [m for m in candidates if not m.turns.busy()]
-            tokenizer = (idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)).provider
-        tokens = tokenizer.tokenize(text, add_bos=add_bos)
+            provider = (idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)).provider
+            tokens = provider.tokenize(text, add_bos=add_bos)
         if len(text) >= TOKEN_CACHE_MIN_CHARS:
             self._token_cache[key] = tuple(tokens)
             while len(self._token_cache) > TOKEN_CACHE_ENTRIES:
@@ -575,9 +603,10 @@ class PodExecutor:
             t0 = m.expected.reusable(session.tokens, owners)
             rejected = () if pinned in (None, m.name) else (f"pod is pinned to provider {pinned}",)
             prefill, decode, remaining = m.queued_prefill_tokens, m.queued_decode_tokens, 0.0
-            running = m.running.remaining_s(now) if m.running is not None else None
-            if running is not None:  # the running turn counts by its time left, not its whole size
-                prefill, decode, remaining = prefill - m.running.prefill_tokens, decode - m.running.decode_tokens, running
+            running = m.running  # read once: a dry run places without the placement lock
+            left = running.remaining_s(now) if running is not None else None
+            if left is not None:  # the running turn counts by its time left, not its whole size
+                prefill, decode, remaining = prefill - running.prefill_tokens, decode - running.decode_tokens, left
             states.append(CandidateState(
                 provider=m.name, model_hot=True, t0_cached_tokens=t0,
                 state_format=m.kind if self.cache is not None else None,
@@ -647,11 +676,13 @@ class PodExecutor:
             return self._execute(pod, session, index, max_tokens, decision, managed, ticket, uncached)
         finally:
             if ticket is not None:
-                managed.turns.release(ticket)  # a no-op when the turn ran
-                with self._place_lock:
+                with self._place_lock:  # the turn leaves the queue in one step, then the next may start
+                    if managed.running is not None and managed.running.ticket == ticket:
+                        managed.running = None
                     managed.queued_requests -= 1
                     managed.queued_prefill_tokens -= uncached
                     managed.queued_decode_tokens -= max_tokens
+                managed.turns.release(ticket)
 
     @staticmethod
     def _enqueue(managed: ManagedProvider, session: SessionContext, uncached: int, max_tokens: int) -> int:
@@ -664,17 +695,13 @@ class PodExecutor:
         managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
         return managed.turns.ticket()
 
-    @contextlib.contextmanager
-    def _running(self, managed: ManagedProvider, decision: Decision, uncached: int, max_tokens: int):
-        """While the turn holds its provider, placement sees its time left (`RunningTurn`)."""
+    def _start_running(self, managed: ManagedProvider, ticket: int, decision: Decision, uncached: int,
+                       max_tokens: int) -> None:
+        """The turn holds its provider: placement now sees its time left (`RunningTurn`);
+        `_run_turn` clears it before releasing the ticket."""
         estimate = self._service_estimate(managed, decision, uncached, max_tokens)
         with self._place_lock:
-            managed.running = RunningTurn(time.monotonic(), estimate, uncached, max_tokens)
-        try:
-            yield
-        finally:
-            with self._place_lock:
-                managed.running = None
+            managed.running = RunningTurn(ticket, time.monotonic(), estimate, uncached, max_tokens)
 
     def _service_estimate(self, managed: ManagedProvider, decision: Decision, uncached: int,
                           max_tokens: int) -> float | None:
@@ -699,8 +726,9 @@ class PodExecutor:
         tier = chosen.cache_source if chosen.cache_source in ("T0", "T1", "T2") else "none"
         # The whole turn (restore, generate, save) holds the model in use; the pod's
         # keep-alive, if it has one, applies from when the turn ends.
-        with managed.turns.turn(ticket), self._running(managed, decision, uncached, max_tokens), \
-                self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
+        managed.turns.wait(ticket)
+        self._start_running(managed, ticket, decision, uncached, max_tokens)
+        with self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
             started = time.time()
             # Reuse of the live context is bounded by what the engine really holds
             # now and this pod may see (scopes); a restored state it may see whole.

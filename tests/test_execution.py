@@ -226,3 +226,19 @@ def test_a_refused_pod_never_loads_the_model(tmp_path, tiny_model_path):
         assert node.list_residency() == [] and node.executor.pool.all() == []
     finally:
         node.close()
+
+
+def test_pods_placed_at_once_on_a_cold_model_load_it_once(tmp_path, tiny_model_path):
+    env = env_for(tmp_path)
+    ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    node = Node(load_config(env), executor_factory=default_executor, dispatchers=3)
+    node.start()
+    try:
+        pods = [node.submit_pod(make_pod(name=f"cold-{i}", agent=f"agent-{i}", system=f"{i} " + SYSTEM,
+                                         max_tokens=2)) for i in range(3)]
+        done = [wait_terminal(node, pod.id) for pod in pods]
+        assert all(p.status.phase is PodPhase.succeeded for p in done), [p.status.reasons for p in done]
+        assert len(node.executor.pool.all()) == 1  # one engine, one queue, one context
+        assert len({p.status.turns[0].provider for p in done}) == 1
+    finally:
+        node.close()

@@ -61,3 +61,23 @@ def test_a_tokenizer_that_fails_to_start_is_not_retried_and_a_stopped_one_is_not
     tokenizer = working.tokenizer(RECORD)
     working.close_tokenizers()
     assert tokenizer.running is False
+
+
+def test_a_tokenizer_that_died_is_reaped_and_started_again():
+    pool, started = pool_with("llama_cpp_python")
+    first = pool.tokenizer(RECORD)
+    first.running = False  # its process died
+    second = pool.tokenizer(RECORD)
+    assert second is not first and second.running and len(started) == 2
+
+
+def test_pods_that_chose_to_load_the_same_model_share_one_provider():
+    loads = []
+
+    def loader(record):
+        loads.append(record.digest)
+        return Engine("engine", "llama_cpp_python")
+
+    pool = ProviderPool(loader=loader)
+    first = pool.load(RECORD)
+    assert pool.load(RECORD) is first and loads == [RECORD.digest] and pool.all() == [first]

@@ -15,9 +15,10 @@ def test_turns_run_in_ticket_order_whatever_order_threads_arrive_in():
     random.Random(7).shuffle(arrivals)
 
     def turn(ticket):
-        with queue.turn(ticket):
-            ran.append(ticket)
-            time.sleep(0.001)
+        queue.wait(ticket)
+        ran.append(ticket)
+        time.sleep(0.001)
+        queue.release(ticket)
 
     threads = [threading.Thread(target=turn, args=(t,)) for t in arrivals]
     for thread in threads:
@@ -35,13 +36,14 @@ def test_an_abandoned_ticket_does_not_stall_the_turns_behind_it():
     done = threading.Event()
 
     def run_third():
-        with queue.turn(third):
-            done.set()
+        queue.wait(third)
+        done.set()
 
     thread = threading.Thread(target=run_third)
     thread.start()
-    with queue.turn(first):
-        assert queue.busy()
+    queue.wait(first)
+    assert queue.busy()
+    queue.release(first)
     assert not done.wait(0.05)  # still waiting for the second ticket
     queue.release(abandoned)  # e.g. its model failed to load
     assert done.wait(5)
@@ -49,12 +51,13 @@ def test_an_abandoned_ticket_does_not_stall_the_turns_behind_it():
     queue.release(third)  # releasing twice is harmless
     queue.release(abandoned)
     assert not queue.busy()
-    with queue.turn(queue.ticket()):
-        pass
+    last = queue.ticket()
+    queue.wait(last)  # nothing stalls it
+    queue.release(last)
 
 
 def test_a_running_turn_counts_by_its_time_left():
-    turn = RunningTurn(since=100.0, estimate_s=2.0, prefill_tokens=500, decode_tokens=8)
+    turn = RunningTurn(ticket=0, since=100.0, estimate_s=2.0, prefill_tokens=500, decode_tokens=8)
     assert turn.remaining_s(100.5) == 1.5
     assert turn.remaining_s(103.0) == 0.0  # overran its estimate: nothing known is left
-    assert RunningTurn(100.0, None, 500, 8).remaining_s(101.0) is None
+    assert RunningTurn(0, 100.0, None, 500, 8).remaining_s(101.0) is None

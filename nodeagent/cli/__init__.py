@@ -15,7 +15,7 @@ from typing import Sequence
 from nodeagent.cli.output import CliError
 
 # Each module and the top-level commands it registers; order here is the order
-# in `--help`. tests/test_cli.py checks the names against what each registers.
+# in `--help`. tests/test_cli_core.py checks the names against what each registers.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "nodeagent.cli.core": ("version", "paths", "contracts"),
     "nodeagent.cli.probe": ("probe", "doctor"),

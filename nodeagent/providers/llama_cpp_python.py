@@ -482,9 +482,11 @@ def _usage(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-# Provider kinds that tokenize with llama.cpp's own tokenizer from the GGUF file,
-# so a vocab-only worker of the same file gives their token ids exactly.
-LLAMA_CPP_TOKENIZER_KINDS = frozenset({"llama_cpp_python", "llama_server"})
+# Provider kinds whose token ids a vocab-only worker of the same GGUF file gives
+# exactly: the same llama-cpp-python build, the same call (`special=False`).
+# Not llama_server: its /tokenize parses special tokens (so the session layout's
+# `<|role|>` markers can become special ids) and its llama.cpp may be another build.
+LLAMA_CPP_TOKENIZER_KINDS = frozenset({"llama_cpp_python"})
 
 
 def start_tokenizer(record: Any) -> LlamaCppPythonProvider:

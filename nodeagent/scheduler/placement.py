@@ -98,8 +98,8 @@ class LoadGuard:
         if not self.enabled:
             return "off"
         return (f"exclude a candidate whose live-session tokens exceed {self.rel:g} x the least-loaded "
-                f"eligible candidate's + {self.abs_tokens:g}, unless that excludes all; a later turn keeps "
-                f"its own provider unless a saved state makes moving it a restore")
+                f"eligible candidate's + {self.abs_tokens:g}, unless that excludes all; a later turn's own "
+                f"provider is never excluded unless a saved state makes moving it a restore")
 
     def limit(self, floor: float) -> float:
         return floor * self.rel + self.abs_tokens
