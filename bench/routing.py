@@ -691,6 +691,44 @@ def table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def target_lines(arms: list[dict], peer: str = "sglang-cache_aware") -> list[str]:
+    """The issue's routing targets, checked from the summaries of one trace's run.
+
+    Target 2: hit >= 0.95 x O2 at max/mean load <= 1.15 (a node arm with T1 is held to
+    O2 on device + T1). Target 3: hit >= the peer's + 10 points at equal or better
+    balance; the line also gives the most any router could gain over the peer here
+    (O1, the infinite-cache bound, minus the peer's hit rate), since +10 is out of
+    reach for every router once the peer is within 10 points of O1.
+    """
+    by_arm = {s["arm"]: s for s in arms}
+    lines = []
+    for s in arms:
+        if not s["arm"].startswith("ours"):
+            continue
+        frac = s.get("frac_o2_with_t1") or s["frac_o2"]
+        balance = s["load_max_over_mean"]
+        if frac is None or balance is None:
+            continue
+        ok = frac >= 0.95 and balance <= 1.15
+        bound = "O2 on device + T1" if s.get("frac_o2_with_t1") else "O2"
+        lines.append(f"target 2, {s['arm']}: {frac:.3f} of {bound} at max/mean {balance:.3f} -> "
+                     f"{'holds' if ok else 'misses'}")
+    other = by_arm.get(peer)
+    if other is not None and other["load_max_over_mean"] is not None:
+        headroom = (other["o1"] - other["hit_rate"]) * 100
+        lines.append(f"target 3 headroom: O1 {other['o1']:.3f} - {peer} {other['hit_rate']:.3f} = "
+                     f"{headroom:.1f} points{'' if headroom >= 10 else ' (< 10: no router can gain +10 here)'}")
+        for s in arms:
+            if not s["arm"].startswith("ours") or s["load_max_over_mean"] is None:
+                continue
+            gain = (s["hit_rate"] - other["hit_rate"]) * 100
+            balanced = s["load_max_over_mean"] <= other["load_max_over_mean"]
+            lines.append(f"target 3, {s['arm']}: {gain:+.1f} points over {peer} at max/mean "
+                         f"{s['load_max_over_mean']:.3f} vs {other['load_max_over_mean']:.3f} -> "
+                         f"{'holds' if gain >= 10 and balanced else 'misses'}")
+    return lines
+
+
 def build_trace(name: str, seed: int, scale: float) -> Trace:
     if name == "gsp":
         if scale == 1.0:
@@ -808,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n### {name}: {s['requests']} requests, {s['prompt_tokens']} prompt tokens; "
               f"O1 {data['nominal']['o1']:.3f}, O2 {data['nominal']['o2']:.3f} (nominal order)\n")
         print(table(data["arms"]))
+        print("\n" + "\n".join(target_lines(data["arms"])))
     if args.out:
         from nodeagent.fsutil import atomic_write_text
 

@@ -114,3 +114,20 @@ def test_the_node_arm_restores_evicted_prefixes_from_its_t1_and_beats_the_device
     assert tiered["hit_rate"] <= tiered["o1"] + 1e-9
     assert tiered["o2_with_t1"] >= tiered["o2"] and tiered["t1_tokens"] == 4 * 2 * 96 * 64
     assert data["restore_bytes_per_s"] > 0
+
+
+def test_target_lines_check_both_routing_targets_and_the_headroom_over_the_peer():
+    def arm(name, hit, balance, frac_o2, t1=None):
+        return {"arm": name, "hit_rate": hit, "o1": 0.852, "load_max_over_mean": balance, "frac_o2": frac_o2,
+                "frac_o2_with_t1": t1}
+
+    lines = routing.target_lines([arm("ours", 0.80, 1.05, 0.94), arm("ours+T1", 0.84, 1.04, 0.99, t1=0.99),
+                                  arm("sglang-cache_aware", 0.81, 1.40, 0.95), arm("round_robin", 0.48, 1.0, 0.56)])
+    assert lines[0] == "target 2, ours: 0.940 of O2 at max/mean 1.050 -> misses"
+    assert lines[1] == "target 2, ours+T1: 0.990 of O2 on device + T1 at max/mean 1.040 -> holds"
+    assert lines[2].startswith("target 3 headroom: O1 0.852 - sglang-cache_aware 0.810 = 4.2 points (< 10")
+    assert lines[3] == "target 3, ours: -1.0 points over sglang-cache_aware at max/mean 1.050 vs 1.400 -> misses"
+    assert lines[4].endswith("+3.0 points over sglang-cache_aware at max/mean 1.040 vs 1.400 -> misses")
+    small = routing.target_lines([arm("ours+T1", 0.76, 1.06, 0.89, t1=0.89), arm("sglang-cache_aware", 0.46, 1.40, 0.57)])
+    assert small[-1].endswith("+30.0 points over sglang-cache_aware at max/mean 1.060 vs 1.400 -> holds")
+    assert "no router" not in small[1]
