@@ -122,3 +122,55 @@ def test_evict_refuses_pinned_without_force(tmp_path):
 def test_t1_default_is_a_ram_directory():
     path = default_t1_dir({"XDG_RUNTIME_DIR": "/run/user/0"})
     assert str(path).startswith(("/dev/shm/agent-machine-", "/run/user/0/agent-machine/"))
+
+
+def test_checking_a_restore_does_not_hold_up_other_lookups(tmp_path, monkeypatch):
+    import threading
+
+    cm = open_manager(tmp_path)
+    entry = saved(cm)
+    store = cm.stores["T1"]
+    checking, may_finish = threading.Event(), threading.Event()
+    real_verify = store.verify
+
+    def slow_verify(entry_id, digest):  # a large state takes tens of ms to hash
+        checking.set()
+        assert may_finish.wait(10)
+        return real_verify(entry_id, digest)
+
+    monkeypatch.setattr(store, "verify", slow_verify)
+    found = cm.lookup(TOKENS, NS, state_format="llama_cpp_python").best
+    restores = []
+    restorer = threading.Thread(target=lambda: restores.append(cm.begin_restore(found)))
+    restorer.start()
+    assert checking.wait(10)
+    looked = []
+    other = threading.Thread(target=lambda: looked.append(cm.lookup(TOKENS, NS, state_format="llama_cpp_python")))
+    other.start()
+    other.join(5)
+    finished_while_checking = not other.is_alive()
+    may_finish.set()
+    restorer.join(10)
+    other.join(10)
+    assert finished_while_checking and looked[0].best.entry_id == entry.id
+    assert restores[0] is not None and restores[0].served_from == "T1"
+    cm.end_restore(entry.id)
+    assert cm.stats().hits["T1"] == 1
+
+
+def test_an_entry_dropped_while_its_restore_was_checked_is_a_miss(tmp_path, monkeypatch):
+    cm = open_manager(tmp_path)
+    entry = saved(cm)
+    store = cm.stores["T1"]
+    real_verify = store.verify
+
+    def verify_while_another_restore_reports_it(entry_id, digest):
+        path = real_verify(entry_id, digest)
+        cm.report_corrupt(entry_id)  # the provider of a concurrent restore of it refused the file
+        return path
+
+    monkeypatch.setattr(store, "verify", verify_while_another_restore_reports_it)
+    found = cm.lookup(TOKENS, NS, state_format="llama_cpp_python").best
+    with cm.restoring(found) as restore:
+        assert restore is None
+    assert cm.get(entry.id) is None and cm.stats().misses == 1

@@ -198,14 +198,28 @@ class CacheManager:
                 return None
             self._in_use[row.id] = self._in_use.get(row.id, 0) + 1
             served_from = row.tier
-            try:
-                path = self.stores[row.tier].verify(row.id, row.content_digest)
-            except CorruptEntry:
+        # Hash the file outside the lock (tens of ms for a large state): lookups and
+        # saves of other pods go on meanwhile, and an entry in use is never evicted,
+        # demoted or rewritten, so its tier and file stay put.
+        try:
+            path = self.stores[served_from].verify(row.id, row.content_digest)
+        except CorruptEntry:
+            with self._lock:
                 self._in_use_release(row.id)
-                self._drop(row, counters, reason="corrupt")
+                current = self.index.get(row.id)
+                if current is not None:
+                    self._drop(current, counters, reason="corrupt")
+                counters.add("misses")
+                self._flush(counters)
+            return None
+        with self._lock:
+            current = self.index.get(row.id)
+            if current is None:  # dropped meanwhile (another restore of it found it corrupt)
+                self._in_use_release(row.id)
                 counters.add("misses")
                 self._flush(counters)
                 return None
+            row = current
             if promote and row.tier == "T2":
                 row = self._promote(row, counters)
                 path = self.stores[row.tier].path(row.id)
