@@ -227,6 +227,9 @@ class ManagedProvider:
             self.expected = HeldContext()
 
 
+MAX_TOKENIZERS = 4  # vocab-only tokenizer workers kept running (least recently used go first)
+
+
 class ProviderPool:
     """The providers that can serve pods, by name.
 
@@ -250,7 +253,8 @@ class ProviderPool:
         # those of every provider kind in `tokenizer_kinds` (see `tokenizer`).
         self._start_tokenizer = tokenizer
         self._tokenizer_kinds = frozenset(tokenizer_kinds)
-        self._tokenizers: dict[str, Provider | None] = {}
+        # digest -> its tokenizer (None: failed to start), least recently used first
+        self._tokenizers: "OrderedDict[str, Provider | None]" = OrderedDict()
         self._tokenizer_lock = threading.Lock()  # guards the two dicts only
         self._tokenizer_starts: dict[str, threading.Lock] = {}  # one start per model at a time
         self._load_lock = threading.Lock()  # one model load at a time (see `load`)
@@ -269,6 +273,8 @@ class ProviderPool:
         with self._tokenizer_lock:
             tokenizer = self._tokenizers.get(digest, False)
             if tokenizer is None or (tokenizer is not False and _running(tokenizer)):
+                if tokenizer is not None:
+                    self._tokenizers.move_to_end(digest)
                 return tokenizer
             start_lock = self._tokenizer_starts.setdefault(digest, threading.Lock())
         with start_lock:  # others wait for this model's start, not for every model's
@@ -287,6 +293,12 @@ class ProviderPool:
                 tokenizer = None
             with self._tokenizer_lock:
                 self._tokenizers[digest] = tokenizer
+                self._tokenizers.move_to_end(digest)
+                running = [d for d, t in self._tokenizers.items() if t is not None]
+                retired = [self._tokenizers.pop(d) for d in running[:max(0, len(running) - MAX_TOKENIZERS)]]
+            for old in retired:  # each costs ~40 MB: keep the recently used models' only
+                with contextlib.suppress(Exception):
+                    old.stop()
         return tokenizer
 
     def close_tokenizers(self) -> None:

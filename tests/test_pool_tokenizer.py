@@ -81,3 +81,17 @@ def test_pods_that_chose_to_load_the_same_model_share_one_provider():
     pool = ProviderPool(loader=loader)
     first = pool.load(RECORD)
     assert pool.load(RECORD) is first and loads == [RECORD.digest] and pool.all() == [first]
+
+
+def test_only_the_recently_used_models_keep_a_tokenizer_running():
+    from nodeagent.execution import MAX_TOKENIZERS
+
+    pool, _ = pool_with()
+    records = [SimpleNamespace(digest=f"sha256:{i:064x}", names=[f"m{i}"], path="/x.gguf")
+               for i in range(MAX_TOKENIZERS + 1)]
+    first = [pool.tokenizer(r) for r in records[:MAX_TOKENIZERS]]
+    assert pool.tokenizer(records[0]) is first[0]  # used again: now the most recent
+    newest = pool.tokenizer(records[-1])
+    assert newest.running and first[0].running
+    assert not first[1].running  # the least recently used one was stopped
+    assert sum(t.running for t in first) == MAX_TOKENIZERS - 1

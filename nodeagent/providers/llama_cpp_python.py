@@ -496,7 +496,8 @@ def start_tokenizer(record: Any) -> LlamaCppPythonProvider:
     doing, and exists before any of them is loaded: a pod can be tokenized,
     admitted and placed (load term included) on a cold model. It lives in its
     own process like every llama.cpp worker, so a bad file cannot take the
-    agent down. ~50 MB of RSS (the interpreter and llama.cpp), no weights.
+    agent down. Measured with the `small` model: starts in ~0.2 s, 47 MB RSS (37 MB
+    unique: the interpreter and llama.cpp), ~0.3 ms per 100-word piece; no weights.
     """
     provider = LlamaCppPythonProvider(
         f"tokenizer/{record.digest.removeprefix('sha256:')[:12]}", record.path,
