@@ -736,11 +736,13 @@ class PodExecutor:
         chosen = decision.chosen
         provider = managed.provider
         tier = chosen.cache_source if chosen.cache_source in ("T0", "T1", "T2") else "none"
-        # The whole turn (restore, generate, save) holds the model in use; the pod's
-        # keep-alive, if it has one, applies from when the turn ends.
-        managed.turns.wait(ticket)
-        self._start_running(managed, ticket, decision, uncached, max_tokens)
+        # The whole turn (restore, generate, save) holds the model in use, and so does
+        # its wait in the provider's queue: neither keep-alive expiry nor eviction can
+        # unload the model under a queued turn. The pod's keep-alive, if it has one,
+        # applies from when the turn ends.
         with self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
+            managed.turns.wait(ticket)
+            self._start_running(managed, ticket, decision, uncached, max_tokens)
             started = time.time()
             # Reuse of the live context is bounded by what the engine really holds
             # now and this pod may see (scopes); a restored state it may see whole.
