@@ -124,6 +124,11 @@ def test_corrupt_or_foreign_state_is_refused(provider, tiny_model_path, tmp_path
         provider.restore_state(0, tmp_path / "short.state")
     with pytest.raises(StateCorrupt, match="does not exist"):
         provider.restore_state(0, tmp_path / "missing.state")
+    # verify=False (the cache hashed the file itself) skips only the content hash:
+    # structure is still checked, and an intact file restores.
+    with pytest.raises(StateCorrupt, match="truncated"):
+        provider.restore_state(0, tmp_path / "short.state", verify=False)
+    assert provider.restore_state(0, path, verify=False) == 50
 
     stranger = LlamaCppPythonProvider("stranger", tiny_model_path, model_digest="sha256:" + "cd" * 32,
                                       options=LlamaOptions(n_ctx=1024, n_threads=1))

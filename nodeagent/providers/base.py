@@ -134,7 +134,12 @@ class Provider(Protocol):
         """The tokens whose KV the slot holds now (tier T0)."""
         ...
     def save_state(self, slot: int, path: Path) -> SavedState: ...
-    def restore_state(self, slot: int, path: Path) -> int:
-        """Restore into ``slot``; returns the number of tokens restored."""
+    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> int:
+        """Restore into ``slot``; returns the number of tokens restored.
+
+        ``verify=False``: the caller has just checked the whole file against a
+        digest it keeps (the cache does, on every restore), so the provider may
+        skip its own content hash; structural checks (header, size, model) stay.
+        """
         ...
     def rates(self) -> Rates: ...

@@ -240,7 +240,7 @@ class VllmProvider:
     def save_state(self, slot: int, path: Path) -> SavedState:
         raise StateUnsupported(f"{self.name}: vLLM cannot save KV state to a file (tiering is left to vLLM)")
 
-    def restore_state(self, slot: int, path: Path) -> int:
+    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> int:
         raise StateUnsupported(f"{self.name}: vLLM cannot restore KV state from a file (tiering is left to vLLM)")
 
     def rates(self) -> Rates:
