@@ -56,6 +56,7 @@ from nodeagent.scheduler.placement import (
     common_prefix_tokens,
     place,
 )
+from nodeagent.scheduler.cost import queue_wait_s
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.session import SessionContext
 from nodeagent.store import migrate, transaction
@@ -255,8 +256,9 @@ class ProviderPool:
         self._tokenizer_kinds = frozenset(tokenizer_kinds)
         # digest -> its tokenizer (None: failed to start), least recently used first
         self._tokenizers: "OrderedDict[str, Provider | None]" = OrderedDict()
-        self._tokenizer_lock = threading.Lock()  # guards the two dicts only
-        self._tokenizer_starts: dict[str, threading.Lock] = {}  # one start per model at a time
+        self._tokenizer_lock = threading.Lock()  # guards `_tokenizers`
+        # Starts are rare (~0.2 s each); a pod whose tokenizer runs never waits on this.
+        self._tokenizer_start_lock = threading.Lock()
         self._load_lock = threading.Lock()  # one model load at a time (see `load`)
 
     def tokenizer(self, record: Any) -> Provider | None:
@@ -269,22 +271,16 @@ class ProviderPool:
         kinds = {m.kind for m in self.for_model(record.digest)} or {self.loader_kind}
         if not kinds <= self._tokenizer_kinds:
             return None
-        digest = record.digest
-        with self._tokenizer_lock:
-            tokenizer = self._tokenizers.get(digest, False)
-            if tokenizer is None or (tokenizer is not False and _running(tokenizer)):
-                if tokenizer is not None:
-                    self._tokenizers.move_to_end(digest)
+        known, tokenizer = self._known_tokenizer(record.digest)
+        if known:
+            return tokenizer
+        with self._tokenizer_start_lock:
+            known, tokenizer = self._known_tokenizer(record.digest)  # started while we waited?
+            if known:
                 return tokenizer
-            start_lock = self._tokenizer_starts.setdefault(digest, threading.Lock())
-        with start_lock:  # others wait for this model's start, not for every model's
             with self._tokenizer_lock:
-                tokenizer = self._tokenizers.get(digest, False)
-            if tokenizer is None or (tokenizer is not False and _running(tokenizer)):
-                return tokenizer
-            if tokenizer is not False:
-                with contextlib.suppress(Exception):
-                    tokenizer.stop()  # it died: reap it before starting another
+                dead = self._tokenizers.pop(record.digest, None)
+            retired = [dead] if dead is not None else []  # reap it before starting another
             try:
                 tokenizer = self._start_tokenizer(record)
             except Exception as exc:
@@ -292,14 +288,25 @@ class ProviderPool:
                             model_name(record), type(exc).__name__, exc)
                 tokenizer = None
             with self._tokenizer_lock:
-                self._tokenizers[digest] = tokenizer
-                self._tokenizers.move_to_end(digest)
+                self._tokenizers[record.digest] = tokenizer
                 running = [d for d, t in self._tokenizers.items() if t is not None]
-                retired = [self._tokenizers.pop(d) for d in running[:max(0, len(running) - MAX_TOKENIZERS)]]
-            for old in retired:  # each costs ~40 MB: keep the recently used models' only
-                with contextlib.suppress(Exception):
-                    old.stop()
+                retired += [self._tokenizers.pop(d) for d in running[:max(0, len(running) - MAX_TOKENIZERS)]]
+        for old in retired:  # each costs ~40 MB: keep the recently used models' only
+            with contextlib.suppress(Exception):
+                old.stop()
         return tokenizer
+
+    def _known_tokenizer(self, digest: str) -> tuple[bool, Provider | None]:
+        """(True, tokenizer) when ``digest``'s is running, (True, None) when it failed
+        to start; (False, None) when it must be started (never was, or died)."""
+        with self._tokenizer_lock:
+            tokenizer = self._tokenizers.get(digest)
+            if tokenizer is None:
+                return digest in self._tokenizers, None
+            if not _running(tokenizer):
+                return False, None
+            self._tokenizers.move_to_end(digest)
+            return True, tokenizer
 
     def close_tokenizers(self) -> None:
         with self._tokenizer_lock:
@@ -411,11 +418,10 @@ SESSION_HOMES = 4096
 @dataclass(frozen=True)
 class Tokenizer:
     executor: "PodExecutor"
-    digest: str
-    record: Any = None
+    record: Any  # the model's store record
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return self.executor.tokenize(self.digest, text, add_bos, self.record)
+        return self.executor.tokenize(self.record, text, add_bos)
 
 
 @dataclass
@@ -573,16 +579,17 @@ class PodExecutor:
             if not load:
                 return None
             self.pool.load(record)
-        return Tokenizer(self, record.digest, record)
+        return Tokenizer(self, record)
 
-    def tokenize(self, digest: str, text: str, add_bos: bool, record: Any | None = None) -> list[int]:
+    def tokenize(self, record: Any, text: str, add_bos: bool) -> list[int]:
+        digest = record.digest
         key = (digest, add_bos, text)
         cached = self._token_cache.get(key)
         if cached is not None:
             self._token_cache.move_to_end(key)
             return list(cached)
         tokens: list[int] | None = None
-        tokenizer = self.pool.tokenizer(record) if record is not None else None
+        tokenizer = self.pool.tokenizer(record)
         if tokenizer is not None:
             try:
                 tokens = tokenizer.tokenize(text, add_bos=add_bos)
@@ -717,19 +724,14 @@ class PodExecutor:
 
     def _service_estimate(self, managed: ManagedProvider, decision: Decision, uncached: int,
                           max_tokens: int) -> float | None:
-        """Seconds the chosen turn should keep its provider busy: restore + prefill, as
-        placement priced them, plus decoding ``max_tokens``."""
-        terms = decision.chosen.terms
-        decode = self.rates.resolved(managed.name).decode_value
-        if terms.restore_s is None or decode is None:
-            return None
-        prefill = terms.prefill_s if decision.chosen.state.provider == managed.name else None
-        if prefill is None:  # placed as a cold load: price its prefill on the provider now running it
-            rate = self.rates.resolved(managed.name).prefill_value
-            if rate is None:
-                return None
-            prefill = uncached / rate
-        return terms.restore_s + prefill + max_tokens / decode
+        """Seconds the chosen turn should keep its provider busy: the restore placement
+        priced, then prefilling its uncached tokens and decoding ``max_tokens``."""
+        # What this turn adds to its provider's queue, by the cost model's own formula
+        # and this provider's rates (a cold load was priced before the provider existed).
+        rates = self.rates.resolved(managed.name)
+        restore = decision.chosen.terms.restore_s
+        work = queue_wait_s(uncached, max_tokens, 0.0, rates.prefill_value, rates.decode_value)
+        return None if restore is None or work is None else restore + work
 
     def _execute(self, pod: AgentPod, session: SessionContext, index: int, max_tokens: int,
                  decision: Decision, managed: ManagedProvider, ticket: int, uncached: int) -> TurnOutcome:

@@ -34,7 +34,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -92,23 +92,21 @@ class PublicKey:
 
     @classmethod
     def from_der(cls, der: bytes) -> "PublicKey":
-        try:
-            key = serialization.load_der_public_key(der)
-        except (ValueError, TypeError) as exc:
-            raise KeyFileError(f"not a DER SubjectPublicKeyInfo: {exc}") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise KeyFileError(f"expected an Ed25519 public key, got {type(key).__name__}")
-        return cls.from_crypto(key)
+        return cls._parsed(serialization.load_der_public_key, der, "DER SubjectPublicKeyInfo", "")
 
     @classmethod
     def from_pem(cls, pem: bytes | str, *, source: str = "PEM") -> "PublicKey":
         data = pem.encode() if isinstance(pem, str) else pem
+        return cls._parsed(serialization.load_pem_public_key, data, "PEM public key", f"{source}: ")
+
+    @classmethod
+    def _parsed(cls, load: Any, data: bytes, what: str, prefix: str) -> "PublicKey":
         try:
-            key = serialization.load_pem_public_key(data)
+            key = load(data)
         except (ValueError, TypeError) as exc:
-            raise KeyFileError(f"{source}: not a PEM public key: {exc}") from exc
+            raise KeyFileError(f"{prefix}not a {what}: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
-            raise KeyFileError(f"{source}: expected an Ed25519 public key, got {type(key).__name__}")
+            raise KeyFileError(f"{prefix}expected an Ed25519 public key, got {type(key).__name__}")
         return cls.from_crypto(key)
 
     @classmethod
