@@ -4,7 +4,6 @@ ulimits) detected from a filesystem tree and rlimits."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 from nodeagent.launch.container import ContainerShape, RenderError
 from nodeagent.launch.podman import PodmanHostConfig, cgroup_layout, parse_podman_run_argv, podman_run_argv
 from nodeagent.providers.catalog import load_catalog, resolve_spec
+
+from expected_files import updating
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "podman"
 HOST = PodmanHostConfig(runtime="runc", ulimits=("nofile=1024:1024", "nproc=1024:1024"))
@@ -37,7 +38,7 @@ def test_golden_argv(provider, accelerator):
     argv = podman_run_argv(spec_for(provider, accelerator), "5.0", HOST, device_exists=everything_exists)
     text = " \\\n  ".join(shlex.quote(word) for word in argv) + "\n"
     golden = GOLDEN / f"{provider}-{accelerator}.sh"
-    if os.environ.get("UPDATE_GOLDEN"):
+    if updating("UPDATE_GOLDEN"):
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(text)
     assert golden.exists(), f"{golden} missing: run with UPDATE_GOLDEN=1 and review it"

@@ -13,7 +13,6 @@ Regenerate after an intended change (and review the diff):
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import pytest
 from nodeagent.cli import main
 from nodeagent.probe import probe, profile_digest
 from nodeagent.probe.replay import load_capture
+
+from expected_files import updating
 
 MACHINES = Path(__file__).parent / "fixtures" / "machines"
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "contracts" / "MachineProfile.schema.json").read_text())
@@ -48,7 +49,7 @@ def test_every_required_machine_is_captured():
 def test_whole_profile_matches_expected(name, profiles):
     wire = profiles[name].to_wire()
     expected_file = MACHINES / name / "expected.json"
-    if os.environ.get("UPDATE_EXPECTED"):
+    if updating("UPDATE_EXPECTED"):
         expected_file.write_text(json.dumps(wire, indent=2, sort_keys=True) + "\n")
     expected = json.loads(expected_file.read_text())
     assert wire == expected

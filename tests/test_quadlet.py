@@ -30,6 +30,8 @@ from nodeagent.launch.quadlet import (
 from nodeagent.launch.units import parse_unit, split_words
 from nodeagent.providers.catalog import load_catalog, resolve_spec
 
+from expected_files import updating
+
 GOLDEN = Path(__file__).resolve().parent / "golden" / "quadlet"
 VERSIONS = ("4.4", "4.6", "5.0", "5.5")
 CASES = [("llama-server", acc) for acc in ("cpu", "nvidia", "amd", "vulkan", "asahi")] + [
@@ -73,7 +75,7 @@ def all_cases():
 def test_golden_unit(provider, accelerator, version):
     text = render_quadlet_text(spec_for(provider, accelerator), version)
     golden = GOLDEN / f"podman-{version}" / f"{provider}-{accelerator}.container"
-    if os.environ.get("UPDATE_GOLDEN"):
+    if updating("UPDATE_GOLDEN"):
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(text)
     assert golden.exists(), f"{golden} missing: run with UPDATE_GOLDEN=1 and review it"
