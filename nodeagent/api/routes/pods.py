@@ -11,7 +11,7 @@ from starlette.responses import Response, StreamingResponse
 
 from nodeagent.api.errors import ApiError, json_bytes
 from nodeagent.api.routes.common import error_responses, get_node, not_found, wire_response
-from nodeagent.api.schemas import DispatchState, PodEvent, PodList
+from nodeagent.api.schemas import DispatchState, ObjectList, PodEvent, PodList
 from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
 from nodeagent.node import NodeClosed, QueueFull
 from nodeagent.pods import PodNotFound
@@ -47,6 +47,19 @@ def list_pods(phase: PodPhase | None = Query(None, description="only pods in thi
               limit: int = Query(100, ge=1, le=1000),
               node: Any = Depends(get_node)) -> Response:
     return wire_response({"items": node.list_pods(phase=phase, tenant=tenant, limit=limit)})
+
+
+# A custom method on the collection (AIP-136), like /v1/dispatch:pause. Starlette
+# matches it as its own literal path: "/v1/pods/{pod_id}" needs a "/" after "pods".
+@router.get("/v1/pods:conflicts", response_model=ObjectList,
+            summary="in-flight pods that contend for a provider or would evict each other's cache",
+            description="Each item: ``kind`` (``provider``: pods placed on one provider take turns on its "
+                        "context, displacing each other's live prefix; ``cache``: the states the pods need "
+                        "together exceed the RAM tier), ``provider`` or ``tier``, ``pods`` (their ids), "
+                        "``detail`` (a sentence), and for ``cache`` ``needBytes`` and ``budgetBytes``. "
+                        "An empty list: no conflicts.")
+def pod_conflicts(node: Any = Depends(get_node)) -> Response:
+    return wire_response({"items": node.pod_conflicts()})
 
 
 @router.get("/v1/pods/{pod_id}", response_model=AgentPod, responses=error_responses(404, 422),
