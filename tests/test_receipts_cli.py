@@ -238,3 +238,16 @@ def test_the_standalone_verifier_in_the_docs_works(state, capsys, tmp_path):
     bad = subprocess.run([sys.executable, str(tmp_path / "standalone.py"), str(proof_file), str(pem)],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "not in the signed tree" in bad.stderr
+
+
+@pytest.mark.parametrize("dest", ["/proc/x", "{tmp}/a-file/x"])
+def test_export_to_an_unwritable_place_is_a_clear_error_not_a_traceback(state, capsys, tmp_path, dest):
+    seed(state, 3)
+    (tmp_path / "a-file").write_text("not a directory")
+    dest = dest.format(tmp=tmp_path)
+    code, out, err = run(capsys, "receipts", "export", dest)
+    assert code == 1 and out == ""
+    assert f"cannot write the export to {dest}" in err and "Traceback" not in err
+    code, _, err = run(capsys, "receipts", "export", dest + ".proof.json", "--receipt", "0")
+    assert code == 1
+    assert f"cannot write the export to {dest}.proof.json" in err

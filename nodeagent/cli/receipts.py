@@ -345,7 +345,10 @@ def _export(args: argparse.Namespace) -> int:
         if args.dest.exists():
             raise CliError(f"{args.dest} exists; choose a new file name for the proof")
         proof = _proof(ctx, args.receipt)
-        atomic_write_text(args.dest, json.dumps(proof.to_wire(), indent=2) + "\n")
+        try:
+            atomic_write_text(args.dest, json.dumps(proof.to_wire(), indent=2) + "\n")
+        except OSError as exc:
+            raise _cannot_write(args.dest, exc) from exc
         emit({"path": str(args.dest), "seq": proof.entry.seq, "treeSize": proof.tree_size}, args.format,
              lambda d: f"wrote the proof of receipt {d['seq']} (tree size {d['treeSize']}) to {d['path']}")
         return 0
@@ -366,10 +369,18 @@ def _export(args: argparse.Namespace) -> int:
         summary = export_log(ctx.log_dir, args.dest)
     except _receipt_errors() as exc:
         raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise _cannot_write(args.dest, exc) from exc
     emit(summary.to_dict(), args.format, lambda d: (
         f"exported {d['entries']} entries, {d['checkpoints']} checkpoints (latest covers {d['latestCheckpoint']}), "
         f"{d['keys']} public keys to {d['path']}\nverify with: agent-machine receipts verify {d['path']} --key KEY.pem"))
     return 0
+
+
+def _cannot_write(dest: Path, exc: OSError) -> CliError:
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(dest) else ""
+    return CliError(f"cannot write the export to {dest}{where}: {exc.strerror or exc}; "
+                    "choose a writable place for DEST")
 
 
 def _verify(args: argparse.Namespace) -> int:
