@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -45,6 +46,8 @@ from nodeagent.kvcache.index import CacheIndex, EntryRow
 from nodeagent.kvcache.policy import gdsf_priority
 from nodeagent.kvcache.tiers import CorruptEntry, TierStore, default_t1_dir
 from nodeagent.store import connect
+
+log = logging.getLogger("agent_machine.kvcache")
 
 DEFAULT_T1_BUDGET = 2 << 30
 DEFAULT_T2_BUDGET = 20 << 30
@@ -203,7 +206,11 @@ class CacheManager:
         # demoted or rewritten, so its tier and file stay put.
         try:
             path = self.stores[served_from].verify(row.id, row.content_digest)
-        except CorruptEntry:
+        except CorruptEntry as exc:
+            # Counted below; logged too, because a corrupt state means a disk, RAM or
+            # tmpfs problem an operator must hear about, not only a miss in the stats.
+            log.warning("KV cache: dropped corrupt state %s (%s, %d tokens): %s; the prefix is recomputed",
+                        row.id, served_from, row.n_tokens, exc)
             with self._lock:
                 self._in_use_release(row.id)
                 current = self.index.get(row.id)
@@ -237,12 +244,15 @@ class CacheManager:
         with self._lock:
             self._in_use_release(entry_id)
 
-    def report_corrupt(self, entry_id: str) -> None:
-        """The provider rejected a state this manager handed out: drop it, count it."""
+    def report_corrupt(self, entry_id: str, reason: str = "") -> None:
+        """The provider rejected a state this manager handed out: drop it, count it, log it."""
         counters = _Counters()
         with self._lock:
             row = self.index.get(entry_id)
             if row is not None:
+                log.warning("KV cache: dropped state %s (%s, %d tokens) that the provider rejected%s; "
+                            "the prefix is recomputed", row.id, row.tier, row.n_tokens,
+                            f": {reason}" if reason else "")
                 self._in_use.pop(entry_id, None)
                 self._drop(row, counters, reason="corrupt")
             self._flush(counters)
