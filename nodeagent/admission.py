@@ -118,23 +118,45 @@ class Policy:
             policy_source=self.source, policy_digest=self.digest, decided_at=now,
         )
 
-    def _reasons(self, request: AdmissionRequest, now: datetime) -> list[str]:
-        if self.document is None:
-            return [f"fail closed: {self.load_error}"]
-        doc, pod = self.document, request.pod
-        tenant = pod.metadata.tenant
-        reasons: list[str] = []
-        rule = doc.tenants.get(tenant)
+    def provider_refusal(self, tenant: str, provider: str, kind: str | None) -> str | None:
+        """Why ``tenant`` may not run on ``provider`` (of ``kind``), or None when it may.
+
+        Placement asks this of every candidate, so a tenant's provider allowlist
+        holds for every pod, not only for pods pinned to a provider.
+        """
+        rule, refusal = self._rule(tenant)
         if rule is None:
-            if doc.default == "deny":
-                return [f"tenant {tenant!r} is not in the policy ({self.source}) and default is deny"]
+            return refusal
+        return _provider_refusal(rule, tenant, provider, kind)
+
+    def _rule(self, tenant: str) -> tuple[TenantRule | None, str | None]:
+        """The tenant's rule, or (None, why every pod of the tenant is refused)."""
+        if self.document is None:
+            return None, f"fail closed: {self.load_error}"
+        rule = self.document.tenants.get(tenant)
+        if rule is None:
+            if self.document.default == "deny":
+                return None, f"tenant {tenant!r} is not in the policy ({self.source}) and default is deny"
             rule = TenantRule(cache_scopes=list(CacheScope))
+        return rule, None
+
+    def _reasons(self, request: AdmissionRequest, now: datetime) -> list[str]:
+        pod = request.pod
+        tenant = pod.metadata.tenant
+        rule, refusal = self._rule(tenant)
+        if rule is None:
+            return [refusal or "refused"]
+        doc = self.document
+        assert doc is not None
+        reasons: list[str] = []
         if not _matches_model(rule.models, request, pod):
             wanted = request.model_name or pod.spec.model.name or pod.spec.model.digest
             reasons.append(f"model {wanted!r} is not allowed for tenant {tenant!r} (allowed: {', '.join(rule.models)})")
         provider = request.provider_name or pod.spec.provider
-        if provider is not None and not _matches_any(rule.providers, [provider, request.provider_kind]):
-            reasons.append(f"provider {provider!r} is not allowed for tenant {tenant!r} (allowed: {', '.join(rule.providers)})")
+        if provider is not None:
+            refused = _provider_refusal(rule, tenant, provider, request.provider_kind)
+            if refused:
+                reasons.append(refused)
         for index, segment in enumerate(pod.spec.context):
             if segment.scope not in rule.cache_scopes:
                 allowed = ", ".join(s.value for s in rule.cache_scopes)
@@ -156,6 +178,12 @@ class Policy:
             if aware <= now:
                 reasons.append(f"spec.policy.deadline {aware.isoformat()} has passed")
         return reasons
+
+
+def _provider_refusal(rule: TenantRule, tenant: str, provider: str, kind: str | None) -> str | None:
+    if _matches_any(rule.providers, [provider, kind]):
+        return None
+    return f"provider {provider!r} is not allowed for tenant {tenant!r} (allowed: {', '.join(rule.providers)})"
 
 
 def _matches_any(patterns: list[str], values: list[str | None]) -> bool:

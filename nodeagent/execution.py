@@ -42,11 +42,12 @@ from typing import Any, Callable, Iterable, Sequence
 import rfc8785
 
 from nodeagent.admission import AdmissionRequest
+from nodeagent.contracts.names import as_label
 from nodeagent.contracts.pod import AgentPod, ContextSegment, PodPhase, TurnResult, text_digest
 from nodeagent.kvcache.blocks import block_keys
 from nodeagent.pods import PodInvalid
 from nodeagent.kvcache.manager import CacheManager
-from nodeagent.providers.base import GenerationRequest, Provider, ProviderError, StateCorrupt
+from nodeagent.providers.base import GenerationRequest, Provider, ProviderError, ProviderUnavailable, StateCorrupt
 from nodeagent.scheduler.placement import (
     CandidateState,
     Decision,
@@ -204,8 +205,11 @@ class ManagedProvider:
     # Live sessions it holds: pod id -> context tokens (the load guard's measure).
     sessions: dict[str, int] = field(default_factory=dict)
     last_healthy_at: float | None = None  # time.time() of the last passing health check
+    # Restarts (`ProviderPool.revive`): failures in a row, when the next try is due, why the last failed.
     restart_failures: int = 0
     next_restart_at: float = 0.0
+    last_restart_error: str | None = None
+    restarts: int = 0
 
     def check_health(self):
         health = self.provider.health()
@@ -229,6 +233,7 @@ class ManagedProvider:
 
 
 MAX_TOKENIZERS = 4  # vocab-only tokenizer workers kept running (least recently used go first)
+RESTART_BACKOFF_S = 1.0  # first wait after a failed restart of a dead provider; doubles per failure
 
 
 class ProviderPool:
@@ -342,7 +347,61 @@ class ProviderPool:
             return list(self._providers.values())
 
     def for_model(self, digest: str) -> list[ManagedProvider]:
+        """The running providers of a model: a provider that died leaves placement at once."""
         return [m for m in self.all() if m.model_digest == digest and _running(m.provider)]
+
+    def revive(self, managed: ManagedProvider, *, interval_s: float = RESTART_BACKOFF_S) -> bool:
+        """Start a provider that died again, now; True if this call restarted it.
+
+        A dead provider is out of placement (`for_model`) the moment its death
+        is seen; this brings it back without waiting for a health interval.
+        Serialised with loads (one engine start at a time), so concurrent callers
+        restart it once. After a failed start, later calls back off
+        (``interval_s`` x 2^failures, at most 5 minutes) and raise
+        `ProviderUnavailable` naming the last error and when the next try is due.
+        """
+        with self._load_lock:
+            return self._revive_locked(managed, interval_s)
+
+    def _revive_locked(self, managed: ManagedProvider, interval_s: float) -> bool:
+        if _running(managed.provider):
+            return False
+        now = time.time()
+        if now < managed.next_restart_at:
+            raise ProviderUnavailable(
+                f"provider {managed.name} is down: {managed.restart_failures} restart(s) failed, the last with "
+                f"{managed.last_restart_error}; next attempt in {managed.next_restart_at - now:.0f}s")
+        managed.forget_context()
+        from nodeagent import metrics
+
+        metrics.record_provider_restart(managed.name)
+        try:
+            with contextlib.suppress(Exception):
+                managed.provider.stop()  # reap what is left of the dead engine
+            managed.provider.start()
+        except Exception as exc:
+            managed.restart_failures += 1
+            managed.next_restart_at = now + min(300.0, interval_s * 2 ** managed.restart_failures)
+            managed.last_restart_error = f"{type(exc).__name__}: {exc}"
+            log.error("provider %s died and could not be restarted (%s)", managed.name, managed.last_restart_error)
+            raise ProviderUnavailable(f"provider {managed.name} died and could not be restarted: "
+                                      f"{managed.last_restart_error}") from exc
+        managed.restart_failures, managed.next_restart_at, managed.last_restart_error = 0, 0.0, None
+        managed.restarts += 1
+        managed.check_health()
+        log.warning("provider %s had died; restarted it", managed.name)
+        return True
+
+    def revive_soon(self, managed: ManagedProvider) -> None:
+        """`revive` on a thread of its own: the turn that found the provider dead
+        reports its failure without waiting for the restart."""
+        def run() -> None:
+            try:
+                self.revive(managed)
+            except ProviderError:
+                pass  # logged, and backed off: the next turn or the reconcile loop tries again
+
+        threading.Thread(target=run, name=f"revive-{managed.name}", daemon=True).start()
 
     def load(self, record: Any, **options: Any) -> ManagedProvider:
         """Load ``record`` through the loader (``options``: keep_alive_s, pin for the residency manager)."""
@@ -355,6 +414,15 @@ class ProviderPool:
             existing = self.for_model(record.digest)
             if existing:
                 return existing[0]
+            # Its provider died: start that one again (the residency manager still
+            # holds it as loaded, and would hand the dead engine back).
+            # One the residency manager unloaded on purpose is dropped instead.
+            dead = [m for m in self.all() if m.model_digest == record.digest]
+            if dead and (self.residency is None or record.digest in self.residency.loaded_digests()):
+                self._revive_locked(dead[0], RESTART_BACKOFF_S)
+                return dead[0]
+            for stale in dead:
+                self.remove(stale.name)
             provider = self._loader(record, **options)
             for managed in self.all():
                 if managed.provider is provider:
@@ -410,6 +478,21 @@ def _us(seconds: float | None) -> int:
 
 
 # ------------------------------------------------------------------ executor
+REPLACE_ATTEMPTS = 3  # placements of one turn whose provider died before it ran
+
+
+class _ProviderGone(ProviderError):
+    """The chosen provider died before the turn reached it: nothing ran, so place it again."""
+
+
+class PolicyRefusedPlacement(ProviderError):
+    """Every candidate provider is outside the tenant's policy (its provider allowlist)."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
 TOKEN_CACHE_MIN_CHARS = 256  # shorter pieces (turn messages) are cheap and rarely repeat
 TOKEN_CACHE_ENTRIES = 1024
 SESSION_HOMES = 4096
@@ -457,6 +540,7 @@ class PodExecutor:
         # turn per pod (as agent loops do) keeps its affinity like a multi-turn pod.
         self._session_homes: "OrderedDict[tuple[str, str, str], str]" = OrderedDict()
         self.decisions: dict[str, list[Decision]] = {}  # pod id -> one per turn (recent pods)
+        self._policies: dict[str, Any] = {}  # pod id -> its latest PolicyDecision, while it runs
 
     # ------------------------------------------------------------ node hooks
     @property
@@ -473,11 +557,24 @@ class PodExecutor:
             known = ", ".join(sorted(m.name for m in self.pool.all())) or "none"
             raise PodInvalid(f"spec.provider {pod.spec.provider!r} is not a provider of this node (known: {known})")
 
-    def before_end(self, pod: AgentPod, phase: PodPhase, reason: str) -> None:
-        """Node hook: the pod ends without running a turn; sign that first (receipt before report)."""
+    def before_end(self, pod: AgentPod, phase: PodPhase, reason: str, error_class: str | None = None) -> None:
+        """Node hook: the pod ends outside a turn (refused, cancelled, recovered after
+        a restart, its handling broke); sign that first (receipt before report).
+
+        ``error_class`` names the failure; without one it is ``AgentRestart`` for
+        a pod the agent found in flight at start, ``Interrupted`` for a pod that
+        ran some turns, else ``NotRun``."""
         status = {PodPhase.refused: "refused", PodPhase.cancelled: "cancelled"}.get(phase, "failed")
-        error = {"refused": "PolicyRefused", "cancelled": None}.get(status, "NotRun")
-        self._receipt(pod, None, status, error, queued=_created(pod))
+        if status == "refused":
+            error_class = error_class or "PolicyRefused"
+        elif status == "cancelled":
+            error_class = None
+        elif error_class is None:
+            from nodeagent.pods import RESTART_REASON
+
+            ran = bool(pod.status and pod.status.turns)
+            error_class = "AgentRestart" if reason == RESTART_REASON else ("Interrupted" if ran else "NotRun")
+        self._receipt(pod, None, status, error_class, queued=_created(pod))
 
     def close(self) -> None:
         for managed in self.pool.all():
@@ -503,6 +600,7 @@ class PodExecutor:
         try:
             self._run_turns(pod, record, texts, queued)
         finally:
+            self._policies.pop(pod.id, None)
             for managed in self.pool.all():
                 managed.sessions.pop(pod.id, None)
 
@@ -538,6 +636,13 @@ class PodExecutor:
                         return
                 outcome = self._run_turn(pod, record, session, index, turn.max_tokens, first=index == 0,
                                          session_provider=previous)
+            except PolicyRefusedPlacement as refused:
+                if index > 0:  # the policy changed (SIGHUP) under a running pod: it stops here
+                    return self._fail(pod, f"turn {index}: {refused}", "PolicyRefused", queued, turn=index,
+                                      record=record)
+                self._receipt(pod, None, "refused", "PolicyRefused", queued=queued, record=record)
+                self.node.pod_transition(pod.id, PodPhase.refused, reason="policy", reasons=refused.reasons)
+                return
             except Exception as exc:
                 return self._fail(pod, f"turn {index}: {type(exc).__name__}: {exc}", type(exc).__name__,
                                   queued, turn=index, record=record)
@@ -548,10 +653,10 @@ class PodExecutor:
             while len(self._session_homes) > SESSION_HOMES:
                 self._session_homes.popitem(last=False)
             self._hold_session(pod.id, outcome.managed, len(session.tokens))
-            self.node.record_turn(pod.id, outcome.result)
+            # Receipt before report: the turn becomes visible (its output, its
+            # receipt id) only once its receipt is durable, in one transaction.
             appended = self._receipt(pod, index, "succeeded", None, queued=queued, record=record, outcome=outcome)
-            if appended is not None:
-                self.node.add_receipt(pod.id, appended)
+            self.node.record_turn(pod.id, outcome.result, appended)
         self.node.pod_transition(pod.id, PodPhase.succeeded)
 
     def score(self, pod: AgentPod) -> Decision:
@@ -611,16 +716,19 @@ class PodExecutor:
     def _admit_with_tokens(self, pod: AgentPod, record: Any, prompt_tokens: int) -> list[str]:
         decision = self.node.policy.decide(AdmissionRequest(
             pod=pod, model_name=model_name(record), model_digest=record.digest, prompt_tokens=prompt_tokens))
+        self.node.record_policy(pod.id, decision)
+        self._policies[pod.id] = decision
         return decision.reasons
 
-    def _candidates(self, record: Any, session: SessionContext, pinned: str | None) -> tuple[list[CandidateState], dict[str, ManagedProvider]]:
+    def _candidates(self, record: Any, session: SessionContext, pinned: str | None,
+                    tenant: str) -> tuple[list[CandidateState], dict[str, ManagedProvider]]:
         managed = self.pool.for_model(record.digest)
         owners = _owners(session)
         states, by_name = [], {}
         now = time.monotonic()
         for m in managed:
             t0 = m.expected.reusable(session.tokens, owners)
-            rejected = () if pinned in (None, m.name) else (f"pod is pinned to provider {pinned}",)
+            rejected = self._rejections(tenant, m.name, m.kind, pinned)
             prefill, decode, remaining = m.queued_prefill_tokens, m.queued_decode_tokens, 0.0
             running = m.running  # read once: a dry run places without the placement lock
             left = running.remaining_s(now) if running is not None else None
@@ -634,10 +742,21 @@ class PodExecutor:
                 load=float(sum(m.sessions.values())), rejected=rejected))
             by_name[m.name] = m
         if not managed:
-            states.append(CandidateState(provider=f"load:{model_name(record)}", model_hot=False,
-                                         model_bytes=int(record.size_bytes),
-                                         state_format=self.pool.loader_kind if self.cache is not None else None))
+            name = f"load:{model_name(record)}"
+            kind = self.pool.loader_kind
+            states.append(CandidateState(provider=name, model_hot=False, model_bytes=int(record.size_bytes),
+                                         state_format=kind if self.cache is not None else None,
+                                         rejected=self._rejections(tenant, name, kind, None)))
         return states, by_name
+
+    def _rejections(self, tenant: str, provider: str, kind: str | None, pinned: str | None) -> tuple[str, ...]:
+        """Why a candidate may not take the pod: a pin to another provider, or the
+        tenant's provider allowlist (checked for every candidate, not only pins)."""
+        reasons = [] if pinned in (None, provider) else [f"pod is pinned to provider {pinned}"]
+        refusal = self.node.policy.provider_refusal(tenant, provider, kind)
+        if refusal:
+            reasons.append(f"policy: {refusal}")
+        return tuple(reasons)
 
     def _place(self, pod: AgentPod, record: Any, session: SessionContext, *, dry_run: bool = False,
                session_provider: str | None = None):
@@ -653,7 +772,7 @@ class PodExecutor:
                 found += [TierMatch(m.tier, m.cached_tokens, m.bytes, kind, m.entry_id)
                           for m in lookup.by_tier.values()]
             matches = tuple(found)
-        states, by_name = self._candidates(record, session, pod.spec.provider)
+        states, by_name = self._candidates(record, session, pod.spec.provider, pod.metadata.tenant)
         if not pod.spec.policy.cache_reuse:
             states = [CandidateState(**{**s.__dict__, "t0_cached_tokens": 0}) for s in states]
         request = PlacementRequest(model=model_name(record), prompt_tokens=len(session.tokens),
@@ -669,9 +788,28 @@ class PodExecutor:
 
     def _run_turn(self, pod: AgentPod, record: Any, session: SessionContext, index: int, max_tokens: int,
                   *, first: bool, session_provider: str | None = None) -> TurnOutcome:
+        """Place and run one turn. A turn whose provider died while it waited in the
+        provider's queue never reached it: it is placed again (a dead provider is
+        out of placement, and `ProviderPool.load` restarts it when nothing else
+        holds the model)."""
+        for attempt in range(REPLACE_ATTEMPTS):
+            try:
+                return self._place_and_run(pod, record, session, index, max_tokens,
+                                           first=first and attempt == 0, session_provider=session_provider)
+            except _ProviderGone as gone:
+                log.warning("pod %s turn %d: %s; placing it again", pod.id, index, gone)
+                session_provider = None
+        raise ProviderUnavailable(f"turn {index} was placed {REPLACE_ATTEMPTS} times and each provider died "
+                                  f"before it ran")
+
+    def _place_and_run(self, pod: AgentPod, record: Any, session: SessionContext, index: int, max_tokens: int,
+                       *, first: bool, session_provider: str | None) -> TurnOutcome:
         with self._place_lock:
             decision, by_name = self._place(pod, record, session, session_provider=session_provider)
             if decision.chosen is None:
+                policy = [r for a in decision.assessments for r in a.rejected if r.startswith("policy: ")]
+                if policy and all(any(r.startswith("policy: ") for r in a.rejected) for a in decision.assessments):
+                    raise PolicyRefusedPlacement(sorted(set(policy)))
                 raise ProviderError(f"no provider can run this turn: {decision.reason}")
             chosen = decision.chosen
             managed = by_name.get(chosen.state.provider)
@@ -744,6 +882,8 @@ class PodExecutor:
         # applies from when the turn ends.
         with self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
             managed.turns.wait(ticket)
+            if not _running(provider):
+                raise _ProviderGone(f"provider {managed.name} died while the turn waited for it")
             self._start_running(managed, ticket, decision, uncached, max_tokens)
             started = time.time()
             # Reuse of the live context is bounded by what the engine really holds
@@ -765,6 +905,8 @@ class PodExecutor:
                     reuse_limit=reuse_limit))
             except ProviderError:
                 managed.forget_context()
+                if not _running(provider):  # it died under this turn: bring it back for the next ones
+                    self.pool.revive_soon(managed)
                 raise
             first_token = started + result.ttft_s
             self.rates.observe(managed.name, PREFILL, result.evaluated_tokens, result.ttft_s)
@@ -850,22 +992,31 @@ class PodExecutor:
         data: dict[str, Any] = {
             "machine": {"identityHash": facts.identity_hash, "host": facts.host,
                         "agentVersion": facts.agent_version, "profileDigest": facts.profile_digest},
-            "pod": {"name": pod.metadata.name, "runId": f"{pod.id}-t{turn}" if turn is not None else pod.id,
-                    "tenant": pod.metadata.tenant, "agent": pod.metadata.agent, "session": pod.metadata.session,
-                    "requestDigest": request_digest(pod, turn)},
-            "model": {"name": model_name(record) if record is not None else (pod.spec.model.name or pod.spec.model.digest),
+            # Names go through as_label: a receipt records what ran, whatever a
+            # name holds (an older agent stored names the pod contract now refuses).
+            "pod": {"name": as_label(pod.metadata.name),
+                    "runId": as_label(f"{pod.id}-t{turn}" if turn is not None else pod.id),
+                    "tenant": as_label(pod.metadata.tenant), "agent": as_label(pod.metadata.agent),
+                    "session": as_label(pod.metadata.session), "requestDigest": request_digest(pod, turn)},
+            "model": {"name": as_label(model_name(record) if record is not None
+                                       else (pod.spec.model.name or pod.spec.model.digest)),
                       "digest": record.digest if record is not None else None},
             "timing": {"queuedAt": _utc(min(queued, now)), "finishedAt": _utc(now)},
-            "outcome": {"status": status, "errorClass": error_class},
+            "outcome": {"status": status, "errorClass": as_label(error_class) if error_class else None},
         }
+        policy = self._policies.get(pod.id) or (pod.status.policy if pod.status else None)
+        if policy is not None:
+            data["policy"] = {"source": as_label(policy.policy_source), "digest": policy.policy_digest,
+                              "verdict": "allowed" if policy.allowed else "refused",
+                              "reasons": [as_label(r) for r in policy.reasons[:16]]}
         if outcome is not None:
             chosen = outcome.decision.chosen
             terms = chosen.terms
-            data["provider"] = {"kind": outcome.managed.kind, "version": outcome.managed.version,
+            data["provider"] = {"kind": as_label(outcome.managed.kind), "version": as_label(outcome.managed.version),
                                 "launchMode": outcome.managed.launch_mode}
             data["placement"] = {
                 "decisionId": outcome.decision.id,
-                "chosen": {"candidateId": chosen.state.provider, "provider": chosen.state.provider,
+                "chosen": {"candidateId": as_label(chosen.state.provider), "provider": as_label(chosen.state.provider),
                            "terms": {"queueWaitUs": _us(terms.queue_wait_s), "loadUs": _us(terms.load_s),
                                      "restoreUs": _us(terms.restore_s), "prefillUs": _us(terms.prefill_s),
                                      "ttftUs": _us(terms.total)}},

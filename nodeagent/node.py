@@ -15,6 +15,8 @@ on the node's dispatcher threads; SQLite access is serialized by ``_db_lock``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import threading
 import time
@@ -28,6 +30,8 @@ from nodeagent.contracts.machine import MachineProfile
 from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
 from nodeagent.pods import PodNotFound, PodStore
 from nodeagent.store import connect
+
+log = logging.getLogger("agent_machine.node")
 
 
 class QueueFull(RuntimeError):
@@ -69,6 +73,7 @@ class Node:
         self._accepting = True
         self._dispatch_paused = threading.Event()
         self._dispatchers: list[threading.Thread] = []
+        self._dispatching: dict[str, str] = {}  # dispatcher thread name -> the pod it runs
         self._n_dispatchers = dispatchers
         self._executor_factory = executor_factory
         self.executor = None
@@ -87,22 +92,18 @@ class Node:
             self.executor = self._executor_factory(self)
         with self._db_lock:
             in_flight = [p.id for p in self.pods.in_flight()]
-        for pod_id in in_flight:
+        for pod_id in in_flight:  # _finish never raises for a pod's content: no pod stops the start
             self._finish(pod_id, PodPhase.failed, RESTART_REASON,
-                         reasons=["the agent restarted while this pod was in flight"])
+                         reasons=["the agent restarted while this pod was in flight"], error_class="AgentRestart")
         recovered = in_flight
         if self.executor is not None:
             threading.Thread(target=self._load_recorded_intents, name="load-intents", daemon=True).start()
         for index in range(self._n_dispatchers):
-            thread = threading.Thread(target=self._dispatch_loop, name=f"pod-dispatch-{index}", daemon=True)
-            thread.start()
-            self._dispatchers.append(thread)
+            self._dispatchers.append(self._start_dispatcher(index))
         return recovered
 
     def _load_recorded_intents(self) -> None:
         """Load the models `agent-machine models load` recorded while no agent ran."""
-        import logging
-
         from nodeagent.models.residency import intents
 
         with self._db_lock:
@@ -112,8 +113,7 @@ class Node:
                 keep = intent.get("keep_alive_s")
                 self.load_model(intent["digest"], keep_alive_s=keep, pin=bool(intent.get("pinned")) or None)
             except Exception as exc:  # one bad intent must not stop the others or the agent
-                logging.getLogger("agent_machine.node").warning("recorded load of %s failed: %s",
-                                                               intent.get("digest"), exc)
+                log.warning("recorded load of %s failed: %s", intent.get("digest"), exc)
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Stop accepting pods, let in-flight pods finish within ``timeout_s``, cancel the rest."""
@@ -183,6 +183,7 @@ class Node:
                 raise QueueFull(limit, retry_after_s=self._retry_after())
             stored = self.pods.create(pod)
             decision = self.policy.decide(AdmissionRequest(pod=stored))
+            self.pods.set_policy(stored.id, decision)
             if decision.allowed:
                 self.pods.transition(stored.id, PodPhase.admitted)
         if decision.allowed:
@@ -232,9 +233,15 @@ class Node:
         with self._db_lock:
             return dict(self.pods.phase_counts())
 
-    def record_turn(self, pod_id: str, result) -> None:
+    def record_turn(self, pod_id: str, result, receipt_id: str | None = None) -> None:
+        """A finished turn and its (already durable) receipt, in one transaction."""
         with self._db_lock:
-            self.pods.record_turn(pod_id, result)
+            self.pods.record_turn(pod_id, result, receipt_id)
+
+    def record_policy(self, pod_id: str, decision) -> None:
+        """Keep the latest admission verdict (a `PolicyDecision`) with the pod."""
+        with self._db_lock:
+            self.pods.set_policy(pod_id, decision)
 
     def add_receipt(self, pod_id: str, receipt_id: str) -> None:
         with self._db_lock:
@@ -392,9 +399,9 @@ class Node:
 
     def latest_checkpoint(self) -> dict | None:
         executor = self.executor
-        log = getattr(executor, "receipts", None)
-        if log is not None:
-            log.checkpoint()  # on demand: a planner asking wants the current size signed
+        receipts_log = getattr(executor, "receipts", None)
+        if receipts_log is not None:
+            receipts_log.checkpoint()  # on demand: a planner asking wants the current size signed
         with self._receipt_reader() as reader:
             found = reader.latest_checkpoint()
         return None if found is None else {"size": found[0], "checkpoint": found[1]}
@@ -425,8 +432,10 @@ class Node:
         (interval x 2^failures, at most 5 minutes) between attempts.
         """
         from nodeagent import metrics
+        from nodeagent.providers.base import ProviderError
 
-        report: dict = {"unloaded": [], "restarted": [], "unhealthy": [], "checkpoint": False}
+        report: dict = {"unloaded": [], "restarted": [], "unhealthy": [], "checkpoint": False,
+                        "dispatchers_restarted": self.supervise_dispatchers()}
         executor = self.executor
         pool = getattr(executor, "pool", None)
         if pool is None:
@@ -448,19 +457,20 @@ class Node:
             if health.ok:
                 continue
             report["unhealthy"].append(managed.name)
+            # A dead engine is restarted now (turns that found it dead already asked for
+            # that); a live one that stopped answering gets 3 intervals first.
+            dead = not getattr(managed.provider, "running", True)
             stale = now - (managed.last_healthy_at or 0.0) > 3 * interval
-            if not stale or now < managed.next_restart_at or not hasattr(managed.provider, "restart"):
+            if not (dead or stale) or now < managed.next_restart_at:
                 continue
-            managed.forget_context()
+            if not dead:
+                with contextlib.suppress(Exception):
+                    managed.provider.stop()  # hung: end it, so that revive starts it again
             try:
-                managed.provider.restart()
-                managed.restart_failures = 0
-                managed.check_health()
-            except Exception:
-                managed.restart_failures += 1
-            managed.next_restart_at = now + min(300.0, interval * 2 ** managed.restart_failures)
-            metrics.record_provider_restart(managed.name)
-            report["restarted"].append(managed.name)
+                if pool.revive(managed, interval_s=interval):
+                    report["restarted"].append(managed.name)
+            except ProviderError:
+                report["restarted"].append(managed.name)  # attempted; backed off, logged
         receipts = getattr(executor, "receipts", None)
         if receipts is not None:
             report["checkpoint"] = receipts.maybe_checkpoint()
@@ -481,17 +491,30 @@ class Node:
         return f"{providers} provider(s), {running} pod(s) running, {queued} queued"
 
     # ------------------------------------------------------------ internals
-    def _finish(self, pod_id: str, phase: PodPhase, reason: str, reasons: list[str] | None = None) -> None:
-        """End a pod that ran no turn: its receipt is made durable first, then the phase changes."""
+    def _finish(self, pod_id: str, phase: PodPhase, reason: str, reasons: list[str] | None = None,
+                error_class: str | None = None) -> None:
+        """End a pod outside a turn: its receipt is made durable first, then the phase changes.
+
+        Never raises for anything about the pod itself: it is called from the
+        dispatcher, crash recovery, cancel and drain, and one pod must stop none
+        of them. If its receipt cannot be written (say the disk is full), the pod
+        still ends, with a reason saying it has no receipt, and the error is
+        logged: a pod stuck in flight forever would be worse.
+        """
         from nodeagent.pods import InvalidTransition
 
         pod = self.get_pod(pod_id)
         if pod.status.phase in TERMINAL_PHASES:
             return
+        reasons = list(reasons or [reason])
         if self.executor is not None and hasattr(self.executor, "before_end"):
-            self.executor.before_end(pod, phase, reason)
+            try:
+                self.executor.before_end(pod, phase, reason, error_class)
+            except Exception as exc:
+                log.error("pod %s ends %s without a receipt: %s: %s", pod_id, phase.value, type(exc).__name__, exc)
+                reasons.append(f"no receipt could be written: {type(exc).__name__}: {exc}")
         try:
-            self.pod_transition(pod_id, phase, reason=reason, reasons=reasons or [reason])
+            self.pod_transition(pod_id, phase, reason=reason, reasons=reasons)
         except InvalidTransition:
             return  # it ended in the meantime
 
@@ -503,27 +526,71 @@ class Node:
         return max(1, int(self.config.reconcile.interval_s))
 
     def _dispatch_loop(self) -> None:
+        """Run queued pods one after another. Nothing a pod does ends this loop:
+        a pod whose handling raises ends Failed (with a receipt when one can be
+        written) and the loop takes the next; `reconcile_once` restarts a
+        dispatcher that died anyway and ends the pod it held."""
+        me = threading.current_thread().name
         while True:
             pod_id = self._queue.get()
             if pod_id is None:
                 return
             while self._dispatch_paused.is_set() and self._accepting:
                 time.sleep(0.05)
+            self._dispatching[me] = pod_id
             try:
-                pod = self.get_pod(pod_id)
-            except PodNotFound:
-                continue
-            if pod.status.phase in TERMINAL_PHASES:
-                continue
-            try:
-                if self.executor is None:
-                    self._finish(pod_id, PodPhase.failed, "no executor configured (node started without providers)")
-                else:
-                    self.executor.run(pod)
-            except Exception as exc:  # the dispatcher must survive any pod
-                self._finish(pod_id, PodPhase.failed, f"{type(exc).__name__}: {exc}")
+                self._dispatch(pod_id)
+            except Exception:  # a broken store or log: keep serving the others
+                log.exception("dispatcher %s: handling pod %s failed", me, pod_id)
             finally:
+                self._dispatching.pop(me, None)
                 self._cancels.pop(pod_id, None)
+
+    def _dispatch(self, pod_id: str) -> None:
+        try:
+            pod = self.get_pod(pod_id)
+        except PodNotFound:
+            return
+        if pod.status.phase in TERMINAL_PHASES:
+            return
+        try:
+            if self.executor is None:
+                self._finish(pod_id, PodPhase.failed, "no executor configured (node started without providers)")
+            else:
+                self.executor.run(pod)
+        except Exception as exc:  # the dispatcher must survive any pod
+            log.warning("pod %s failed outside a turn: %s: %s", pod_id, type(exc).__name__, exc)
+            self._finish(pod_id, PodPhase.failed, f"{type(exc).__name__}: {exc}", error_class=type(exc).__name__)
+
+    def _start_dispatcher(self, index: int) -> threading.Thread:
+        thread = threading.Thread(target=self._dispatch_loop, name=f"pod-dispatch-{index}", daemon=True)
+        thread.start()
+        return thread
+
+    def supervise_dispatchers(self) -> list[str]:
+        """The watchdog: restart every dispatcher thread that died (whatever killed
+        it), end the pod it held as Failed with a receipt, and say so in the log.
+        Returns the names of the restarted dispatchers."""
+        restarted: list[str] = []
+        if not self._accepting:
+            return restarted  # draining: dispatchers end on purpose
+        for index, thread in enumerate(list(self._dispatchers)):
+            if thread.is_alive():
+                continue
+            held = self._dispatching.pop(thread.name, None)
+            log.error("dispatcher %s died%s; restarting it", thread.name,
+                      f" while running pod {held}" if held else "")
+            if held is not None:
+                try:
+                    self._finish(held, PodPhase.failed, "dispatcher-died",
+                                 reasons=["the dispatcher running this pod died; the agent restarted it"],
+                                 error_class="DispatcherDied")
+                except PodNotFound:
+                    pass
+                self._cancels.pop(held, None)
+            self._dispatchers[index] = self._start_dispatcher(index)
+            restarted.append(thread.name)
+        return restarted
 
 
 def utcnow() -> datetime:

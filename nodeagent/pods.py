@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 from nodeagent.contracts.pod import (
+    STORED,
     TERMINAL_PHASES,
     AgentPod,
     PodPhase,
@@ -32,6 +33,7 @@ from nodeagent.contracts.pod import (
     Transition,
     TurnResult,
 )
+from nodeagent.contracts.policy import PolicyDecision
 from nodeagent.store import migrate, transaction
 
 P = PodPhase
@@ -80,6 +82,8 @@ _SCHEMA = [
         PRIMARY KEY (pod_id, receipt_id)
     )
     """,
+    # The admission verdict in force for the pod (PolicyDecision JSON), kept with it.
+    "ALTER TABLE pods ADD COLUMN policy TEXT",
 ]
 
 
@@ -137,13 +141,26 @@ class PodStore:
             self._append_transition(pod_id, phase, at, reason, list(reasons))
         return phase
 
-    def record_turn(self, pod_id: str, result: TurnResult) -> None:
+    def record_turn(self, pod_id: str, result: TurnResult, receipt_id: str | None = None) -> None:
+        """Record a finished turn and, in the same transaction, the receipt that
+        describes it (the caller appended that receipt first: receipt before report)."""
         with self._tx():
             self._phase(pod_id)
             self._conn.execute(
                 "INSERT OR REPLACE INTO pod_turns (pod_id, idx, result) VALUES (?, ?, ?)",
                 (pod_id, result.index, json.dumps(result.to_wire(), separators=(",", ":"))),
             )
+            if receipt_id is not None:
+                self._conn.execute("INSERT OR IGNORE INTO pod_receipts (pod_id, receipt_id) VALUES (?, ?)",
+                                   (pod_id, receipt_id))
+
+    def set_policy(self, pod_id: str, decision: PolicyDecision) -> None:
+        """Keep the admission verdict with the pod (the latest replaces the earlier:
+        admission is decided again once the prompt's tokens are known)."""
+        with self._tx():
+            self._phase(pod_id)
+            self._conn.execute("UPDATE pods SET policy = ? WHERE id = ?",
+                               (json.dumps(decision.to_wire(), separators=(",", ":")), pod_id))
 
     def add_receipt(self, pod_id: str, receipt_id: str) -> None:
         with self._tx():
@@ -224,7 +241,8 @@ class PodStore:
         self._conn.execute("UPDATE pods SET phase = ?, updated_at = ? WHERE id = ?", (phase.value, at.isoformat(), pod_id))
 
     def _hydrate(self, row: sqlite3.Row) -> AgentPod:
-        pod = AgentPod.model_validate(json.loads(row["document"]))
+        # STORED: a pod admitted under older name rules still loads (and can end with a receipt)
+        pod = AgentPod.model_validate(json.loads(row["document"]), context=STORED)
         transitions = [
             Transition(phase=PodPhase(t["phase"]), at=datetime.fromisoformat(t["at"]), reason=t["reason"])
             for t in self._conn.execute(
@@ -234,7 +252,8 @@ class PodStore:
             "SELECT result FROM pod_turns WHERE pod_id = ? ORDER BY idx", (row["id"],))]
         receipts = [r[0] for r in self._conn.execute(
             "SELECT receipt_id FROM pod_receipts WHERE pod_id = ? ORDER BY rowid", (row["id"],))]
+        policy = PolicyDecision.model_validate_json(row["policy"]) if row["policy"] else None
         status = PodStatus(phase=PodPhase(row["phase"]), transitions=transitions,
-                           reasons=json.loads(row["reasons"]), turns=turns, receipt_ids=receipts)
+                           reasons=json.loads(row["reasons"]), turns=turns, receipt_ids=receipts, policy=policy)
         return pod.model_copy(update={"status": status})
 

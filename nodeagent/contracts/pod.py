@@ -19,12 +19,13 @@ from datetime import datetime
 from enum import Enum
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from nodeagent.contracts.base import Contract, Resource
-
-NAME_RE = r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"
-DIGEST_RE = r"^sha256:[0-9a-f]{64}$"
+from nodeagent.contracts.policy import PolicyDecision
+from nodeagent.contracts.names import DIGEST as DIGEST_RE
+from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_REFERENCE, PROVIDER_NAME
+from nodeagent.contracts.names import RESOURCE_NAME as NAME_RE
 
 
 def text_digest(text: str) -> str:
@@ -76,10 +77,38 @@ class Turn(Contract):
     max_tokens: int = Field(default=128, ge=1, le=32768)
 
 
+STORED = "stored"  # validation context of documents the node itself stored
+
+
+def checked_name(value: str | None, pattern: str, what: str, info: ValidationInfo,
+                 max_length: int = 253) -> str | None:
+    """Check a name rule that older agents did not enforce.
+
+    New pods must match (the error names the rule); a pod this node stored
+    before the rule existed still loads (``context=STORED``), so a restart
+    can end it with a receipt instead of failing to start.
+    """
+    if value is None or (info.context == STORED):
+        return value
+    if len(value) > max_length:
+        raise ValueError(f"a {what} has at most {max_length} characters; this one has {len(value)}")
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"{value[:80]!r} is not a valid {what} (pattern {pattern})")
+    return value
+
+
 class ModelRef(Contract):
-    name: str | None = None  # NAME[:TAG]
+    # NAME[:TAG], sha256:<hex prefix> or a hex prefix (see contracts.names)
+    name: str | None = Field(default=None, json_schema_extra={"pattern": MODEL_REFERENCE,
+                                                              "maxLength": MAX_MODEL_REFERENCE})
     digest: str | None = Field(default=None, pattern=DIGEST_RE)
     min_context: int = Field(default=0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return checked_name(value, MODEL_REFERENCE, "model reference (NAME[:TAG] or sha256:<hex>)", info,
+                            MAX_MODEL_REFERENCE)
 
     @model_validator(mode="after")
     def _name_or_digest(self) -> "ModelRef":
@@ -116,7 +145,13 @@ class AgentPodSpec(Contract):
     turns: list[Turn] = Field(min_length=1, max_length=256)
     resources: Resources = Field(default_factory=Resources)
     policy: PodPolicy = Field(default_factory=PodPolicy)
-    provider: str | None = None  # pin to one provider by name (optional)
+    # pin to one provider by name (optional)
+    provider: str | None = Field(default=None, json_schema_extra={"pattern": PROVIDER_NAME, "maxLength": 128})
+
+    @field_validator("provider")
+    @classmethod
+    def _provider_rule(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return checked_name(value, PROVIDER_NAME, "provider name", info)
 
 
 class PodPhase(str, Enum):
@@ -159,6 +194,7 @@ class PodStatus(Contract):
     reasons: list[str] = Field(default_factory=list)  # refusal or failure reasons
     turns: list[TurnResult] = Field(default_factory=list)
     receipt_ids: list[str] = Field(default_factory=list)
+    policy: PolicyDecision | None = None  # the admission verdict in force (source, digest, reasons)
 
 
 class AgentPod(Resource):

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from nodeagent.contracts.base import Contract, Resource
+from nodeagent.contracts.names import LABEL_PATTERN
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -37,13 +38,12 @@ KEY_ROTATION_PREDICATE_TYPE = "https://agent-machine.dev/attestations/key-rotati
 MAX_SAFE_INTEGER = 2**53 - 1
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 HEX64_PATTERN = r"^[0-9a-f]{64}$"
-# Names are recorded, not policed: a pod that finished must never lose its
-# receipt because a name broke a rule enforced elsewhere. Printable, bounded.
-LABEL_PATTERN = r"^[^\x00-\x1f\x7f]{1,253}$"
 
 Count = Annotated[int, Field(strict=True, ge=0, le=MAX_SAFE_INTEGER)]
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
 Hex64 = Annotated[str, Field(pattern=HEX64_PATTERN)]
+# Names are recorded, not policed: printable and bounded; writers pass names
+# through `contracts.names.as_label`, so a pod that ran never loses its receipt.
 Label = Annotated[str, Field(pattern=LABEL_PATTERN)]
 
 
@@ -214,6 +214,15 @@ class Outcome(Contract):
         return self
 
 
+class PolicyInfo(Contract):
+    """The admission verdict the run was decided under (see `PolicyDecision`)."""
+
+    source: Label = Field(description="the policy file, or the built-in allow-all when none is configured")
+    digest: Digest | None = Field(default=None, description="sha256 of the policy file's bytes")
+    verdict: Literal["allowed", "refused"]
+    reasons: list[Label] = Field(default_factory=list, max_length=16)
+
+
 def _check_run_consistency(outcome: Outcome, provider: ProviderInfo | None, timing: Timing) -> None:
     if outcome.status == "succeeded":
         if provider is None:
@@ -231,6 +240,7 @@ class _RunRecord(Contract):
     timing: Timing
     usage: Usage = Field(default_factory=Usage)
     outcome: Outcome
+    policy: PolicyInfo | None = None  # absent in receipts written before policies were recorded
 
 
 # ------------------------------------------------------------------ caller input

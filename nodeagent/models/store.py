@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from nodeagent.contracts.model import GGUFInfo, ModelRecord
+from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_NAME, MODEL_TAG
 from nodeagent.fsutil import fsync_dir
 from nodeagent.models.gguf_meta import GGUFMeta, read_gguf
 
@@ -46,8 +47,8 @@ FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 PlaceMode = Literal["auto", "copy"]
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(f"^{MODEL_NAME}$")
+_TAG_RE = re.compile(f"^{MODEL_TAG}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{6,64}$")
 
 MIGRATIONS = [
@@ -95,6 +96,8 @@ class Reference:
 
 def parse_reference(text: str) -> Reference:
     """``NAME[:TAG]`` with the default tag ``latest``. Names are lowercase."""
+    if len(text) > MAX_MODEL_REFERENCE:
+        raise ModelStoreError(f"model reference is {len(text)} characters long; at most {MAX_MODEL_REFERENCE}")
     name, sep, tag = text.rpartition(":") if ":" in text.split("/")[-1] else (text, "", "")
     if not sep:
         name, tag = text, DEFAULT_TAG
