@@ -27,7 +27,8 @@ class _Section(BaseModel):
 class ApiConfig(_Section):
     socket: str | None = None  # default: <runtime dir>/api.sock
     tcp: str | None = None  # "127.0.0.1:8377" enables TCP (requires a token)
-    token_file: str | None = None  # file holding the bearer token for TCP
+    token_file: str | None = None  # file holding the admin bearer token (required for TCP)
+    credentials_file: str | None = None  # tenant-bound tokens (`agent-machine tokens`); default <config>/credentials.toml
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
 

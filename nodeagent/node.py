@@ -28,6 +28,7 @@ from nodeagent.admission import AdmissionRequest, Policy
 from nodeagent.config import LoadedConfig, load_config
 from nodeagent.contracts.machine import MachineProfile
 from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
+from nodeagent.idempotency import IdempotencyKey, IdempotencyStore, IdempotentReplay
 from nodeagent.pods import PodNotFound, PodStore
 from nodeagent.store import connect
 
@@ -64,6 +65,7 @@ class Node:
         self.db = connect(self.paths.db_file)
         self._db_lock = threading.RLock()
         self.pods = PodStore(self.db)
+        self.idempotency = IdempotencyStore(self.db)
         self.policy = Policy.load(self.config.policy.path)
         self._probe_fn = probe_fn
         self._profile: MachineProfile | None = None
@@ -168,20 +170,28 @@ class Node:
             return self._profile
 
     # ------------------------------------------------------------ pods
-    def submit_pod(self, pod: AgentPod) -> AgentPod:
+    def submit_pod(self, pod: AgentPod, *, idempotency: IdempotencyKey | None = None) -> AgentPod:
         """Persist, admit and enqueue ``pod``. Refused pods end at once (with reasons).
 
         Raises QueueFull before persisting anything when the queue is at capacity.
+        With ``idempotency``: a key this node already stored with the same request
+        raises `IdempotentReplay` carrying the pod it made (nothing new is stored),
+        with another request `IdempotencyConflict`; a new key is stored in the
+        pod's own transaction (nodeagent.idempotency).
         """
+        if idempotency is not None:
+            self._replay(idempotency)
         if not self._accepting:
             raise NodeClosed("the agent is draining and accepts no new pods")
         if self.executor is not None and hasattr(self.executor, "validate"):
             self.executor.validate(pod)  # raises PodInvalid naming the field
         limit = self.config.queue.max_pods
         with self._db_lock:
+            if idempotency is not None:
+                self._replay(idempotency)  # one with the same key may have been stored meanwhile
             if self._in_flight_count() >= limit:
                 raise QueueFull(limit, retry_after_s=self._retry_after())
-            stored = self.pods.create(pod)
+            stored = self.pods.create(pod, idempotency=idempotency)
             decision = self.policy.decide(AdmissionRequest(pod=stored))
             self.pods.set_policy(stored.id, decision)
             if decision.allowed:
@@ -192,6 +202,12 @@ class Node:
         else:
             self._finish(stored.id, PodPhase.refused, "admission", reasons=decision.reasons)
         return self.get_pod(stored.id)
+
+    def _replay(self, key: IdempotencyKey) -> None:
+        with self._db_lock:
+            pod_id = self.idempotency.find(key)
+            if pod_id is not None:
+                raise IdempotentReplay(self.pods.get(pod_id))
 
     def get_pod(self, pod_id: str) -> AgentPod:
         with self._db_lock:
@@ -320,6 +336,20 @@ class Node:
             raise NodeClosed("this node runs without a KV cache")
         return executor.cache.stats()
 
+    def cache_entries(self, *, tenant: str | None = None) -> list:
+        """Saved KV states (CacheEntry), of one tenant when ``tenant`` is given."""
+        return self._need_cache().entries(tenant=tenant)
+
+    def cache_entry(self, entry_id: str):
+        """One CacheEntry by id, or None."""
+        return self._need_cache().get(entry_id)
+
+    def _need_cache(self):
+        executor = self._need_executor()
+        if executor.cache is None:
+            raise NodeClosed("this node runs without a KV cache")
+        return executor.cache
+
     def score_pod(self, pod: AgentPod):
         """A dry-run PlacementDecision for the pod's first turn: nothing runs, nothing is reserved."""
         executor = self._need_executor()
@@ -391,10 +421,12 @@ class Node:
         with self._receipt_reader() as reader:
             return reader.view(reader.find(int(selector) if selector.isdigit() else selector))[0]
 
-    def list_receipts(self, since: int = 0, limit: int = 100) -> list:
-        """Receipts with seq >= ``since``, oldest first (a planner polls with the last seq + 1)."""
+    def list_receipts(self, since: int = 0, limit: int = 100, *, tenant: str | None = None) -> list:
+        """Receipts with seq >= ``since``, oldest first (a planner polls with the last seq + 1);
+        only those of ``tenant``'s pods when it is given."""
         with self._receipt_reader() as reader:
-            rows = [r for r in reader.rows(newest_first=False) if r.seq >= since and r.kind == "execution"]
+            rows = [r for r in reader.rows(tenant=tenant, newest_first=False)
+                    if r.seq >= since and r.kind == "execution"]
             return [reader.view(row)[0] for row in rows[:limit]]
 
     def latest_checkpoint(self) -> dict | None:
@@ -407,12 +439,17 @@ class Node:
         return None if found is None else {"size": found[0], "checkpoint": found[1]}
 
     # ------------------------------------------------------------ OpenAI
-    def chat_completion(self, body: dict, *, tenant: str = "default", timeout_s: float = 600.0) -> dict:
-        """Run an OpenAI chat request as a one-turn pod and answer in OpenAI's shape."""
+    def chat_completion(self, body: dict, *, tenant: str = "default", agent: str = "openai",
+                        idempotency: IdempotencyKey | None = None, timeout_s: float = 600.0) -> dict:
+        """Run an OpenAI chat request as a one-turn pod of ``tenant``/``agent`` and answer in
+        OpenAI's shape. A replayed ``idempotency`` key waits for the pod it made instead."""
         from nodeagent.openai_compat import chat_request_to_pod, pod_to_chat_response
 
-        pod = chat_request_to_pod(body, tenant=tenant, default_model=self.config.models.default)
-        submitted = self.submit_pod(pod)
+        pod = chat_request_to_pod(body, tenant=tenant, agent=agent, default_model=self.config.models.default)
+        try:
+            submitted = self.submit_pod(pod, idempotency=idempotency)
+        except IdempotentReplay as replay:
+            submitted = replay.pod
         deadline = time.monotonic() + timeout_s
         while True:
             current = self.get_pod(submitted.id)

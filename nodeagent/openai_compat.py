@@ -50,7 +50,10 @@ def _label(text: str | None, default: str) -> str:
     return cleaned or default
 
 
-def chat_request_to_pod(body: dict[str, Any], *, tenant: str, default_model: str | None) -> AgentPod:
+def chat_request_to_pod(body: dict[str, Any], *, tenant: str, agent: str = "openai",
+                        default_model: str | None) -> AgentPod:
+    """The one-turn pod for ``body``, run as ``tenant``/``agent``: the caller's credential
+    decides both (nodeagent.api.principal), never a field of the request."""
     try:
         request = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
@@ -70,7 +73,7 @@ def chat_request_to_pod(body: dict[str, Any], *, tenant: str, default_model: str
     document = {
         "kind": "AgentPod",
         "metadata": {"name": f"chat-{secrets.token_hex(4)}", "tenant": _label(tenant, "default"),
-                     "agent": "openai", "session": _label(request.user, "default")},
+                     "agent": _label(agent, "openai"), "session": _label(request.user, "default")},
         "spec": {
             "model": {"name": model} if not model.startswith("sha256:") else {"digest": model},
             "context": [{"role": "system", "text": m.text(), "scope": "private"} for m in system],
@@ -99,7 +102,8 @@ def pod_to_chat_response(pod: AgentPod) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{pod.id}",
         "object": "chat.completion",
-        "created": int(time.time()),
+        # When the pod was made, so a replayed request (same Idempotency-Key) answers the same object.
+        "created": int(pod.status.transitions[0].at.timestamp()) if pod.status.transitions else int(time.time()),
         "model": pod.spec.model.name or pod.spec.model.digest,
         "choices": [{
             "index": 0,

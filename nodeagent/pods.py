@@ -34,6 +34,7 @@ from nodeagent.contracts.pod import (
     TurnResult,
 )
 from nodeagent.contracts.policy import PolicyDecision
+from nodeagent.idempotency import IdempotencyKey, record as record_idempotency_key
 from nodeagent.store import migrate, transaction
 
 P = PodPhase
@@ -111,8 +112,12 @@ class PodStore:
         migrate(conn, "pods", _SCHEMA)
 
     # ------------------------------------------------------------ writes
-    def create(self, pod: AgentPod, now: datetime | None = None) -> AgentPod:
-        """Persist a new pod in phase Pending and return it with its id."""
+    def create(self, pod: AgentPod, now: datetime | None = None, *,
+               idempotency: IdempotencyKey | None = None) -> AgentPod:
+        """Persist a new pod in phase Pending and return it with its id.
+
+        ``idempotency``: the request's key, stored in this same transaction, so
+        no crash can leave the pod without it (nodeagent.idempotency)."""
         at = _now(now)
         pod_id = secrets.token_hex(8)
         stored = pod.model_copy(update={"id": pod_id, "status": None})
@@ -128,6 +133,8 @@ class PodStore:
                 "INSERT INTO pod_transitions (pod_id, seq, phase, at, reason) VALUES (?, 0, ?, ?, NULL)",
                 (pod_id, P.pending.value, at.isoformat()),
             )
+            if idempotency is not None:
+                record_idempotency_key(self._conn, idempotency, pod_id, at.timestamp())
         return self.get(pod_id)
 
     def transition(self, pod_id: str, phase: PodPhase, reason: str | None = None,
