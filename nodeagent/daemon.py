@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from nodeagent.config import ConfigError, LoadedConfig, load_config
+from nodeagent.fsutil import ensure_private_dir, restrict_umask
 from nodeagent.notify import Notifier, listen_fds, watchdog_interval
 from nodeagent.paths import APP
 
@@ -68,29 +69,39 @@ def parse_tcp(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _prepare_socket_dir(directory: Path) -> None:
-    """Make sure only we can reach into ``directory`` (0700).
+SocketDirState = Literal["missing", "private", "ours-open"]
 
-    Our own directory (named agent-machine, or directly under one) is created
-    or tightened to 0700; any other directory open to others is refused rather
-    than changed, since it may be shared (``/tmp``).
+
+def socket_dir_state(directory: Path) -> SocketDirState:
+    """How `serve` finds the API socket's directory (`doctor` asks the same).
+
+    ``missing``: it is created 0700; ``private``: used as it is;
+    ``ours-open``: our own directory (ours, and named agent-machine or
+    directly under one) open to others, tightened to 0700. Any other
+    directory open to others raises ServeError rather than being changed,
+    since it may be shared (``/tmp``).
     """
     if not directory.exists():
-        old = os.umask(0o077)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        finally:
-            os.umask(old)
+        return "missing"
     info = directory.stat()
     mode = stat.S_IMODE(info.st_mode)
     if not mode & 0o077:
-        return
-    ours = info.st_uid == os.getuid() and APP in (directory.name, directory.parent.name)
-    if ours:
-        os.chmod(directory, 0o700)
-        return
+        return "private"
+    if info.st_uid == os.getuid() and APP in (directory.name, directory.parent.name):
+        return "ours-open"
     raise ServeError(f"the API socket's directory {directory} has mode {mode:o}: others could reach the "
                      f"socket. Use a private directory (chmod 700 {directory}) or set api.socket elsewhere")
+
+
+def _prepare_socket_dir(directory: Path) -> None:
+    """Make sure only we can reach into ``directory`` (0700), or refuse it (`socket_dir_state`)."""
+    socket_dir_state(directory)
+    ensure_private_dir(directory)
+
+
+def _refuse_non_socket(path: Path) -> None:
+    if (path.exists() or path.is_symlink()) and not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ServeError(f"{path} exists and is not a socket; move it away or set api.socket")
 
 
 def bind_unix(path: Path) -> socket.socket:
@@ -100,9 +111,8 @@ def bind_unix(path: Path) -> socket.socket:
     agent answers) is an error rather than a silent takeover.
     """
     _prepare_socket_dir(path.parent)
+    _refuse_non_socket(path)
     if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ServeError(f"{path} exists and is not a socket; move it away or set api.socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(1.0)
@@ -153,6 +163,25 @@ def _label(sock: socket.socket) -> tuple[Literal["unix", "tcp"], str]:
     return "tcp", f"tcp:{host}:{port}"
 
 
+def check_listen_config(loaded: LoadedConfig, token: str | None) -> Path:
+    """What `open_listeners` refuses before it binds anything; `doctor` runs the same checks.
+
+    TCP without a token, a malformed ``api.tcp``, a socket directory others
+    can reach that is not ours, a non-socket at the socket's path. Returns
+    the Unix socket's path.
+    """
+    api = loaded.config.api
+    if api.tcp and not token:
+        raise ServeError(f"api.tcp is set ({api.tcp}) but no token is configured: TCP is only served with a "
+                         "bearer token. Set api.token_file to a 0600 file holding one.")
+    if api.tcp:
+        parse_tcp(api.tcp)
+    path = Path(api.socket) if api.socket else loaded.paths.api_socket
+    socket_dir_state(path.parent)
+    _refuse_non_socket(path)
+    return path
+
+
 def open_listeners(loaded: LoadedConfig, token: str | None, env: dict[str, str] | None = None) -> list[Listener]:
     """Sockets handed over by systemd, else the configured ones. TCP always needs ``token``."""
     activated = listen_fds(env) if env is not None else listen_fds()
@@ -168,10 +197,7 @@ def open_listeners(loaded: LoadedConfig, token: str | None, env: dict[str, str] 
             listeners.append(Listener(sock, kind, label))
         return listeners
     api = loaded.config.api
-    path = Path(api.socket) if api.socket else loaded.paths.api_socket
-    if api.tcp and not token:
-        raise ServeError(f"api.tcp is set ({api.tcp}) but no token is configured: TCP is only served with a "
-                         "bearer token. Set api.token_file to a 0600 file holding one.")
+    path = check_listen_config(loaded, token)
     unix = bind_unix(path)
     listeners.append(Listener(unix, "unix", f"unix:{path}", owned_path=path))
     if api.tcp:
@@ -220,6 +246,7 @@ class Daemon:
     access_log: bool = False
     reload_config: Callable[[], LoadedConfig] = load_config
     recovered: list[str] = field(default_factory=list)
+    credentials: Any = None  # nodeagent.credentials.CredentialSet; None: the admin token alone
     _stop: asyncio.Event | None = None
     _stop_reason: str = ""
     _servers: list[Any] = field(default_factory=list)
@@ -245,17 +272,20 @@ class Daemon:
     # ------------------------------------------------------------ run
     async def run(self) -> None:
         from nodeagent.api import create_app
-        from nodeagent.api.auth import BearerTokenGuard
+        from nodeagent.api.auth import Authenticate
+        from nodeagent.credentials import CredentialSet
 
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         app = create_app(self.node, listeners=[listener.label for listener in self.listeners])
         unix = [lst.sock for lst in self.listeners if lst.kind == "unix"]
         tcp = [lst.sock for lst in self.listeners if lst.kind == "tcp"]
-        plan = [(app, unix)] if unix else []
+        credentials = self.credentials if self.credentials is not None else CredentialSet(None, self.token)
+        # Every listener resolves the request's principal; only TCP insists on a token.
+        plan = [(Authenticate(app, credentials, token_required=False), unix)] if unix else []
         if tcp:
             assert self.token, "open_listeners refuses TCP without a token"
-            plan.append((BearerTokenGuard(app, self.token), tcp))
+            plan.append((Authenticate(app, credentials, token_required=True), tcp))
         for sock in unix + tcp:
             sock.setblocking(False)
         serve_tasks = []
@@ -320,8 +350,10 @@ class Daemon:
             self.notifier.send(READY=1, STATUS=f"{self.summary()}; last reload failed: {exc}")
             return
         new_api = self.node.config.api
-        if (old_api.socket, old_api.tcp, old_api.token_file) != (new_api.socket, new_api.tcp, new_api.token_file):
-            log.warning("api.socket/api.tcp/api.token_file changed: restart the agent to apply them")
+        if (old_api.socket, old_api.tcp, old_api.token_file, old_api.credentials_file) != \
+                (new_api.socket, new_api.tcp, new_api.token_file, new_api.credentials_file):
+            log.warning("api.socket/api.tcp/api.token_file/api.credentials_file changed: restart the agent to "
+                        "apply them (the credentials file's content applies at once)")
         log.info("configuration reloaded from %s", loaded.file)
         self.notifier.send(READY=1, STATUS=self.summary())
 
@@ -334,6 +366,9 @@ class Daemon:
             log.warning("machine probe failed (GET /v1/machine will retry): %s: %s", type(exc).__name__, exc)
 
     def _dispatchers_alive(self) -> bool:
+        # A dispatcher that died is restarted here too (its pod ends Failed with a
+        # receipt); only one that cannot be brought back withholds the ping.
+        self.node.supervise_dispatchers()
         return not self.node.accepting or bool(self.node.ready())
 
     async def _watchdog(self) -> None:
@@ -407,12 +442,17 @@ def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedC
           log_level: str = "info") -> int:
     """Run the agent until SIGTERM/SIGINT. Returns the process exit code."""
     from nodeagent.api.auth import TokenError, load_token
+    from nodeagent.credentials import CredentialSet, default_path
 
     _configure_logging(log_level)
+    # A hand-started serve (umask 022) creates its files as the unit's UMask=0077 would:
+    # state.db's -wal/-shm, the receipt log, providers' slot files.
+    restrict_umask()
     notifier = Notifier.from_env()
     try:
         loaded = loaded or load_config()
         token = load_token(loaded.config.api.token_file)
+        credentials = CredentialSet.open(default_path(loaded), token)  # CredentialsError is a ValueError
     except (ConfigError, TokenError, ValueError) as exc:
         notifier.status(f"failed: {exc}")
         raise ServeError(str(exc)) from exc
@@ -427,7 +467,8 @@ def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedC
         notifier.status(f"failed: {exc}")
         raise
     daemon = Daemon(node=node, listeners=listeners, token=token, notifier=notifier,
-                    drain_timeout_s=drain_timeout_s, access_log=access_log, recovered=list(recovered or []))
+                    drain_timeout_s=drain_timeout_s, access_log=access_log, recovered=list(recovered or []),
+                    credentials=credentials)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(daemon.run())

@@ -574,14 +574,13 @@ class Node:
                 return
             while self._dispatch_paused.is_set() and self._accepting:
                 time.sleep(0.05)
-            self._dispatching[me] = pod_id
+            self._dispatching[me] = pod_id  # left set if this thread dies: the watchdog ends that pod
             try:
                 self._dispatch(pod_id)
             except Exception:  # a broken store or log: keep serving the others
                 log.exception("dispatcher %s: handling pod %s failed", me, pod_id)
-            finally:
-                self._dispatching.pop(me, None)
-                self._cancels.pop(pod_id, None)
+            self._dispatching.pop(me, None)
+            self._cancels.pop(pod_id, None)
 
     def _dispatch(self, pod_id: str) -> None:
         try:
