@@ -1,4 +1,7 @@
-"""Bearer-token auth on TCP (127.0.0.1), and how the token is loaded."""
+"""Bearer-token auth on TCP (127.0.0.1) and on the Unix socket, and how the admin token is loaded.
+
+What each credential may see and do is specified in tests/test_api_tenants.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ import os
 
 import pytest
 
-from nodeagent.api.auth import BearerTokenGuard, TokenError, load_token, tokens_match
+from nodeagent.api.auth import Authenticate, TokenError, load_token
+from nodeagent.credentials import CredentialSet
 
 from pod_factory import make_pod
 from test_api_harness import ServedApi, make_node
@@ -17,7 +21,8 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 @pytest.fixture()
 def tcp_api(tmp_path):
     node = make_node(tmp_path)
-    api = ServedApi(node, tcp=True, guard=lambda app: BearerTokenGuard(app, TOKEN))
+    api = ServedApi(node, tcp=True,
+                    guard=lambda app: Authenticate(app, CredentialSet(None, TOKEN), token_required=True))
     yield api
     api.stop()
     node.close()
@@ -53,12 +58,12 @@ def test_healthz_needs_no_token(tcp_api):
         assert client.get("/readyz").status_code == 401
 
 
-def test_tokens_compare_exactly():
-    assert tokens_match("abc", "abc")
-    assert not tokens_match("abc", "abd")
-    assert not tokens_match("", "abc")
-    with pytest.raises(ValueError):
-        BearerTokenGuard(lambda *a: None, "")
+def test_the_admin_token_matches_exactly():
+    credentials = CredentialSet(None, TOKEN)
+    assert credentials.resolve(TOKEN).admin
+    for other in (TOKEN + "x", TOKEN[:-1], "", TOKEN.upper()):
+        assert credentials.resolve(other) is None
+    assert CredentialSet(None, None).resolve(TOKEN) is None
 
 
 def test_load_token_from_a_private_file(tmp_path):

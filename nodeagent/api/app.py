@@ -1,7 +1,9 @@
 """`create_app(node)`: the FastAPI application over one `Node`.
 
-The app itself does no authentication: the daemon serves it as-is on the Unix
-socket (guarded by file permissions) and wrapped in `BearerTokenGuard` on TCP.
+The app itself does no authentication: the daemon serves it on each listener
+wrapped in `nodeagent.api.auth.Authenticate`, which leaves the request's
+`Principal` for the routes to authorise against (nodeagent.api.principal).
+Served bare, it answers as to the Unix socket's owner (admin).
 Limits (body size, time to respond) read the node's current config on every
 request, so a config reload applies to the next request.
 """
@@ -22,7 +24,14 @@ The local API of agent-machine, a node agent for LLM inference hosts.
 
 Served on a Unix socket (`$XDG_RUNTIME_DIR/agent-machine/api.sock`, or
 `/run/agent-machine/api.sock` for the system service; mode 0600) and, when
-configured, on TCP with `Authorization: Bearer <token>`.
+configured, on TCP with `Authorization: Bearer <token>`. A token issued with
+`agent-machine tokens issue --tenant T` sees and acts on tenant T's pods,
+receipts and cache entries only (another tenant's are 404, as missing ones);
+the admin token and the socket's owner see everything.
+
+`POST /v1/pods` and the chat completion routes take an `Idempotency-Key`
+header: the same key with the same request answers the pod it already made
+(`Idempotent-Replayed: true`); with another request, 409.
 
 Every error has the body `{"error": {"type", "message", "field", "param", "details"}}`;
 4xx answers name the offending field. Routes whose node capability is not

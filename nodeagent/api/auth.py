@@ -1,20 +1,32 @@
-"""Bearer-token authentication for the TCP listener.
+"""Authentication: which credential a request carries, resolved once per request.
 
-The Unix socket is protected by its file mode (0600 in a 0700 directory): only
-its owner (and root) can connect, so requests on it carry no token. TCP has no
-such guard, so the daemon serves TCP only through `BearerTokenGuard`, and only
-when a token is configured. Tokens are compared in constant time.
+`Authenticate` wraps the app for one listener and leaves the request's
+`Principal` (nodeagent.api.principal) in the ASGI scope; routes authorise
+against it. Credentials are the admin token of ``api.token_file`` and the
+tenant-bound tokens of the credentials file (nodeagent.credentials).
+
+* TCP (``token_required``): every request but `/healthz` needs
+  ``Authorization: Bearer <token>`` naming a live credential, else 401.
+* Unix socket: protected by its file mode (0600 in a 0700 directory), so a
+  request without a token is the socket's owner (admin). A token presented on
+  the socket binds the request to its credential, so a tenant's client on the
+  socket sees what it would see on TCP. An ``amt_`` token that is unknown or
+  revoked is 401 there too (never silently the owner's); any other bearer value
+  is ignored, because OpenAI clients always send some ``api_key``.
+
+Tokens are compared in constant time (the admin token) or by their sha256.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nodeagent.api.errors import error_body, json_bytes
+from nodeagent.api.principal import SCOPE_KEY, SOCKET_OWNER, Principal
+from nodeagent.credentials import CredentialSet, is_issued_token
 
 # Probes from a load balancer or systemd may hit these without a token; they reveal nothing.
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
@@ -57,18 +69,13 @@ def load_token(token_file: str | None, env: dict[str, str] | None = None) -> str
     return token
 
 
-def tokens_match(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
+class Authenticate:
+    """ASGI wrapper: resolve the bearer token to a `Principal`, or answer 401."""
 
-
-class BearerTokenGuard:
-    """ASGI wrapper: 401 unless ``Authorization: Bearer <token>`` matches."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        if not token:
-            raise ValueError("BearerTokenGuard needs a non-empty token")
+    def __init__(self, app: ASGIApp, credentials: CredentialSet, *, token_required: bool) -> None:
         self.app = app
-        self._token = token
+        self.credentials = credentials
+        self.token_required = token_required
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope.get("path") in UNAUTHENTICATED_PATHS:
@@ -80,14 +87,34 @@ class BearerTokenGuard:
                 header = value.decode("latin-1")
                 break
         scheme, _, given = header.partition(" ")
-        if scheme.lower() == "bearer" and given and tokens_match(given.strip(), self._token):
-            await self.app(scope, receive, send)
+        token = given.strip() if scheme.lower() == "bearer" else ""
+        principal: Principal | None = None
+        if token:
+            credential = self.credentials.resolve(token)
+            if credential is not None:
+                principal = Principal.of(credential)
+            elif not self.token_required and not is_issued_token(token):
+                principal = SOCKET_OWNER  # an OpenAI client's placeholder api_key on the socket
+        elif not self.token_required:
+            principal = SOCKET_OWNER
+        if principal is None:
+            await _unauthorized(send, header, self.token_required)
             return
-        reason = "missing Authorization header" if not header else "invalid bearer token"
-        payload = json_bytes(error_body("unauthorized", f"{reason}: this TCP endpoint needs "
-                                        "'Authorization: Bearer <token>' (api.token_file)", "Authorization"))
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode()),
-                                (b"www-authenticate", b'Bearer realm="agent-machine"')]})
-        await send({"type": "http.response.body", "body": payload})
+        scope[SCOPE_KEY] = principal
+        await self.app(scope, receive, send)
+
+
+async def _unauthorized(send: Send, header: str, token_required: bool) -> None:
+    if not header:
+        reason = "missing Authorization header: this TCP endpoint needs 'Authorization: Bearer <token>'"
+    elif token_required:
+        reason = "invalid bearer token: this TCP endpoint needs 'Authorization: Bearer <token>' of a live credential"
+    else:
+        reason = "invalid bearer token: unknown or revoked (omit the header to act as the socket's owner)"
+    payload = json_bytes(error_body("unauthorized", f"{reason} (api.token_file, `agent-machine tokens issue`)",
+                                    "Authorization"))
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                            (b"www-authenticate", b'Bearer realm="agent-machine"')]})
+    await send({"type": "http.response.body", "body": payload})
