@@ -313,3 +313,17 @@ def test_a_refused_pod_keeps_the_policy_decision_that_refused_it(tmp_path):
         assert json.dumps(pod.to_wire()["status"]["policy"]["reasons"]).count("ghost") == 1
     finally:
         node.close()
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_kill_9_at_random_moments_and_around_the_receipt_leaves_no_turn_without_one(tmp_path):
+    """CI's share of `python -m bench.crash_rounds --rounds 200` (bench/README.md)."""
+    from bench.crash_rounds import run_rounds
+
+    summary = run_rounds(9, seed=1, root=tmp_path)
+    assert summary["by_kill_point"] == {"random": 3, "before-receipt": 3, "after-receipt": 3}
+    assert summary["turns"] > 0
+    assert summary["turns_without_receipt"] == []
+    assert summary["terminal_pods_without_receipt"] == []
+    assert summary["log_verifies"], summary["log_failures"]
