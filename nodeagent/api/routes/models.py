@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, Depends, Path
 from pydantic import Field
 from starlette.responses import Response
 
+from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, optional_model, to_wire, wire_response
 from nodeagent.contracts.base import Contract
 
@@ -52,7 +53,8 @@ def list_models(node: Any = Depends(get_node)) -> Response:
 @router.post("/v1/models/{name}:load", response_model=_ModelResidency, responses=error_responses(404, 409, 422, 501, 503),
              summary="load a model into a provider (evicting by expected cost); its residency row")
 def load_model(name: str = MODEL_NAME, options: LoadOptions | None = Body(None),
-               node: Any = Depends(get_node)) -> Response:
+               node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    principal.require_admin("loading a model")
     method = node_method(node, "load_model")
     kwargs = {}
     if options is not None:
@@ -62,7 +64,9 @@ def load_model(name: str = MODEL_NAME, options: LoadOptions | None = Body(None),
 
 @router.post("/v1/models/{name}:unload", response_model=UnloadResult, responses=error_responses(404, 422, 501, 503),
              summary="unload a model from its provider (it stays in the store)")
-def unload_model(name: str = MODEL_NAME, node: Any = Depends(get_node)) -> Response:
+def unload_model(name: str = MODEL_NAME, node: Any = Depends(get_node),
+                 principal: Principal = Depends(get_principal)) -> Response:
+    principal.require_admin("unloading a model")
     result = node_method(node, "unload_model")(name)
     if isinstance(result, bool):
         return wire_response(UnloadResult(model=name, unloaded=result))

@@ -8,8 +8,10 @@
   ModelRecords with residency. Point an OpenAI client at
   ``base_url=<agent>/openai/v1``.
 
-Contract with the node: ``node.chat_completion(body: dict)`` takes the
-validated request (wire names, unset fields dropped, ``stream`` false) and
+Contract with the node: ``node.chat_completion(body: dict, tenant=, agent=,
+idempotency=)`` takes the validated request (wire names, unset fields dropped,
+``stream`` false), the tenant and agent of the caller's credential
+(nodeagent.api.principal) and the request's Idempotency-Key, and
 returns the OpenAI ``chat.completion`` object as a dict (or an iterator of
 ``chat.completion.chunk`` dicts, which this route frames as SSE ending with
 ``data: [DONE]``).
@@ -25,8 +27,11 @@ from fastapi import APIRouter, Body, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response, StreamingResponse
 
+from nodeagent.api import idempotency
 from nodeagent.api.errors import json_bytes
+from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, wire_response
+from nodeagent.idempotency import IdempotencyConflict
 
 router = APIRouter(tags=["openai"])
 
@@ -111,15 +116,22 @@ def wire_dict(value: Any) -> dict[str, Any]:
     return to_wire(value)
 
 
-def _chat(request: ChatCompletionRequest, node: Any) -> Response:
+def _chat(request: ChatCompletionRequest, node: Any, principal: Principal, key: str | None) -> Response:
     method = node_method(node, "chat_completion")
+    # The pod runs as the credential's tenant (and agent), never as a request field says.
+    tenant, agent = principal.chat_identity()
     body = request.model_dump(mode="json", exclude_none=True)
+    claim = idempotency.chat_key(principal, key, body)
     if request.stream:
         # The node answers whole completions; a streaming client gets them framed as
         # chunks (role, content, finish) so every OpenAI client works, if not token by token.
         body["stream"] = False
         body.pop("stream_options", None)
-    result = method(body)  # QueueFull, NodeClosed, PodInvalid... map to 4xx/503 in errors.py
+    try:
+        # QueueFull, NodeClosed, PodInvalid... map to 4xx/503 in errors.py
+        result = method(body, tenant=tenant, agent=agent, idempotency=claim)
+    except IdempotencyConflict as exc:
+        raise idempotency.conflict(exc) from exc
     if request.stream:
         chunks = result if not isinstance(result, dict) else _as_chunks(
             result, include_usage=bool(request.stream_options and request.stream_options.include_usage))
@@ -161,13 +173,16 @@ _CHAT_DOC = dict(response_model=ChatCompletion, responses=error_responses(400, 4
 
 
 @router.post("/v1/chat/completions", **_CHAT_DOC)
-def chat_completions(request: ChatCompletionRequest = Body(...), node: Any = Depends(get_node)) -> Response:
-    return _chat(request, node)
+def chat_completions(request: ChatCompletionRequest = Body(...), key: str | None = idempotency.IDEMPOTENCY_KEY,
+                     node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    return _chat(request, node, principal, key)
 
 
 @router.post("/openai/v1/chat/completions", **_CHAT_DOC)
-def chat_completions_prefixed(request: ChatCompletionRequest = Body(...), node: Any = Depends(get_node)) -> Response:
-    return _chat(request, node)
+def chat_completions_prefixed(request: ChatCompletionRequest = Body(...),
+                              key: str | None = idempotency.IDEMPOTENCY_KEY, node: Any = Depends(get_node),
+                              principal: Principal = Depends(get_principal)) -> Response:
+    return _chat(request, node, principal, key)
 
 
 @router.get("/openai/v1/models", response_model=OpenAIModelList, responses=error_responses(501),

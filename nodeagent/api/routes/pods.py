@@ -9,10 +9,13 @@ import anyio
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from starlette.responses import Response, StreamingResponse
 
+from nodeagent.api import idempotency
 from nodeagent.api.errors import ApiError, json_bytes
+from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, not_found, wire_response
 from nodeagent.api.schemas import DispatchState, ObjectList, PodEvent, PodList
 from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
+from nodeagent.idempotency import IdempotencyConflict, IdempotentReplay
 from nodeagent.node import NodeClosed, QueueFull
 from nodeagent.pods import PodNotFound
 
@@ -23,16 +26,34 @@ POLL_S = 0.1  # how often a stream looks for new events
 SSE_HEARTBEAT_S = 15.0
 
 
+def visible_pod(node: Any, principal: Principal, pod_id: str) -> AgentPod:
+    """The pod, if this principal may see it; another tenant's is 404 exactly like a missing one."""
+    try:
+        pod = node.get_pod(pod_id)
+    except PodNotFound:
+        pod = None
+    if pod is None or not principal.sees_pod(pod):
+        raise not_found("pod", "pod_id", pod_id)
+    return pod
+
+
 @router.post("/v1/pods", response_model=AgentPod, status_code=201,
              responses=error_responses(400, 413, 422, 429, 503),
              summary="submit an AgentPod: admitted and queued, or refused at once (phase Refused with reasons)")
-def submit_pod(pod: AgentPod = Body(...), node: Any = Depends(get_node)) -> Response:
+def submit_pod(pod: AgentPod = Body(...), key: str | None = idempotency.IDEMPOTENCY_KEY,
+               node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
     for field in ("id", "status"):
         if getattr(pod, field) is not None:
             raise ApiError(422, "invalid_request", f"{field}: set by the node; leave it out of a new pod",
                            field=field)
+    principal.authorize_pod(pod)
     try:
-        stored = node.submit_pod(pod)
+        stored = node.submit_pod(pod, idempotency=idempotency.pod_key(principal, key, pod))
+    except IdempotentReplay as replay:
+        return wire_response(replay.pod, status=200, headers={"Location": f"/v1/pods/{replay.pod.id}",
+                                                               idempotency.REPLAYED_HEADER: "true"})
+    except IdempotencyConflict as exc:
+        raise idempotency.conflict(exc) from exc
     except QueueFull as exc:
         raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
     except NodeClosed as exc:
@@ -45,8 +66,10 @@ def submit_pod(pod: AgentPod = Body(...), node: Any = Depends(get_node)) -> Resp
 def list_pods(phase: PodPhase | None = Query(None, description="only pods in this phase"),
               tenant: str | None = Query(None, pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"),
               limit: int = Query(100, ge=1, le=1000),
-              node: Any = Depends(get_node)) -> Response:
-    return wire_response({"items": node.list_pods(phase=phase, tenant=tenant, limit=limit)})
+              node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    pods = node.list_pods(phase=phase, tenant=principal.tenant_filter(tenant), limit=limit)
+    # A credential bound to some agents sees theirs only (its page may hold fewer than limit).
+    return wire_response({"items": [pod for pod in pods if principal.sees_pod(pod)]})
 
 
 # A custom method on the collection (AIP-136), like /v1/dispatch:pause. Starlette
@@ -58,22 +81,23 @@ def list_pods(phase: PodPhase | None = Query(None, description="only pods in thi
                         "together exceed the RAM tier), ``provider`` or ``tier``, ``pods`` (their ids), "
                         "``detail`` (a sentence), and for ``cache`` ``needBytes`` and ``budgetBytes``. "
                         "An empty list: no conflicts.")
-def pod_conflicts(node: Any = Depends(get_node)) -> Response:
+def pod_conflicts(node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    principal.require_admin("the node-wide conflicts view (it names every tenant's pods)")
     return wire_response({"items": node.pod_conflicts()})
 
 
 @router.get("/v1/pods/{pod_id}", response_model=AgentPod, responses=error_responses(404, 422),
             summary="one pod with its status: phase, transitions, turn results, receipt ids")
-def get_pod(pod_id: str = POD_ID, node: Any = Depends(get_node)) -> Response:
-    try:
-        return wire_response(node.get_pod(pod_id))
-    except PodNotFound:
-        raise not_found("pod", "pod_id", pod_id) from None
+def get_pod(pod_id: str = POD_ID, node: Any = Depends(get_node),
+            principal: Principal = Depends(get_principal)) -> Response:
+    return wire_response(visible_pod(node, principal, pod_id))
 
 
 @router.delete("/v1/pods/{pod_id}", response_model=AgentPod, responses=error_responses(404, 422),
                summary="cancel a pod (a finished pod is returned unchanged)")
-def cancel_pod(pod_id: str = POD_ID, node: Any = Depends(get_node)) -> Response:
+def cancel_pod(pod_id: str = POD_ID, node: Any = Depends(get_node),
+               principal: Principal = Depends(get_principal)) -> Response:
+    visible_pod(node, principal, pod_id)
     try:
         return wire_response(node.cancel_pod(pod_id))
     except PodNotFound:
@@ -131,12 +155,9 @@ def _encode(event: PodEvent, fmt: str) -> bytes:
 async def pod_events(request: Request, pod_id: str = POD_ID,
                      format: Literal["ndjson", "sse"] | None = Query(
                          None, description="ndjson (default) or sse; without it, Accept: text/event-stream picks sse"),
-                     node: Any = Depends(get_node)) -> Response:
+                     node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
     fmt = format or ("sse" if "text/event-stream" in request.headers.get("accept", "") else "ndjson")
-    try:
-        first = await anyio.to_thread.run_sync(node.get_pod, pod_id)
-    except PodNotFound:
-        raise not_found("pod", "pod_id", pod_id) from None
+    first = await anyio.to_thread.run_sync(visible_pod, node, principal, pod_id)
     limit_s = float(node.config.api.request_timeout_s)
 
     async def stream() -> AsyncIterator[bytes]:
@@ -168,13 +189,15 @@ async def pod_events(request: Request, pod_id: str = POD_ID,
 
 @router.post("/v1/dispatch:pause", response_model=DispatchState,
              summary="maintenance: keep accepting pods but start none until :resume")
-def pause_dispatch(node: Any = Depends(get_node)) -> Response:
+def pause_dispatch(node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    principal.require_admin("pausing dispatch")
     node.pause_dispatch()
     return wire_response({"dispatching": False})
 
 
 @router.post("/v1/dispatch:resume", response_model=DispatchState,
              summary="start dispatching queued pods again")
-def resume_dispatch(node: Any = Depends(get_node)) -> Response:
+def resume_dispatch(node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    principal.require_admin("resuming dispatch")
     node.resume_dispatch()
     return wire_response({"dispatching": True})
