@@ -163,6 +163,12 @@ def _label(sock: socket.socket) -> tuple[Literal["unix", "tcp"], str]:
     return "tcp", f"tcp:{host}:{port}"
 
 
+def socket_path(loaded: LoadedConfig) -> Path:
+    """The Unix socket `serve` binds when systemd passes none: ``api.socket``, else <runtime>/api.sock."""
+    api = loaded.config.api
+    return Path(api.socket) if api.socket else loaded.paths.api_socket
+
+
 def check_listen_config(loaded: LoadedConfig, token: str | None) -> Path:
     """What `open_listeners` refuses before it binds anything; `doctor` runs the same checks.
 
@@ -176,7 +182,7 @@ def check_listen_config(loaded: LoadedConfig, token: str | None) -> Path:
                          "bearer token. Set api.token_file to a 0600 file holding one.")
     if api.tcp:
         parse_tcp(api.tcp)
-    path = Path(api.socket) if api.socket else loaded.paths.api_socket
+    path = socket_path(loaded)
     socket_dir_state(path.parent)
     _refuse_non_socket(path)
     return path

@@ -1,7 +1,9 @@
 """The node's SQLite state database.
 
 One file (``state.db`` in the state directory), WAL journal, a busy timeout so
-the daemon and CLI can share it. Each component owns its tables and declares
+the daemon and CLI can share it. It holds every pod's private-scope text, so
+the database and its ``-wal``/``-shm`` files are 0600 in a 0700 directory
+whatever the umask (SQLite gives its sidecar files the database's own mode). Each component owns its tables and declares
 its schema as an ordered list of migration steps; ``migrate`` applies the ones
 not yet recorded, each in its own transaction.
 """
@@ -12,6 +14,10 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
+from nodeagent.fsutil import create_private_file, ensure_private_dir, ensure_private_file
+
+SIDECARS = ("-wal", "-shm", "-journal")
+
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open the database with the settings every component relies on."""
@@ -19,7 +25,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0, check_same_thread=False)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)
         conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed transaction survives power loss, not only a process crash.
@@ -27,6 +33,20 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def make_private(path: str | Path) -> None:
+    """The database file and its directory private before SQLite opens them.
+
+    A new database is created 0600 here, not by SQLite (which would use 0644
+    minus the umask); its directory is 0700. Existing ones that others can
+    reach, and their sidecars, are tightened (and logged).
+    """
+    path = Path(path)
+    ensure_private_dir(path.parent)
+    create_private_file(path)
+    for suffix in SIDECARS:
+        ensure_private_file(path.with_name(path.name + suffix))
 
 
 def migrate(conn: sqlite3.Connection, component: str, steps: Sequence[str]) -> None:

@@ -50,3 +50,68 @@ def test_private_dir_creates_private_parents(tmp_path):
     (tmp_path / "open").mkdir(mode=0o755)
     ensure_private_dir(tmp_path / "open" / "inner")
     assert oct((tmp_path / "open").stat().st_mode & 0o777) == "0o755"  # existing parents untouched
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_written_files_are_private_unless_published_whatever_the_umask(tmp_path):
+    from nodeagent.fsutil import PUBLIC_FILE_MODE
+
+    old = os.umask(0)
+    try:
+        atomic_write_bytes(tmp_path / "private", b"x")
+        atomic_write_bytes(tmp_path / "published", b"x", mode=PUBLIC_FILE_MODE)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "private") == 0o600 and _mode(tmp_path / "published") == 0o644
+
+
+def test_a_new_database_file_is_0600_even_under_a_umask_that_would_make_it_unwritable(tmp_path):
+    from nodeagent.fsutil import create_private_file
+
+    old = os.umask(0o277)
+    try:
+        conn = connect(tmp_path / "db" / "state.db")
+        conn.execute("CREATE TABLE t (x)")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "db") == 0o700 and _mode(tmp_path / "db" / "state.db") == 0o600
+    existing = tmp_path / "db" / "state.db"
+    assert create_private_file(existing) == existing and conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+
+
+def test_ensure_private_file_tightens_only_what_others_can_reach(tmp_path):
+    from nodeagent.fsutil import ensure_private_file
+
+    assert ensure_private_file(tmp_path / "absent") is False
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    wide.write_text("x")
+    wide.chmod(0o664)
+    narrow.write_text("x")
+    narrow.chmod(0o400)
+    assert ensure_private_file(wide) and ensure_private_file(narrow)
+    assert _mode(wide) == 0o600 and _mode(narrow) == 0o400
+
+
+def test_restrict_umask_adds_077_and_never_loosens(tmp_path):
+    from nodeagent.fsutil import restrict_umask
+
+    old = os.umask(0o022)
+    try:
+        assert restrict_umask() == 0o022 and os.umask(0o027) == 0o077
+        assert restrict_umask() == 0o027 and os.umask(0o277) == 0o077
+        assert restrict_umask() == 0o277 and os.umask(0o022) == 0o277
+    finally:
+        os.umask(old)
+
+
+def test_open_to_others_reads_modes_without_failing(tmp_path):
+    from nodeagent.fsutil import open_to_others
+
+    (tmp_path / "d").mkdir(mode=0o700)
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "f").chmod(0o640)
+    assert open_to_others(tmp_path / "d") is None and open_to_others(tmp_path / "f") == 0o640
+    assert open_to_others(tmp_path / "missing") is None and open_to_others(tmp_path / "f" / "under-a-file") is None

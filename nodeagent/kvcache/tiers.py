@@ -7,7 +7,9 @@ disk under the state directory. A store only moves bytes and checks digests;
 
 Files are named ``<entry id>.kv``. Every write is crash-safe (temp file,
 fsync, rename, directory fsync); a file whose sha256 is not the digest the
-index recorded is never handed out (`CorruptEntry`).
+index recorded is never handed out (`CorruptEntry`). A state holds a tenant's
+context: tier directories are 0700 and every file in them 0600, including one
+a provider wrote with its own umask and we adopt by renaming.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from nodeagent.fsutil import atomic_writer, ensure_private_dir, fsync_dir
+from nodeagent.fsutil import PRIVATE_FILE_MODE, atomic_writer, ensure_private_dir, fsync_dir
 
 TierName = Literal["T1", "T2"]
 SUFFIX = ".kv"
@@ -93,6 +95,7 @@ class TierStore:
         target = self.path(entry_id)
         if self.holds(source):
             size, digest = prepared if prepared is not None else self.prepare(source)
+            os.chmod(source, PRIVATE_FILE_MODE)  # a provider (llama-server) wrote it with its own umask
             os.replace(source, target)
             fsync_dir(self.directory)
             return size, digest
@@ -110,7 +113,7 @@ class TierStore:
     def copy_in(self, source: Path, entry_id: str) -> tuple[int, str]:
         digest = hashlib.sha256()
         size = 0
-        with open(source, "rb") as src, atomic_writer(self.path(entry_id), mode=0o600) as dst:
+        with open(source, "rb") as src, atomic_writer(self.path(entry_id), mode=PRIVATE_FILE_MODE) as dst:
             while chunk := src.read(_CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)
