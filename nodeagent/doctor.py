@@ -1,13 +1,20 @@
 """`agent-machine doctor`: checks over a MachineProfile, each pass / warn / fail with a fix.
 
-    run_checks(profile, paths) -> list[Check]
+    run_checks(profile, paths, env) -> list[Check]
 
 A check fails when agent-machine cannot do its job as configured (no writable
 state directory, no llama-cpp-python, no room for a model, a GPU that the
 platform's primary backend cannot reach); it warns when a capability is
-missing that some launch modes need (Podman, Quadlet, lingering). Only the
-state directory check touches the filesystem (it creates and removes a file);
-every other check reads the profile, so fixture profiles test them.
+missing that some launch modes need (Podman, Quadlet, lingering).
+
+Whatever stops `agent-machine serve` at start fails here too, through the
+same code serve runs (`check_serve_start`): the configuration (`load_config`),
+the API token (`load_token`) and the listeners (`nodeagent.daemon`'s
+`socket_dir_state` and `check_listen_config`). What serve repairs by itself
+(its own directory or state file open to others, which it tightens) is a
+warning. These and the state directory check read the filesystem (the latter
+creates and removes a file); every other check reads the profile, so fixture
+profiles test them.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 from nodeagent.contracts.machine import MachineProfile, ProbeStatus
+from nodeagent.fsutil import open_to_others
 from nodeagent.paths import Paths
 
 CheckStatus = Literal["pass", "warn", "fail"]
@@ -65,6 +73,84 @@ def check_state_dir(state_dir: Path) -> Check:
     if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
         return Check(name, "pass", f"{state_dir} does not exist yet; it will be created under {parent}")
     return Check(name, "fail", f"{state_dir} does not exist and {parent} is not writable", fix)
+
+
+def _config_file(env: Mapping[str, str]) -> str:
+    """Where the configuration is read from (as `load_config` decides), for fix hints."""
+    from nodeagent.paths import resolve_paths
+
+    try:
+        return env.get("AGENT_MACHINE_CONFIG") or str(resolve_paths(env).config_file)
+    except ValueError:
+        return "config.toml"
+
+
+def check_serve_start(env: Mapping[str, str]) -> list[Check]:
+    """What `agent-machine serve` refuses at start, checked through the code serve runs.
+
+    Stops at the first failure, as serve does: later checks need what it failed to load.
+    """
+    from nodeagent.api.auth import TokenError, load_token
+    from nodeagent.config import ConfigError, load_config
+    from nodeagent.daemon import ServeError, check_listen_config, socket_dir_state, socket_path
+
+    edit = f"edit {_config_file(env)} (or the AGENT_MACHINE_* variable named); `agent-machine config show` " \
+           "prints every effective value and where it came from"
+    try:
+        loaded = load_config(env)
+    except (ConfigError, ValueError) as exc:
+        return [Check("config", "fail", f"serve would refuse to start: {exc}", edit)]
+    checks = [Check("config", "pass", f"{loaded.file} is valid" if loaded.file_exists
+                    else f"no {loaded.file}: the defaults apply")]
+
+    token_file = loaded.config.api.token_file
+    try:
+        token = load_token(token_file, dict(env))
+    except TokenError as exc:
+        return checks + [Check("api token", "fail", f"serve would refuse to start: {exc}",
+                               "make api.token_file a file only you can read (chmod 600) holding a token of 16+ "
+                               "characters, or unset api.token_file")]
+    checks.append(Check("api token", "pass", "a token is configured (TCP may be served)" if token
+                        else "no token configured: the API is served on the Unix socket only"))
+
+    directory = socket_path(loaded).parent
+    try:
+        state = socket_dir_state(directory)
+    except ServeError as exc:
+        return checks + [Check("api socket directory", "fail", f"serve would refuse to start: {exc}",
+                               f"chmod 700 {directory}, or set api.socket to a path in a directory only you "
+                               "can enter")]
+    mode = open_to_others(directory)
+    checks.append({
+        "missing": Check("api socket directory", "pass", f"{directory} does not exist yet; serve creates it 0700"),
+        "private": Check("api socket directory", "pass", f"{directory} is private"),
+        "ours-open": Check("api socket directory", "warn",
+                           f"{directory} has mode {mode or 0:o}: open to others until serve tightens it to 700 "
+                           "at start", f"chmod 700 {directory}"),
+    }[state])
+
+    try:
+        path = check_listen_config(loaded, token)
+    except ServeError as exc:
+        return checks + [Check("api listeners", "fail", f"serve would refuse to start: {exc}",
+                               "api.tcp needs HOST:PORT and api.token_file; nothing but the agent's socket may "
+                               f"sit at the socket's path; {edit}")]
+    tcp = f" and TCP {loaded.config.api.tcp} (bearer token)" if loaded.config.api.tcp else ""
+    checks.append(Check("api listeners", "pass", f"Unix socket {path}{tcp}"))
+    return checks
+
+
+def check_private_state(paths: Paths) -> Check:
+    """The state directory and state.db (every pod's private-scope text) open to others."""
+    name = "private state"
+    db = paths.db_file
+    candidates = [paths.state_dir, db, *(db.with_name(db.name + s) for s in ("-wal", "-shm"))]
+    wide = [(path, mode) for path in candidates if (mode := open_to_others(path)) is not None]
+    if not wide:
+        return Check(name, "pass", f"{paths.state_dir} and its database are private (or not created yet)")
+    listed = ", ".join(f"{path} ({mode:o})" for path, mode in wide)
+    return Check(name, "warn", f"open to others: {listed}; serve tightens them at start (one owned by another "
+                 "user it cannot change, and logs)", f"chmod 700 {paths.state_dir} && chmod 600 {db}*")
 
 
 def check_podman(profile: MachineProfile) -> Check:
@@ -212,9 +298,12 @@ def check_probe(profile: MachineProfile) -> Check:
     return Check("probe", "warn", "; ".join(errors), "see `agent-machine probe` for details")
 
 
-def run_checks(profile: MachineProfile, paths: Paths) -> list[Check]:
+def run_checks(profile: MachineProfile, paths: Paths, env: Mapping[str, str] | None = None) -> list[Check]:
+    """Every check. ``env`` (default: this process's) is what `serve` reads its configuration from."""
     return [
+        *check_serve_start(os.environ if env is None else env),
         check_state_dir(paths.state_dir),
+        check_private_state(paths),
         check_podman(profile),
         check_quadlet(profile),
         check_cdi(profile),
