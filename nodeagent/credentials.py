@@ -138,17 +138,17 @@ def parse(text: str, source: str = FILE_NAME) -> list[Credential]:
 
 def _parse_one(table: Any, where: str) -> Credential:
     if not isinstance(table, dict):
-        raise CredentialsError(f"{where}: must be a table")
+        raise CredentialsError(f"{where or 'credential'}: must be a table")
     unknown = sorted(set(table) - _KEYS)
     if unknown:
-        raise CredentialsError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(_KEYS))})")
+        raise CredentialsError(f"{_at(where, unknown[0])}: unknown key (known: {', '.join(sorted(_KEYS))})")
 
     def text(key: str, *, required: bool = False) -> str | None:
         value = table.get(key)
         if value is None and not required:
             return None
         if not isinstance(value, str) or not value:
-            raise CredentialsError(f"{where}.{key}: must be a non-empty string")
+            raise CredentialsError(f"{_at(where, key)}: must be a non-empty string")
         return value
 
     def names(key: str, allowed: Sequence[str] | None = None) -> tuple[str, ...] | None:
@@ -156,42 +156,47 @@ def _parse_one(table: Any, where: str) -> Credential:
         if value is None:
             return None
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise CredentialsError(f"{where}.{key}: must be a non-empty list of strings")
+            raise CredentialsError(f"{_at(where, key)}: must be a non-empty list of strings")
         for item in value:
             if allowed is not None and item not in allowed:
-                raise CredentialsError(f"{where}.{key}: {item!r} is not one of {', '.join(allowed)}")
+                raise CredentialsError(f"{_at(where, key)}: {item!r} is not one of {', '.join(allowed)}")
             if allowed is None and not _NAME.match(item):
-                raise CredentialsError(f"{where}.{key}: {item!r} is not a valid name ({NAME_RE})")
+                raise CredentialsError(f"{_at(where, key)}: {item!r} is not a valid name ({NAME_RE})")
         return tuple(dict.fromkeys(value))
 
     ident = text("id", required=True)
     assert ident is not None
     if not _ID_RE.match(ident):
-        raise CredentialsError(f"{where}.id: {ident!r} must be lowercase letters, digits, '-', '_' or '.'")
+        raise CredentialsError(f"{_at(where, 'id')}: {ident!r} must be lowercase letters, digits, '-', '_' or '.'")
     digest = text("token_sha256", required=True)
     assert digest is not None
     if not _SHA256_RE.match(digest):
-        raise CredentialsError(f"{where}.token_sha256: must be 64 lowercase hex characters")
+        raise CredentialsError(f"{_at(where, 'token_sha256')}: must be 64 lowercase hex characters")
     admin = table.get("admin", False)
     if not isinstance(admin, bool):
-        raise CredentialsError(f"{where}.admin: must be true or false")
+        raise CredentialsError(f"{_at(where, 'admin')}: must be true or false")
     tenant = text("tenant")
     if admin == (tenant is not None):
-        raise CredentialsError(f"{where}: set exactly one of tenant = \"...\" or admin = true")
+        raise CredentialsError(f"{where or 'credential'}: set exactly one of tenant = \"...\" or admin = true")
     if tenant is not None and not _NAME.match(tenant):
-        raise CredentialsError(f"{where}.tenant: {tenant!r} is not a valid tenant name ({NAME_RE})")
+        raise CredentialsError(f"{_at(where, 'tenant')}: {tenant!r} is not a valid tenant name ({NAME_RE})")
     agents, scopes = names("agents"), names("scopes", _SCOPES)
     if admin and (agents is not None or scopes is not None):
-        raise CredentialsError(f"{where}: an admin credential sees everything; agents and scopes apply to tenants")
+        raise CredentialsError(f"{where or 'credential'}: an admin credential sees everything; "
+                               "agents and scopes apply to tenants")
     return Credential(id=ident, token_sha256=digest, tenant=tenant, agents=agents, scopes=scopes,
                       created_at=text("created_at") or "", revoked_at=text("revoked_at"))
 
 
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
 def render(credentials: Sequence[Credential]) -> str:
     """The file text for ``credentials`` (TOML; strings are JSON-escaped, which TOML reads alike)."""
-    out = [_HEADER]
+    out = [_HEADER.rstrip("\n")]
     for credential in credentials:
-        out.append("\n[[credential]]")
+        out += ["", "[[credential]]"]
         out.append(f"id = {json.dumps(credential.id)}")
         if credential.admin:
             out.append("admin = true")
@@ -253,7 +258,7 @@ def issue(path: Path, *, tenant: str | None = None, admin: bool = False, agents:
         table.update({"admin": True} if admin else {"tenant": tenant})
         table.update({key: list(values) for key, values in (("agents", agents), ("scopes", scopes)) if values})
         # The parser's own checks, so what is written is exactly what serve accepts.
-        candidate = _parse_one(table, "new credential")
+        candidate = _parse_one(table, "")
         atomic_write_text(path, render([*existing, candidate]), mode=0o600)
     return candidate, token
 

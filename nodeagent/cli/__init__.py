@@ -26,6 +26,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "nodeagent.cli.pods": ("pods",),
     "nodeagent.cli.providers": ("providers",),
     "nodeagent.cli.receipts": ("key", "receipts"),
+    "nodeagent.cli.tokens": ("tokens",),
 }
 
 EPILOG = """\
