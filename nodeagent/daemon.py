@@ -443,12 +443,28 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt)
 
 
+def load_start(loaded: LoadedConfig | None = None,
+               env: dict[str, str] | None = None) -> tuple[LoadedConfig, str | None, Any]:
+    """What `serve` reads before it builds the node: (config, API token, credentials).
+
+    Raises ConfigError, TokenError or CredentialsError (all ValueErrors) with
+    a message naming the setting or file; `doctor` calls this too, so whatever
+    stops serve here fails doctor.
+    """
+    from nodeagent.api.auth import load_token
+    from nodeagent.credentials import CredentialSet, default_path
+
+    loaded = loaded or load_config(env)
+    token = load_token(loaded.config.api.token_file, env)
+    credentials = CredentialSet.open(default_path(loaded), token)
+    return loaded, token, credentials
+
+
 def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedConfig], Any] | None = None,
           paused: bool = False, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, access_log: bool = False,
           log_level: str = "info") -> int:
     """Run the agent until SIGTERM/SIGINT. Returns the process exit code."""
-    from nodeagent.api.auth import TokenError, load_token
-    from nodeagent.credentials import CredentialSet, default_path
+    from nodeagent.api.auth import TokenError
 
     _configure_logging(log_level)
     # A hand-started serve (umask 022) creates its files as the unit's UMask=0077 would:
@@ -456,9 +472,7 @@ def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedC
     restrict_umask()
     notifier = Notifier.from_env()
     try:
-        loaded = loaded or load_config()
-        token = load_token(loaded.config.api.token_file)
-        credentials = CredentialSet.open(default_path(loaded), token)  # CredentialsError is a ValueError
+        loaded, token, credentials = load_start(loaded)  # CredentialsError is a ValueError
     except (ConfigError, TokenError, ValueError) as exc:
         notifier.status(f"failed: {exc}")
         raise ServeError(str(exc)) from exc

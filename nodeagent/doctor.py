@@ -90,28 +90,31 @@ def check_serve_start(env: Mapping[str, str]) -> list[Check]:
 
     Stops at the first failure, as serve does: later checks need what it failed to load.
     """
-    from nodeagent.api.auth import TokenError, load_token
-    from nodeagent.config import ConfigError, load_config
-    from nodeagent.daemon import ServeError, check_listen_config, socket_dir_state, socket_path
+    from nodeagent.api.auth import TokenError
+    from nodeagent.config import ConfigError
+    from nodeagent.credentials import CredentialsError
+    from nodeagent.daemon import ServeError, check_listen_config, load_start, socket_dir_state, socket_path
 
     edit = f"edit {_config_file(env)} (or the AGENT_MACHINE_* variable named); `agent-machine config show` " \
            "prints every effective value and where it came from"
+    refused = "serve would refuse to start: "
+    config_ok = Check("config", "pass", "the configuration is valid")
     try:
-        loaded = load_config(env)
-    except (ConfigError, ValueError) as exc:
-        return [Check("config", "fail", f"serve would refuse to start: {exc}", edit)]
-    checks = [Check("config", "pass", f"{loaded.file} is valid" if loaded.file_exists
-                    else f"no {loaded.file}: the defaults apply")]
-
-    token_file = loaded.config.api.token_file
-    try:
-        token = load_token(token_file, dict(env))
+        loaded, token, _ = load_start(env=dict(env))
     except TokenError as exc:
-        return checks + [Check("api token", "fail", f"serve would refuse to start: {exc}",
-                               "make api.token_file a file only you can read (chmod 600) holding a token of 16+ "
-                               "characters, or unset api.token_file")]
-    checks.append(Check("api token", "pass", "a token is configured (TCP may be served)" if token
-                        else "no token configured: the API is served on the Unix socket only"))
+        return [config_ok, Check("api token", "fail", f"{refused}{exc}",
+                                 "make api.token_file a file only you can read (chmod 600) holding a token of "
+                                 "16+ characters, or unset api.token_file")]
+    except CredentialsError as exc:
+        return [config_ok, Check("api credentials", "fail", f"{refused}{exc}",
+                                 "fix the file named (chmod 600, the field named), or manage it with "
+                                 "`agent-machine tokens`")]
+    except (ConfigError, ValueError) as exc:
+        return [Check("config", "fail", f"{refused}{exc}", edit)]
+    checks = [Check("config", "pass", f"{loaded.file} is valid" if loaded.file_exists
+                    else f"no {loaded.file}: the defaults apply"),
+              Check("api token", "pass", "a token is configured (TCP may be served)" if token
+                    else "no token configured: the API is served on the Unix socket only")]
 
     directory = socket_path(loaded).parent
     try:

@@ -167,15 +167,13 @@ def test_vulkan_icd_without_vulkaninfo_is_a_warning(profiles, paths):
 
 # ------------------------------------------------------------------ what stops serve fails doctor
 def serve_refuses(env: dict[str, str]) -> str | None:
-    """Run serve's own start-up steps up to binding (config, token, listeners); the error, or None."""
-    from nodeagent.api.auth import TokenError, load_token
-    from nodeagent.config import ConfigError, load_config
-    from nodeagent.daemon import ServeError, close_listeners, open_listeners
+    """Run serve's own start-up steps up to binding (config, token, credentials, listeners); the error, or None."""
+    from nodeagent.daemon import ServeError, close_listeners, load_start, open_listeners
 
     try:
-        loaded = load_config(env)
-        listeners = open_listeners(loaded, load_token(loaded.config.api.token_file, env), env={})
-    except (ConfigError, TokenError, ValueError, ServeError) as exc:
+        loaded, token, _ = load_start(env=env)
+        listeners = open_listeners(loaded, token, env={})
+    except (ValueError, ServeError) as exc:  # ConfigError, TokenError and CredentialsError are ValueErrors
         return str(exc)
     close_listeners(listeners)
     return None
@@ -211,7 +209,17 @@ SCENARIOS = {
     "malformed tcp": lambda tmp: write_token(tmp) | {"AGENT_MACHINE_API_TCP": "localhost"},
     "token file readable by others": lambda tmp: write_token(tmp, 0o644),
     "a file at the socket path": lambda tmp: {"AGENT_MACHINE_API_SOCKET": str(a_file(open_dir(tmp / "s", 0o700)))},
+    "credentials file readable by others": lambda tmp: write_credentials(tmp, "", 0o644),
+    "credentials file not TOML": lambda tmp: write_credentials(tmp, "[[credential]\n"),
+    "empty private credentials file": lambda tmp: write_credentials(tmp, ""),
 }
+
+
+def write_credentials(tmp_path: Path, text: str, mode: int = 0o600) -> dict[str, str]:
+    path = tmp_path / "credentials.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return {"AGENT_MACHINE_API_CREDENTIALS_FILE": str(path)}
 
 
 def write_token(tmp_path: Path, mode: int = 0o600) -> dict[str, str]:
