@@ -45,11 +45,16 @@ class AgentClient:
 
     @classmethod
     def from_env(cls) -> "AgentClient":
-        """AGENT_MACHINE_URL (+ AGENT_MACHINE_TOKEN) for TCP, else the default socket."""
+        """AGENT_MACHINE_URL for TCP, else the default socket; AGENT_MACHINE_TOKEN on either.
+
+        On the socket no token is needed (its owner is admin); a tenant's token
+        there binds the requests to that tenant, as on TCP.
+        """
         url = os.environ.get("AGENT_MACHINE_URL")
+        token = os.environ.get("AGENT_MACHINE_TOKEN") or None
         if url:
-            return cls(base_url=url, token=os.environ.get("AGENT_MACHINE_TOKEN"))
-        return cls()
+            return cls(base_url=url, token=token)
+        return cls(token=token)
 
     def close(self) -> None:
         self._http.close()
