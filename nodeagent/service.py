@@ -15,6 +15,9 @@
   so systemd owns the listening socket (socket activation, fd 3).
 * ``quadlet``: instead of a service, a Quadlet ``agent-machine.container``
   running the agent in a container, with keys gated on the Podman version.
+  The image is the one the repository's ``Containerfile`` builds
+  (``DEFAULT_IMAGE``); when Podman has it locally, ``Image=`` names it by
+  digest, so the unit runs exactly what was built and reviewed.
 
 Every unit is ``Type=notify`` with ``WatchdogSec=`` and ``Restart=on-failure``;
 `nodeagent.daemon` speaks the protocol.
@@ -34,6 +37,7 @@ from typing import Any, Iterable, Literal
 from nodeagent.fsutil import atomic_write_text
 
 UNIT = "agent-machine"
+# What `podman build -t localhost/agent-machine:latest -f Containerfile .` builds (see Containerfile).
 DEFAULT_IMAGE = "localhost/agent-machine:latest"
 WATCHDOG_SEC = 30
 # The quadlet/ copy in the repository is rendered for this Podman (health checks need 4.5).
@@ -52,6 +56,7 @@ class ServiceOptions:
     exec_path: str | None = None  # absolute path of agent-machine; default: the one running now
     image: str | None = None
     podman_version: str | None = None  # for quadlet; default: `podman --version`
+    pin_image: bool = True  # for quadlet: Image=name@digest when Podman has the image locally
     watchdog_sec: int = WATCHDOG_SEC
 
 
@@ -225,6 +230,28 @@ def detect_podman_version() -> str | None:
     return out.stdout.strip().split()[-1] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def local_image_digest(image: str) -> str | None:
+    """The digest of ``image`` if Podman has it locally (`podman image inspect`), else None."""
+    try:
+        out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Digest}}", image],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    digest = out.stdout.strip()
+    return digest if out.returncode == 0 and digest.startswith("sha256:") else None
+
+
+def pinned_image(image: str, digest: str | None) -> str:
+    """``image`` by ``digest`` (``localhost/agent-machine@sha256:…``): a later build or pull of the
+    same tag does not change what the unit runs. Unchanged without a digest or when already pinned."""
+    if digest is None or "@" in image:
+        return image
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:  # no tag (a ':' before the last '/' is a registry port)
+        name = image
+    return f"{name}@{digest}"
+
+
 def render_container(options: ServiceOptions) -> Unit:
     """A Quadlet ``.container`` that runs `agent-machine serve` in a container.
 
@@ -237,12 +264,14 @@ def render_container(options: ServiceOptions) -> Unit:
     if found is None:
         raise ValueError("cannot tell the Podman version (is podman installed?); pass --podman-version")
     version = PodmanVersion.parse(found)
+    requested = options.image or DEFAULT_IMAGE
+    image = pinned_image(requested, local_image_digest(requested) if options.pin_image else None)
     user = options.scope == "user"
     state = "%h/.local/state/agent-machine" if user else "/var/lib/agent-machine"
     config = "%h/.config/agent-machine" if user else "/etc/agent-machine"
     runtime = "%t/agent-machine" if user else "/run/agent-machine"
     container: list[tuple[str, str]] = [
-        ("Image", options.image or DEFAULT_IMAGE),
+        ("Image", image),
         ("ContainerName", UNIT),
         ("Exec", "serve"),
         ("Notify", "true"),  # conmon passes our READY/STATUS to systemd
@@ -273,7 +302,12 @@ def render_container(options: ServiceOptions) -> Unit:
         raise ValueError("the Quadlet unit would be refused: " + "; ".join(problems))
     text = _lines(*((name, [f"{k}={v}" for k, v in entries]) for name, entries in sections),
                   header=f"Quadlet unit for Podman >= {version.short}; written by `agent-machine install-service "
-                         f"--quadlet`.\nBuild or pull {options.image or DEFAULT_IMAGE} first.")
+                         f"--quadlet`.\n" + (
+                             f"Runs {requested} as built on this machine, by digest; after a rebuild, "
+                             "re-run install-service." if image != requested else
+                             f"Build {requested} first, in the repository:\n"
+                             f"  podman build -t {requested} -f Containerfile .\n"
+                             "then re-run install-service to pin its digest."))
     directory = _user_dirs()[1] if user else Path("/etc/containers/systemd")
     flag = "--user " if user else ""
     steps = (f"systemctl {flag}daemon-reload", f"systemctl {flag}start {UNIT}.service")
