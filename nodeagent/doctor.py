@@ -98,7 +98,7 @@ def check_serve_start(env: Mapping[str, str]) -> list[Check]:
     edit = f"edit {_config_file(env)} (or the AGENT_MACHINE_* variable named); `agent-machine config show` " \
            "prints every effective value and where it came from"
     refused = "serve would refuse to start: "
-    config_ok = Check("config", "pass", "the configuration is valid")
+    config_ok = Check("config", "pass", f"the configuration ({_config_file(env)} and AGENT_MACHINE_*) is valid")
     try:
         loaded, token, _ = load_start(env=dict(env))
     except TokenError as exc:
@@ -120,7 +120,7 @@ def check_serve_start(env: Mapping[str, str]) -> list[Check]:
     try:
         state = socket_dir_state(directory)
     except ServeError as exc:
-        return checks + [Check("api socket directory", "fail", f"serve would refuse to start: {exc}",
+        return checks + [Check("api socket directory", "fail", f"{refused}{exc}",
                                f"chmod 700 {directory}, or set api.socket to a path in a directory only you "
                                "can enter")]
     mode = open_to_others(directory)
@@ -135,7 +135,7 @@ def check_serve_start(env: Mapping[str, str]) -> list[Check]:
     try:
         path = check_listen_config(loaded, token)
     except ServeError as exc:
-        return checks + [Check("api listeners", "fail", f"serve would refuse to start: {exc}",
+        return checks + [Check("api listeners", "fail", f"{refused}{exc}",
                                "api.tcp needs HOST:PORT and api.token_file; nothing but the agent's socket may "
                                f"sit at the socket's path; {edit}")]
     tcp = f" and TCP {loaded.config.api.tcp} (bearer token)" if loaded.config.api.tcp else ""
@@ -145,9 +145,11 @@ def check_serve_start(env: Mapping[str, str]) -> list[Check]:
 
 def check_private_state(paths: Paths) -> Check:
     """The state directory and state.db (every pod's private-scope text) open to others."""
+    from nodeagent.store import SIDECARS
+
     name = "private state"
     db = paths.db_file
-    candidates = [paths.state_dir, db, *(db.with_name(db.name + s) for s in ("-wal", "-shm"))]
+    candidates = [paths.state_dir, db, *(db.with_name(db.name + suffix) for suffix in SIDECARS)]
     wide = [(path, mode) for path in candidates if (mode := open_to_others(path)) is not None]
     if not wide:
         return Check(name, "pass", f"{paths.state_dir} and its database are private (or not created yet)")
