@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from nodeagent.contracts.pod import AgentPod
 
 HEADER = "Idempotency-Key"
-KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"
+# Printable ASCII; no space at either end, which HTTP would strip on the way.
+KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$"
 KEY_TTL_S = 24 * 3600.0
 ADMIN_SCOPE = "*"  # tenant names never contain '*'
 _KEY_RE = re.compile(KEY_PATTERN)
@@ -74,7 +75,8 @@ class IdempotentReplay(Exception):
 def check_key(value: str) -> str:
     """``value`` if it is a valid key, else ValueError naming the header."""
     if not _KEY_RE.match(value):
-        raise ValueError(f"{HEADER}: must be 1 to 255 printable ASCII characters")
+        raise ValueError(f"{HEADER}: must be 1 to 255 printable ASCII characters, not starting or ending "
+                         "with a space")
     return value
 
 

@@ -66,8 +66,14 @@ def tenants(tmp_path):
     node.close()
 
 
+def new_pod(**pod) -> dict:
+    """A new pod's body: what make_pod builds, without the id and status the node sets."""
+    wire = make_pod(**pod).to_wire()
+    return {key: value for key, value in wire.items() if key not in ("id", "status")}
+
+
 def submit(client: httpx.Client, **pod) -> dict:
-    response = client.post("/v1/pods", json=make_pod(**pod).to_wire())
+    response = client.post("/v1/pods", json=new_pod(**pod))
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -114,7 +120,7 @@ def test_a_tenant_lists_its_own_pods_only_and_may_not_ask_for_another(tenants):
 def test_submitting_or_scoring_as_another_tenant_is_403_naming_metadata_tenant(tenants):
     with tenants.client("b") as b:
         for path in ("/v1/pods", "/v1/placements:score"):
-            response = b.post(path, json=make_pod(tenant="tenant-a").to_wire())
+            response = b.post(path, json=new_pod(tenant="tenant-a"))
             assert response.status_code == 403, response.text
             assert error(response)["field"] == "metadata.tenant"
             assert "tenant-a" in error(response)["message"] and "tenant-b" in error(response)["message"]
@@ -125,7 +131,7 @@ def test_an_agent_bound_token_submits_and_sees_its_agents_pods_only(tenants):
     coder = issue_token(tenants.path, "tenant-a", agents=["coder"])
     with tenants.client(coder) as client, tenants.client("admin") as admin:
         other = submit(admin, name="r", tenant="tenant-a", agent="reviewer")
-        refused = client.post("/v1/pods", json=make_pod(tenant="tenant-a", agent="reviewer").to_wire())
+        refused = client.post("/v1/pods", json=new_pod(tenant="tenant-a", agent="reviewer"))
         assert refused.status_code == 403 and error(refused)["field"] == "metadata.agent"
         own = submit(client, name="c", tenant="tenant-a", agent="coder")
         assert [p["id"] for p in client.get("/v1/pods").json()["items"]] == [own["id"]]
@@ -135,7 +141,7 @@ def test_an_agent_bound_token_submits_and_sees_its_agents_pods_only(tenants):
 def test_a_scope_bound_token_may_not_declare_other_cache_scopes(tenants):
     private_only = issue_token(tenants.path, "tenant-a", scopes=["private"])
     with tenants.client(private_only) as client:
-        refused = client.post("/v1/pods", json=make_pod(tenant="tenant-a", scope="public").to_wire())
+        refused = client.post("/v1/pods", json=new_pod(tenant="tenant-a", scope="public"))
         assert refused.status_code == 403 and error(refused)["field"] == "spec.context[0].scope"
         submit(client, tenant="tenant-a", scope="private")
 
