@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nodeagent.contracts.names import DIGEST
 from nodeagent.contracts.pod import AgentPod, PodPhase
 from nodeagent.pods import PodInvalid
 
@@ -75,7 +76,8 @@ def chat_request_to_pod(body: dict[str, Any], *, tenant: str, agent: str = "open
         "metadata": {"name": f"chat-{secrets.token_hex(4)}", "tenant": _label(tenant, "default"),
                      "agent": _label(agent, "openai"), "session": _label(request.user, "default")},
         "spec": {
-            "model": {"name": model} if not model.startswith("sha256:") else {"digest": model},
+            # A full digest is a digest; anything else (NAME[:TAG], sha256:<hex prefix>) is a reference.
+            "model": {"digest": model} if re.fullmatch(DIGEST, model) else {"name": model},
             "context": [{"role": "system", "text": m.text(), "scope": "private"} for m in system],
             "turns": [{"messages": [{"role": m.role, "content": m.text()} for m in rest], "maxTokens": max_tokens}],
         },

@@ -63,7 +63,9 @@ def test_health_and_readiness(client, node):
     node.drain(timeout_s=0)
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
-    assert not_ready.json()["reasons"] == ["draining: not accepting new pods"]
+    # the declared ErrorBody, one detail per reason
+    assert error_of(not_ready)["type"] == "draining"
+    assert [d["message"] for d in error_of(not_ready)["details"]] == ["draining: not accepting new pods"]
 
 
 def test_status_summarises_the_node(client, served):
@@ -377,7 +379,8 @@ def test_openapi_documents_every_route_with_models(client):
     schemas = spec["components"]["schemas"]
     assert {"AgentPod", "MachineProfile", "ErrorBody", "PodEvent"} <= set(schemas)
     post_pods = paths["/v1/pods"]["post"]
-    assert post_pods["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/AgentPod")
+    # an AgentPod without id and status (the node sets them)
+    assert post_pods["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PodSubmission")
     assert "429" in post_pods["responses"] and "422" in post_pods["responses"]
     machine = paths["/v1/machine"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert machine["$ref"].endswith("/MachineProfile")

@@ -134,16 +134,53 @@ _HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 
 async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         message, field = f"no route {request.method} {request.url.path}", "path"
     elif exc.status_code == 405:
-        message, field = f"method {request.method} is not allowed on {request.url.path}", "method"
+        allow = allowed_methods(request, headers.pop("Allow", ""))
+        headers["Allow"] = allow
+        message, field = f"method {request.method} is not allowed on {request.url.path} (allowed: {allow})", "method"
     elif exc.status_code == 413:
         message, field = str(exc.detail), "body"
     else:
         message, field = str(exc.detail), None
     return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), message, field,
-                          headers=getattr(exc, "headers", None))
+                          headers=headers or None)
+
+
+def allowed_methods(request: Request, routed: str = "") -> str:
+    """Every method some route serves at this request's path, for the ``Allow`` header of a 405.
+
+    Starlette names only the methods of the first route whose path matched
+    (``/v1/pods`` answered ``Allow: POST`` though GET lists pods). The document
+    knows every operation at a path, so the header is its methods for every
+    path template that matches, plus what the router named (routes left out of
+    the document, such as ``/openapi.json``).
+    """
+    methods = {method.strip().upper() for method in routed.split(",") if method.strip()}
+    path = request.scope.get("path", request.url.path)
+    for pattern, verbs in _path_index(request.app):
+        if pattern.fullmatch(path):
+            methods |= verbs
+    return ", ".join(sorted(methods))
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+def _path_index(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """(path template as a regex, its methods) for every path of the app's document; built once per app."""
+    index = getattr(app.state, "allow_index", None)
+    if index is None:
+        index = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            # A parameter matches what Starlette's default convertor matches: one non-empty segment.
+            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                            for part in re.split(r"(\{[^}]+\})", template) if part)
+            index.append((re.compile(regex), frozenset(m.upper() for m in operations if m in _HTTP_METHODS)))
+        app.state.allow_index = index
+    return index
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -162,6 +199,8 @@ DOMAIN_ERRORS: dict[tuple[str, str], tuple[int, str, str | None]] = {
     ("nodeagent.models.store", "ModelNotFound"): (404, "not_found", "model"),
     ("nodeagent.models.store", "ModelInUse"): (409, "conflict", "model"),
     ("nodeagent.models.residency", "OverCommit"): (409, "over_commit", "model"),
+    # Any other refusal of the residency manager (unload while requests run): the model's state conflicts.
+    ("nodeagent.models.residency", "ResidencyError"): (409, "conflict", "model"),
     ("nodeagent.providers.base", "ProviderUnavailable"): (503, "provider_unavailable", None),
 }
 
@@ -239,6 +278,85 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _on_unexpected)
+    document_errors(app)
+
+
+# ---------------------------------------------------------------- the errors in /openapi.json
+# Answers made around the routes rather than by them (authentication, request
+# validation, the limits), declared on every operation they can reach so the
+# document lists every status the server really gives. Routes declare their
+# own answers (404, 409, 429, 503, ...) with `routes.common.error_responses`.
+ANY_OPERATION = {
+    401: "TCP: no bearer token, or one that is wrong or revoked (on the Unix socket: an unknown issued token)",
+    504: "no response started within api.request_timeout_s",
+}
+WITH_INPUT = {422: "a value is wrong: `field` names it as a dotted path (spec.turns[0].maxTokens)"}
+WITH_BODY = {
+    400: "the body is not well-formed JSON (or Content-Length is not a number)",
+    413: "the body is larger than api.max_body_bytes",
+    415: "the body is not sent as application/json",
+}
+ERROR_SCHEMA_REF = "#/components/schemas/ErrorBody"
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make ``app.openapi()`` declare `ANY_OPERATION`, `WITH_INPUT` and `WITH_BODY` answers.
+
+    An operation that declares ``security: []`` (``/healthz``) is answered
+    without credentials, so it gets no 401.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            declare_common_errors(generate())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def declare_common_errors(document: dict[str, Any]) -> dict[str, Any]:
+    """Add the answers made around the routes to every operation of ``document`` (in place)."""
+    from http import HTTPStatus
+
+    _ensure_error_schema(document)
+    for operations in document.get("paths", {}).values():
+        for method, operation in operations.items():
+            if method not in _HTTP_METHODS:
+                continue
+            codes = dict(ANY_OPERATION)
+            if operation.get("security") == []:
+                del codes[401]
+            if operation.get("parameters") or "requestBody" in operation:
+                codes.update(WITH_INPUT)
+            if "requestBody" in operation:
+                codes.update(WITH_BODY)
+            responses = operation.setdefault("responses", {})
+            for code, meaning in codes.items():
+                entry = responses.setdefault(str(code), {})
+                if entry.get("description") in (None, "", HTTPStatus(code).phrase, "Validation Error"):
+                    entry["description"] = meaning
+                # Also replaces FastAPI's own 422 schema (HTTPValidationError), which this API never answers.
+                entry["content"] = {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}
+            operation["responses"] = dict(sorted(responses.items()))
+    schemas = document.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused in schemas and f"/{unused}\"" not in json.dumps(document):
+            del schemas[unused]
+    return document
+
+
+def _ensure_error_schema(document: dict[str, Any]) -> None:
+    from nodeagent.api.schemas import ErrorBody
+
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    if "ErrorBody" in schemas:
+        return
+    schema = ErrorBody.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}",
+                                         mode="serialization")
+    for name, definition in schema.pop("$defs", {}).items():
+        schemas.setdefault(name, definition)
+    schemas["ErrorBody"] = schema
 
 
 def json_bytes(value: Any) -> bytes:

@@ -9,10 +9,35 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from nodeagent.contracts.base import Contract
-from nodeagent.contracts.pod import AgentPod, PodPhase, TurnResult
+from nodeagent.contracts.base import Contract, Resource
+from nodeagent.contracts.pod import AgentPod, AgentPodSpec, PodMetadata, PodPhase, TurnResult
+
+
+class PodSubmission(Resource):
+    """The body of `POST /v1/pods`: an AgentPod without ``id`` and ``status``, which the node sets.
+
+    Its own schema, so the document refuses what the server refuses: a pod
+    fetched from the node and sent back as it is (``id``, ``status`` set) is a
+    422 naming the field.
+    """
+
+    kind: Literal["AgentPod"] = "AgentPod"
+    metadata: PodMetadata
+    spec: AgentPodSpec
+    id: None = Field(default=None, description="set by the node: leave it out (or null)")
+    status: None = Field(default=None, description="set by the node: leave it out (or null)")
+
+    @field_validator("id", "status", mode="before")
+    @classmethod
+    def _set_by_the_node(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("set by the node; leave it out of a new pod")
+        return None
+
+    def to_pod(self) -> AgentPod:
+        return AgentPod(api_version=self.api_version, metadata=self.metadata, spec=self.spec)
 
 
 class ErrorDetail(Contract):

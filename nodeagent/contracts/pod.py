@@ -122,13 +122,36 @@ class Resources(Contract):
     memory_bytes: int | None = Field(default=None, ge=0)
 
 
+# An instant as RFC 3339 writes it (the schema's `format: date-time`): seconds and a UTC offset required.
+DATE_TIME = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+# At most six digits: 999999h (114 years) still fits the residency's clocks; an
+# unbounded number overflowed them and broke every later model listing.
+KEEP_ALIVE = r"^(-1|0|\d{1,6}(\.\d+)?(ms|s|m|h)?)$"
+
+
 class PodPolicy(Contract):
     cache_reuse: bool = True  # false: never restore or save cache for this pod
-    deadline: datetime | None = None  # refuse to start after this instant (UTC)
+    deadline: datetime | None = None  # refuse to start after this instant
     # How long the model stays loaded once this pod's turn ends, as Ollama's
     # keep_alive: "5m", "90s", "1h", "0" (unload when idle), "-1" (forever).
     # None: the model's own (or the node's default) keep-alive.
-    keep_alive: str | None = Field(default=None, pattern=r"^(-1|0|\d+(\.\d+)?(ms|s|m|h)?)$")
+    keep_alive: str | None = Field(default=None, json_schema_extra={"pattern": KEEP_ALIVE})
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _deadline_is_a_date_time(cls, value: object, info: ValidationInfo) -> object:
+        # Left to itself pydantic also reads 12345, "12345" or "2030-01-01" as an instant.
+        if value is None or isinstance(value, datetime) or info.context == STORED:
+            return value
+        if isinstance(value, str) and re.fullmatch(DATE_TIME, value):
+            return value
+        raise ValueError("must be an RFC 3339 date-time with its UTC offset, such as 2030-01-01T12:00:00Z")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_rule(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return checked_name(value, KEEP_ALIVE, "keep-alive (-1, 0, or up to six digits with ms, s, m or h)",
+                            info, 16)
 
 
 class PodMetadata(Contract):

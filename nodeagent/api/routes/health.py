@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from nodeagent import metrics
+from nodeagent.api.errors import error_response
 from nodeagent.api.routes.common import error_responses, get_node, wire_response
 from nodeagent.api.schemas import AgentStatus, Health, Readiness
 from nodeagent.contracts.pod import TERMINAL_PHASES, PodPhase
@@ -20,7 +21,8 @@ router = APIRouter()
 log = logging.getLogger("agent_machine.api")
 
 
-@router.get("/healthz", response_model=Health, tags=["health"],
+# `security: []`: probes may call it without credentials (nodeagent.api.auth.UNAUTHENTICATED_PATHS).
+@router.get("/healthz", response_model=Health, tags=["health"], openapi_extra={"security": []},
             summary="the agent process is alive (answers without touching the node)")
 async def healthz() -> Response:
     return wire_response(Health())
@@ -30,13 +32,15 @@ async def healthz() -> Response:
             summary="the node accepts and dispatches pods (503 while draining or if a dispatcher died)")
 def readyz(node: Any = Depends(get_node)) -> Response:
     ready = bool(node.ready())
-    reasons = []
+    if ready:
+        return wire_response(Readiness(ready=True, accepting=bool(node.accepting)))
+    # Not ready is an error like any other: the standard body, one detail per reason.
     if not node.accepting:
-        reasons.append("draining: not accepting new pods")
-    elif not ready:
-        reasons.append("pod dispatchers are not running")
-    return wire_response(Readiness(ready=ready, accepting=node.accepting, reasons=reasons),
-                         status=200 if ready else 503)
+        type_, reason = "draining", "draining: not accepting new pods"
+    else:
+        type_, reason = "not_ready", "pod dispatchers are not running"
+    return error_response(503, type_, f"not ready: {reason}",
+                          details=[{"field": None, "message": reason, "type": type_}])
 
 
 def pod_phase_counts(node: Any) -> dict[str, int]:

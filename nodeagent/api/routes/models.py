@@ -32,8 +32,13 @@ class ModelList(Contract):
         default_factory=list, description="models loaded now (hot) or recorded as wanted, with keep-alive")
 
 
+# Longer than a year is forever (-1); an unbounded number overflowed the residency's clock arithmetic.
+MAX_KEEP_ALIVE_S = 366 * 24 * 3600
+
+
 class LoadOptions(Contract):
-    keep_alive_s: float | None = Field(default=None, description="seconds to stay loaded when idle; -1 forever")
+    keep_alive_s: float | None = Field(default=None, ge=-1, le=MAX_KEEP_ALIVE_S,
+                                       description="seconds to stay loaded when idle (at most a year); -1 forever")
     pin: bool | None = Field(default=None, description="never evict it to make room")
 
 
@@ -50,7 +55,8 @@ def list_models(node: Any = Depends(get_node)) -> Response:
     return wire_response({"items": to_wire(records), "residency": to_wire(residency)})
 
 
-@router.post("/v1/models/{name}:load", response_model=_ModelResidency, responses=error_responses(404, 409, 422, 501, 503),
+@router.post("/v1/models/{name}:load", response_model=_ModelResidency,
+             responses=error_responses(403, 404, 409, 422, 501, 503),
              summary="load a model into a provider (evicting by expected cost); its residency row")
 def load_model(name: str = MODEL_NAME, options: LoadOptions | None = Body(None),
                node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
@@ -62,7 +68,8 @@ def load_model(name: str = MODEL_NAME, options: LoadOptions | None = Body(None),
     return wire_response(method(name, **kwargs))
 
 
-@router.post("/v1/models/{name}:unload", response_model=UnloadResult, responses=error_responses(404, 422, 501, 503),
+@router.post("/v1/models/{name}:unload", response_model=UnloadResult,
+             responses=error_responses(403, 404, 409, 422, 501, 503),
              summary="unload a model from its provider (it stays in the store)")
 def unload_model(name: str = MODEL_NAME, node: Any = Depends(get_node),
                  principal: Principal = Depends(get_principal)) -> Response:

@@ -24,13 +24,14 @@ from typing import Any, Iterator, Literal
 
 import anyio
 from fastapi import APIRouter, Body, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response, StreamingResponse
 
 from nodeagent.api import idempotency
 from nodeagent.api.errors import json_bytes
 from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, wire_response
+from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_REFERENCE
 from nodeagent.idempotency import IdempotencyConflict
 
 router = APIRouter(tags=["openai"])
@@ -57,11 +58,25 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+TURN_ROLES = ("user", "assistant", "tool")
+
+
 class ChatCompletionRequest(_Strict):
     """The OpenAI fields the agent understands; any other field is an error that names it."""
 
-    model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1)
+    # What a pod's spec.model.name accepts (contracts.names): the schema refuses what the pod would.
+    model: str = Field(min_length=1, max_length=MAX_MODEL_REFERENCE, pattern=MODEL_REFERENCE)
+    # System and developer messages become the pod's context; its turn needs at least one other message.
+    messages: list[ChatMessage] = Field(min_length=1, json_schema_extra={"contains": {
+        "type": "object", "required": ["role"], "properties": {"role": {"enum": list(TURN_ROLES)}}}})
+
+    @field_validator("messages")
+    @classmethod
+    def _a_turn_message(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(message.role in TURN_ROLES for message in messages):
+            raise ValueError("at least one user, assistant or tool message is required "
+                             "(system and developer messages become the pod's context)")
+        return messages
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -168,7 +183,7 @@ async def _iterate_in_thread(sync_iter: Iterator[bytes]):  # type: ignore[no-unt
         yield item
 
 
-_CHAT_DOC = dict(response_model=ChatCompletion, responses=error_responses(400, 404, 413, 422, 429, 501, 503),
+_CHAT_DOC = dict(response_model=ChatCompletion, responses=error_responses(403, 404, 409, 422, 429, 501, 502, 503),
                  summary="OpenAI chat completion, run as a one-turn pod (stream=true gives SSE chunks)")
 
 

@@ -13,7 +13,7 @@ from nodeagent.api import idempotency
 from nodeagent.api.errors import ApiError, json_bytes
 from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, not_found, wire_response
-from nodeagent.api.schemas import DispatchState, ObjectList, PodEvent, PodList
+from nodeagent.api.schemas import DispatchState, ObjectList, PodEvent, PodList, PodSubmission
 from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
 from nodeagent.idempotency import IdempotencyConflict, IdempotentReplay
 from nodeagent.node import NodeClosed, QueueFull
@@ -38,14 +38,12 @@ def visible_pod(node: Any, principal: Principal, pod_id: str) -> AgentPod:
 
 
 @router.post("/v1/pods", response_model=AgentPod, status_code=201,
-             responses=error_responses(400, 413, 422, 429, 503),
+             responses={**error_responses(403, 409, 429, 503),
+                        200: {"model": AgentPod, "description": "a replay: the pod this Idempotency-Key already made"}},
              summary="submit an AgentPod: admitted and queued, or refused at once (phase Refused with reasons)")
-def submit_pod(pod: AgentPod = Body(...), key: str | None = idempotency.IDEMPOTENCY_KEY,
+def submit_pod(submission: PodSubmission = Body(...), key: str | None = idempotency.IDEMPOTENCY_KEY,
                node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
-    for field in ("id", "status"):
-        if getattr(pod, field) is not None:
-            raise ApiError(422, "invalid_request", f"{field}: set by the node; leave it out of a new pod",
-                           field=field)
+    pod = submission.to_pod()
     principal.authorize_pod(pod)
     try:
         stored = node.submit_pod(pod, idempotency=idempotency.pod_key(principal, key, pod))
@@ -61,7 +59,7 @@ def submit_pod(pod: AgentPod = Body(...), key: str | None = idempotency.IDEMPOTE
     return wire_response(stored, status=201, headers={"Location": f"/v1/pods/{stored.id}"})
 
 
-@router.get("/v1/pods", response_model=PodList, responses=error_responses(422),
+@router.get("/v1/pods", response_model=PodList, responses=error_responses(403, 422),
             summary="pods on this node, newest first")
 def list_pods(phase: PodPhase | None = Query(None, description="only pods in this phase"),
               tenant: str | None = Query(None, pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"),
@@ -74,7 +72,7 @@ def list_pods(phase: PodPhase | None = Query(None, description="only pods in thi
 
 # A custom method on the collection (AIP-136), like /v1/dispatch:pause. Starlette
 # matches it as its own literal path: "/v1/pods/{pod_id}" needs a "/" after "pods".
-@router.get("/v1/pods:conflicts", response_model=ObjectList,
+@router.get("/v1/pods:conflicts", response_model=ObjectList, responses=error_responses(403),
             summary="in-flight pods that contend for a provider or would evict each other's cache",
             description="Each item: ``kind`` (``provider``: pods placed on one provider take turns on its "
                         "context, displacing each other's live prefix; ``cache``: the states the pods need "
@@ -187,7 +185,7 @@ async def pod_events(request: Request, pod_id: str = POD_ID,
                                                                    "X-Accel-Buffering": "no"})
 
 
-@router.post("/v1/dispatch:pause", response_model=DispatchState,
+@router.post("/v1/dispatch:pause", response_model=DispatchState, responses=error_responses(403),
              summary="maintenance: keep accepting pods but start none until :resume")
 def pause_dispatch(node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
     principal.require_admin("pausing dispatch")
@@ -195,7 +193,7 @@ def pause_dispatch(node: Any = Depends(get_node), principal: Principal = Depends
     return wire_response({"dispatching": False})
 
 
-@router.post("/v1/dispatch:resume", response_model=DispatchState,
+@router.post("/v1/dispatch:resume", response_model=DispatchState, responses=error_responses(403),
              summary="start dispatching queued pods again")
 def resume_dispatch(node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
     principal.require_admin("resuming dispatch")
