@@ -199,7 +199,8 @@ def test_unknown_and_revoked_tokens_are_401_and_new_ones_work_at_once(tenants):
         assert stranger.get("/v1/pods").status_code == 401
     with tenants.client("b") as b:
         assert b.get("/v1/pods").status_code == 200
-        [credential] = [c for c in parse(tenants.path.read_text()) if c.token_sha256 == token_sha256(tenants.tokens["b"])]
+        [credential] = [c for c in parse(tenants.path.read_text())
+                        if c.token_sha256 == token_sha256(tenants.tokens["b"])]
         revoke(tenants.path, credential.id)
         refused = b.get("/v1/pods")
         assert refused.status_code == 401 and error(refused)["field"] == "Authorization"
@@ -226,7 +227,8 @@ def test_a_credentials_file_others_can_read_is_refused_at_start_and_fails_closed
 
 
 @pytest.mark.parametrize("text,field", [
-    ('[[credential]]\nid = "x"\ntenant = "t"\ntoken_sha256 = "' + "a" * 64 + '"\ncolour = "red"\n', "credential[0].colour"),
+    ('[[credential]]\nid = "x"\ntenant = "t"\ntoken_sha256 = "' + "a" * 64 + '"\ncolour = "red"\n',
+     "credential[0].colour"),
     ('[[credential]]\nid = "x"\ntenant = "t"\nadmin = true\ntoken_sha256 = "' + "a" * 64 + '"\n', "credential[0]"),
     ('[[credential]]\nid = "x"\ntenant = "t"\nscopes = ["secret"]\ntoken_sha256 = "' + "a" * 64 + '"\n',
      "credential[0].scopes"),
@@ -327,7 +329,8 @@ def test_tenant_b_cannot_read_or_reuse_tenant_a_pods_receipts_and_cache(tmp_path
             assert {r["statement"]["predicate"]["pod"]["tenant"] for r in b_receipts} == {"tenant-b"}
             theirs, missing = b.get(f"/v1/receipts/{a_receipt}"), b.get("/v1/receipts/" + "f" * 64)
             assert theirs.status_code == missing.status_code == 404
-            assert error(theirs) == {**error(missing), "message": error(missing)["message"].replace("f" * 64, a_receipt)}
+            assert error(theirs) == {**error(missing),
+                                     "message": error(missing)["message"].replace("f" * 64, a_receipt)}
             assert a.get(f"/v1/receipts/{a_receipt}").status_code == 200
             assert len(admin.get("/v1/receipts").json()["items"]) == 3
 
