@@ -9,14 +9,13 @@ longest-common-prefix reuse of that single context (T0); nothing is saved,
 restored or tiered.
 
 Requests are served one at a time in arrival order (a single-slot server
-queues the rest). Chat requests are rendered with the same text layout and
-piece-wise tokenization as the node's pods (`nodeagent.session`), so the two
-arms evaluate token-identical prompts:
+queues the rest). Chat requests are rendered through the model's chat template
+and tokenized exactly as the node renders pods (`nodeagent.session`), so the
+two arms evaluate token-identical prompts:
 
-* each leading ``system`` message is a context segment, rendered
-  ``segment_text(name or "system", content)`` (``name`` may be one of the
-  segment roles: system, tools, memory, retrieval, history);
-* the remaining messages (user, assistant, tool) are one turn (``turn_text``).
+* each leading ``system`` message is a context segment (its ``name`` may be one
+  of the segment roles: system, tools, memory, retrieval, history);
+* the remaining messages (user, assistant, tool) are one turn.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (prompt: text or token ids), ``GET /bench/log`` (every
@@ -34,6 +33,7 @@ On SIGTERM/SIGINT it stops the provider (its worker subprocess) and exits.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -48,7 +48,9 @@ from typing import Any, Sequence
 from nodeagent.contracts.pod import ContextSegment, Message
 from nodeagent.providers.base import GenerationRequest, ProviderError
 from nodeagent.providers.llama_cpp_python import LlamaCppPythonProvider, LlamaOptions
+from nodeagent.models.gguf_meta import read_chat_facts
 from nodeagent.session import SessionContext
+from nodeagent.templates import ChatTemplate, template_for
 
 HOST = "127.0.0.1"
 SEGMENT_ROLES = ("system", "tools", "memory", "retrieval", "history")
@@ -106,9 +108,9 @@ def chat_messages(conversation: Conversation) -> list[dict[str, Any]]:
     return out
 
 
-def conversation_tokens(conversation: Conversation, tokenize) -> list[int]:
+def conversation_tokens(conversation: Conversation, tokenize, template: ChatTemplate) -> list[int]:
     """The prompt tokens exactly as `nodeagent.session.SessionContext` builds a pod's first turn."""
-    session = SessionContext("sha256:" + "0" * 64, "bench", "bench", tokenize)
+    session = SessionContext("sha256:" + "0" * 64, "bench", "bench", tokenize, template)
     session.add_segments(conversation.segments, [s.text for s in conversation.segments])
     session.add_turn(conversation.messages)
     return session.tokens
@@ -123,8 +125,13 @@ class HttpWorker:
         self.turn = threading.Lock()  # one request on the provider at a time, FIFO enough for a bench
         self.log: list[dict[str, Any]] = []
 
-    def _tokenize(self, text: str, bos: bool) -> list[int]:
-        return self.provider.tokenize(text, add_bos=bos)
+    def _tokenize(self, text: str) -> list[int]:
+        return self.provider.tokenize(text, add_bos=False, special=True)
+
+    @functools.cached_property
+    def template(self) -> ChatTemplate:
+        facts = read_chat_facts(self.provider.model_path)
+        return template_for(facts.chat_template, bos_token=facts.bos_token, eos_token=facts.eos_token)
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         if method == "GET" and path in ("/health", "/health_generate"):
@@ -158,12 +165,12 @@ class HttpWorker:
 
     def _prompt_tokens(self, payload: dict[str, Any], chat: bool) -> list[int]:
         if chat:
-            return conversation_tokens(split_messages(payload.get("messages")), self._tokenize)
+            return conversation_tokens(split_messages(payload.get("messages")), self._tokenize, self.template)
         prompt = payload.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str) and prompt:
-            return self._tokenize(prompt, True)
+            return self.provider.tokenize(prompt, add_bos=True)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         raise BadRequest("prompt: a non-empty string or list of token ids is required")

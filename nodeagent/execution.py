@@ -59,7 +59,9 @@ from nodeagent.scheduler.placement import (
 )
 from nodeagent.scheduler.cost import queue_wait_s
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
+from nodeagent.models.gguf_meta import read_chat_facts
 from nodeagent.session import SessionContext
+from nodeagent.templates import ChatTemplate, template_for
 from nodeagent.store import migrate, transaction
 
 log = logging.getLogger("agent_machine.execution")
@@ -503,8 +505,9 @@ class Tokenizer:
     executor: "PodExecutor"
     record: Any  # the model's store record
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return self.executor.tokenize(self.record, text, add_bos)
+    def tokenize(self, text: str) -> list[int]:
+        """Rendered prompt text -> ids: special tokens parsed, no BOS added (the template writes it)."""
+        return self.executor.tokenize(self.record, text)
 
 
 @dataclass
@@ -535,7 +538,8 @@ class PodExecutor:
         self.segments = SegmentStore(node.db, node._db_lock)
         self._machine = machine
         self._place_lock = threading.Lock()  # placement + queue accounting are one step
-        self._token_cache: "OrderedDict[tuple[str, bool, str], tuple[int, ...]]" = OrderedDict()
+        self._token_cache: "OrderedDict[tuple[str, str], tuple[int, ...]]" = OrderedDict()
+        self._templates: dict[str, ChatTemplate] = {}  # model digest -> its chat template
         # (tenant, agent, session) -> provider of its last turn: a session sent one
         # turn per pod (as agent loops do) keeps its affinity like a multi-turn pod.
         self._session_homes: "OrderedDict[tuple[str, str, str], str]" = OrderedDict()
@@ -623,10 +627,7 @@ class PodExecutor:
                 return
             try:
                 if session is None:
-                    tokenizer = self._tokenizer_for(record)
-                    session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent,
-                                             lambda text, bos: tokenizer.tokenize(text, add_bos=bos))
-                    session.add_segments(pod.spec.context, texts)
+                    session = self._session(pod, record, texts)
                 session.add_turn(turn.messages)
                 if index == 0:
                     refusal = self._admit_with_tokens(pod, record, len(session.tokens))
@@ -646,7 +647,7 @@ class PodExecutor:
             except Exception as exc:
                 return self._fail(pod, f"turn {index}: {type(exc).__name__}: {exc}", type(exc).__name__,
                                   queued, turn=index, record=record)
-            session.add_reply(outcome.completion_tokens)
+            session.add_reply(outcome.completion_tokens, outcome.result.output)
             previous = outcome.managed.name
             self._session_homes[home_key] = previous
             self._session_homes.move_to_end(home_key)
@@ -662,18 +663,35 @@ class PodExecutor:
     def score(self, pod: AgentPod) -> Decision:
         """A dry-run placement of the pod's first turn (nothing runs, nothing is reserved)."""
         record = self.models.resolve(pod.spec.model.digest or pod.spec.model.name)
-        tokenizer = self._tokenizer_for(record, load=False)
-        if tokenizer is None:
-            raise PodInvalid(f"spec.model: no provider holds {model_name(record)} yet, so its "
-                             f"prompt cannot be tokenized for a dry run; load it first")
-        session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent,
-                                 lambda text, bos: tokenizer.tokenize(text, add_bos=bos))
-        session.add_segments(pod.spec.context, self.segments.texts(pod.spec.context))
+        session = self._session(pod, record, self.segments.texts(pod.spec.context), load=False)
         session.add_turn(pod.spec.turns[0].messages)
         decision, _ = self._place(pod, record, session, dry_run=True)
         return decision
 
     # ------------------------------------------------------------ steps
+    def _session(self, pod: AgentPod, record: Any, texts: list[str], *, load: bool = True) -> SessionContext:
+        """The pod's conversation, rendered by its model's template, its segments added."""
+        tokenizer = self._tokenizer_for(record, load=load)
+        if tokenizer is None:
+            raise PodInvalid(f"spec.model: no provider holds {model_name(record)} yet, so its "
+                             f"prompt cannot be tokenized for a dry run; load it first")
+        session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent, tokenizer.tokenize,
+                                 self.template(record))
+        session.add_segments(pod.spec.context, texts)
+        return session
+
+    def template(self, record: Any) -> ChatTemplate:
+        """The chat template ``record`` is served with: the store's override, else its GGUF's
+        (read once per model), else ChatML."""
+        cached = self._templates.get(record.digest)
+        if cached is None:
+            facts = read_chat_facts(record.path)
+            override = self.models.template_override(record.digest)
+            cached = template_for(facts.chat_template, bos_token=facts.bos_token, eos_token=facts.eos_token,
+                                  override=override)
+            self._templates[record.digest] = cached
+        return cached
+
     def _tokenizer_for(self, record: Any, load: bool = True) -> "Tokenizer | None":
         """How this pod's pieces get tokenized: by the pool's tokenize-only provider when
         it has one for the model (never busy, and the model need not be loaded), else
@@ -686,9 +704,11 @@ class PodExecutor:
             self.pool.load(record)
         return Tokenizer(self, record)
 
-    def tokenize(self, record: Any, text: str, add_bos: bool) -> list[int]:
+    def tokenize(self, record: Any, text: str) -> list[int]:
+        """Ids of rendered prompt text (special tokens parsed, no BOS added), by the model's
+        tokenize-only worker when it has one, else by an idle provider of the model."""
         digest = record.digest
-        key = (digest, add_bos, text)
+        key = (digest, text)
         cached = self._token_cache.get(key)
         if cached is not None:
             self._token_cache.move_to_end(key)
@@ -697,7 +717,7 @@ class PodExecutor:
         tokenizer = self.pool.tokenizer(record)
         if tokenizer is not None:
             try:
-                tokens = tokenizer.tokenize(text, add_bos=add_bos)
+                tokens = tokenizer.tokenize(text, add_bos=False, special=True)
             except ProviderError as exc:  # it died mid-call: started again next time
                 log.warning("tokenizer %s failed (%s); tokenizing with a provider", tokenizer.name, exc)
         if tokens is None:
@@ -706,7 +726,7 @@ class PodExecutor:
                 raise ProviderError(f"no provider holds model {digest[:19]} to tokenize with")
             idle = [m for m in candidates if not m.turns.busy()]
             provider = (idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)).provider
-            tokens = provider.tokenize(text, add_bos=add_bos)
+            tokens = provider.tokenize(text, add_bos=False, special=True)
         if len(text) >= TOKEN_CACHE_MIN_CHARS:
             self._token_cache[key] = tuple(tokens)
             while len(self._token_cache) > TOKEN_CACHE_ENTRIES:

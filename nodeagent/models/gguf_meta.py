@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,128 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFMeta:
         tensor_types=dict(sorted(tensor_types.items())),
         chat_template=template if isinstance(template, str) else None,
     )
+
+
+@dataclass(frozen=True)
+class ChatFacts:
+    """What rendering a model's chat template needs from its GGUF."""
+
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+
+
+def read_chat_facts(path: str | os.PathLike[str]) -> ChatFacts:
+    """The chat template and the BOS/EOS token texts (templates write them themselves).
+
+    Walks the header's key/value section only, skipping arrays by their
+    lengths: gguf's reader materialises the whole vocabulary and merges
+    (~100k strings), seconds for a 49k-token model; this takes milliseconds.
+    """
+    path = Path(path)
+    _check_magic(path)
+    wanted = {"tokenizer.chat_template", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"}
+    values: dict[str, Any] = {}
+    token_texts: dict[int, str] = {}
+    try:
+        with open(path, "rb") as handle:
+            reader = _KVReader(handle)
+            reader.skip(8)  # magic, version
+            reader.u64()  # tensor count
+            for _ in range(reader.u64()):
+                key = reader.string()
+                kind = reader.u32()
+                if key == "tokenizer.ggml.tokens" and kind == _ARRAY:
+                    token_texts = reader.string_array_prefix(64)  # BOS/EOS ids are small
+                elif key in wanted:
+                    values[key] = reader.value(kind)
+                else:
+                    reader.skip_value(kind)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise GGUFError(f"{path}: truncated or corrupt GGUF header ({type(exc).__name__}: {exc})") from None
+    template = values.get("tokenizer.chat_template")
+
+    def text(key: str) -> str:
+        index = values.get(key)
+        return token_texts.get(index, "") if isinstance(index, int) else ""
+
+    return ChatFacts(template if isinstance(template, str) else None,
+                     text("tokenizer.ggml.bos_token_id"), text("tokenizer.ggml.eos_token_id"))
+
+
+_ARRAY, _STRING = 9, 8
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                   12: "<d"}
+
+
+class _KVReader:
+    """Sequential reads of GGUF key/value data (little-endian, v2/v3 layout)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def skip(self, n: int) -> None:
+        self._handle.seek(n, os.SEEK_CUR)
+
+    def _unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = self._handle.read(size)
+        if len(data) != size:
+            raise ValueError("unexpected end of file")
+        return struct.unpack(fmt, data)[0]
+
+    def u32(self) -> int:
+        return self._unpack("<I")
+
+    def u64(self) -> int:
+        return self._unpack("<Q")
+
+    def string(self) -> str:
+        n = self.u64()
+        if n > 1 << 26:
+            raise ValueError(f"a {n}-byte string in the header")
+        data = self._handle.read(n)
+        if len(data) != n:
+            raise ValueError("unexpected end of file")
+        return data.decode("utf-8", "replace")
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind in _SCALAR_FORMATS:
+            return self._unpack(_SCALAR_FORMATS[kind])
+        self.skip_value(kind)
+        return None
+
+    def skip_value(self, kind: int) -> None:
+        if kind == _STRING:
+            self.skip(self.u64())
+        elif kind in _SCALAR_FORMATS:
+            self.skip(struct.calcsize(_SCALAR_FORMATS[kind]))
+        elif kind == _ARRAY:
+            item, count = self.u32(), self.u64()
+            if item == _STRING:
+                for _ in range(count):
+                    self.skip(self.u64())
+            elif item in _SCALAR_FORMATS:
+                self.skip(struct.calcsize(_SCALAR_FORMATS[item]) * count)
+            else:
+                for _ in range(count):
+                    self.skip_value(item)
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+    def string_array_prefix(self, keep: int) -> dict[int, str]:
+        """Read a string array, keeping the first ``keep`` items."""
+        item, count = self.u32(), self.u64()
+        if item != _STRING:
+            for _ in range(count):
+                self.skip_value(item)
+            return {}
+        kept: dict[int, str] = {}
+        for index in range(count):
+            if index < keep:
+                kept[index] = self.string()
+            else:
+                self.skip(self.u64())
+        return kept

@@ -70,6 +70,14 @@ MIGRATIONS = [
     );
     CREATE INDEX model_tags_digest ON model_tags(digest)
     """,
+    # A chat template set by the operator, served instead of the GGUF's own.
+    """
+    CREATE TABLE model_templates (
+        digest TEXT PRIMARY KEY REFERENCES models(digest) ON DELETE CASCADE,
+        template TEXT NOT NULL,
+        set_at TEXT NOT NULL
+    )
+    """,
 ]
 
 
@@ -314,6 +322,24 @@ class ModelStore:
         raise ModelNotFound(f"no model named {text!r} (see `agent-machine models ls`)")
 
     # ------------------------------------------------------------ remove
+    def template_override(self, digest: str) -> str | None:
+        """The operator's chat template for this model, or None (its GGUF's own is served)."""
+        row = self.conn.execute("SELECT template FROM model_templates WHERE digest = ?", (digest,)).fetchone()
+        return row[0] if row is not None else None
+
+    def set_template(self, text: str, template: str | None) -> ModelRecord:
+        """Serve ``template`` (Jinja) for the model named ``text``; None goes back to the GGUF's."""
+        record = self.resolve(text)
+        if template is None:
+            self.conn.execute("DELETE FROM model_templates WHERE digest = ?", (record.digest,))
+        else:
+            from nodeagent.templates import check_template
+
+            check_template(template)  # raises TemplateError naming the Jinja error
+            self.conn.execute("INSERT OR REPLACE INTO model_templates (digest, template, set_at) VALUES (?, ?, ?)",
+                              (record.digest, template, _now()))
+        return record
+
     def remove(self, text: str, *, loaded: set[str] | frozenset[str] = frozenset()) -> tuple[ModelRecord, bool]:
         """Remove a name, or given a digest every name; drop the blob when no name is left.
 

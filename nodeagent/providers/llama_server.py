@@ -288,8 +288,9 @@ class LlamaServerProvider:
         result = check_health(self.base_url, self.health_path, client=self._client)
         return Health(result.ok, result.detail, result.checked_at)
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return list(self._json("POST", "/tokenize", json={"content": text, "add_special": add_bos})["tokens"])
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        body = {"content": text, "add_special": add_bos, "parse_special": special}
+        return list(self._json("POST", "/tokenize", json=body)["tokens"])
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._json("POST", "/detokenize", json={"tokens": list(tokens)})["content"]

@@ -153,7 +153,8 @@ class VllmProvider:
         result = check_health(self.base_url, "/health", client=self._client)
         return Health(result.ok, result.detail, result.checked_at)
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        # vLLM's Hugging Face tokenizer always parses special-token text.
         data = self._json("POST", "/tokenize", json={"model": self.served_model, "prompt": text,
                                                       "add_special_tokens": add_bos})
         return list(data["tokens"])

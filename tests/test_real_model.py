@@ -1,0 +1,103 @@
+"""A real instruct model (SmolLM2-135M-Instruct) answers through the node as llama.cpp answers it.
+
+The random-weight test models hide everything a real model shows: whether
+the prompt is the model's own chat template, whether it stops at its end of
+turn, whether a later turn reuses the earlier one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nodeagent.config import load_config
+from nodeagent.contracts.pod import PodPhase
+from nodeagent.models.gguf_meta import read_chat_facts
+from nodeagent.models.store import ModelStore
+from nodeagent.node import Node, default_executor
+from nodeagent.templates import template_for
+
+from pod_factory import make_pod, wait_for
+
+pytestmark = pytest.mark.llama
+
+PROMPTS = [
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse support agent for a bike shop."},
+     {"role": "user", "content": "My chain keeps slipping. What should I check first?"}],
+    [{"role": "user", "content": "Write one sentence about the sea."},
+     {"role": "assistant", "content": "The sea is vast and deep."},
+     {"role": "user", "content": "Now one about mountains."}],
+]
+
+
+def env_for(tmp_path):
+    return {"HOME": str(tmp_path), "AGENT_MACHINE_STATE_DIR": str(tmp_path / "state"),
+            "AGENT_MACHINE_CONFIG_DIR": str(tmp_path / "cfg"), "AGENT_MACHINE_CACHE_DIR": str(tmp_path / "cache"),
+            "AGENT_MACHINE_RUNTIME_DIR": str(tmp_path / "run"), "AGENT_MACHINE_CACHE_RAM_DIR": str(tmp_path / "t1"),
+            "AGENT_MACHINE_MODELS_THREADS": "2", "AGENT_MACHINE_MODELS_CONTEXT": "2048"}
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    """llama.cpp's own chat completion with the model's template (llama-cpp-python)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(smollm2_path), n_ctx=2048, n_threads=2, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture()
+def node(tmp_path, smollm2_path):
+    ModelStore(tmp_path / "state").import_model(smollm2_path, "smollm2")
+    n = Node(load_config(env_for(tmp_path)), executor_factory=default_executor)
+    n.start()
+    yield n
+    n.close()
+
+
+def test_the_gguf_template_renders_as_llama_cpp_renders_it(smollm2_path):
+    from llama_cpp import llama_chat_format
+
+    facts = read_chat_facts(smollm2_path)
+    ours = template_for(facts.chat_template, bos_token=facts.bos_token, eos_token=facts.eos_token)
+    theirs = llama_chat_format.Jinja2ChatFormatter(template=facts.chat_template, eos_token=facts.eos_token,
+                                                   bos_token=facts.bos_token)
+    assert ours.origin == "gguf" and ours.stability().stable
+    for messages in PROMPTS:
+        assert ours.render(messages) == theirs(messages=messages).prompt
+
+
+@pytest.mark.parametrize("index", range(len(PROMPTS)))
+def test_a_chat_answer_equals_llama_cpps_own_chat_completion_at_temperature_0(node, reference, index):
+    messages = PROMPTS[index]
+    expected = reference.create_chat_completion(messages=messages, temperature=0.0, max_tokens=48)
+    answer = node.chat_completion({"model": "smollm2", "messages": messages, "max_tokens": 48, "temperature": 0})
+    assert answer["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+    assert answer["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"]
+    assert answer["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+    assert answer["choices"][0]["finish_reason"] == expected["choices"][0]["finish_reason"]
+
+
+def test_the_model_stops_at_its_end_of_turn(node):
+    answer = node.chat_completion({"model": "smollm2", "max_tokens": 200, "messages": PROMPTS[0]})
+    choice = answer["choices"][0]
+    assert choice["message"]["content"] == "The capital of France is Paris."
+    assert choice["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] == 7
+    assert "<|im_start|>" not in choice["message"]["content"] and "<|user|>" not in choice["message"]["content"]
+
+
+def test_turn_2_reuses_turn_1s_prompt_and_reply_less_the_end_of_turn(node):
+    pod = node.submit_pod(make_pod(model="smollm2", system="You are a helpful assistant.", max_tokens=40,
+                                   turns=["What is the capital of France?", "And the capital of Italy?"]))
+    assert wait_for(lambda: node.get_pod(pod.id).status.phase in (PodPhase.succeeded, PodPhase.failed), 120)
+    done = node.get_pod(pod.id)
+    assert done.status.phase is PodPhase.succeeded, done.status.reasons
+    first, second = done.status.turns
+    assert first.completion_tokens < 40  # it stopped at <|im_end|>, which is not in the context
+    # The provider holds turn 1's prompt and the tokens it generated; turn 2's prompt
+    # (the whole conversation through the template) extends all of it.
+    assert second.cached_tokens >= first.prompt_tokens + first.completion_tokens
+    assert second.cache_tier == "T0"
