@@ -647,6 +647,13 @@ class PodExecutor:
             except Exception as exc:
                 return self._fail(pod, f"turn {index}: {type(exc).__name__}: {exc}", type(exc).__name__,
                                   queued, turn=index, record=record)
+            if outcome.result.finish_reason == "cancelled":  # its client went away mid-answer
+                appended = self._receipt(pod, index, "cancelled", None, queued=queued, record=record,
+                                         outcome=outcome)
+                self.node.record_turn(pod.id, outcome.result, appended)
+                self.node.pod_transition(pod.id, PodPhase.cancelled, reason="client disconnected",
+                                         reasons=["the client went away while the answer streamed"])
+                return
             session.add_reply(outcome.completion_tokens, outcome.result.output)
             previous = outcome.managed.name
             self._session_homes[home_key] = previous
@@ -920,9 +927,9 @@ class PodExecutor:
                 self.cache.record_lookup(len(session.tokens), t0_tokens=chosen.cached_tokens if tier == "T0" else 0,
                                          miss=tier == "none")
             try:
-                result = provider.generate(GenerationRequest(
-                    prompt_tokens=list(session.tokens), max_tokens=max_tokens, temperature=0.0,
-                    reuse_limit=reuse_limit))
+                result = provider.generate(generation_request(session.tokens, max_tokens,
+                                                              pod.spec.turns[index].sampling, reuse_limit),
+                                           on_text=self.node.text_sink(pod.id))
             except ProviderError:
                 managed.forget_context()
                 if not _running(provider):  # it died under this turn: bring it back for the next ones
@@ -953,7 +960,8 @@ class PodExecutor:
             completion_tokens=len(result.completion_tokens),
             cache_tier=tier if result.cached_tokens else "none",
             ttft_ms=int((first_token - started) * 1000), total_ms=int((finished - started) * 1000),
-            output=result.text, decision_id=decision.id)
+            output=result.text, decision_id=decision.id,
+            finish_reason=result.finish_reason if result.finish_reason != "error" else None)
         return TurnOutcome(turn, decision, managed, started, first_token, finished, list(result.completion_tokens))
 
     def _restore(self, managed: ManagedProvider, match: TierMatch) -> str | None:
@@ -1058,6 +1066,19 @@ class PodExecutor:
         if turn is None or outcome is None:
             self.node.add_receipt(pod.id, receipt_id)
         return receipt_id
+
+
+def generation_request(tokens: Sequence[int], max_tokens: int, sampling: Any, reuse_limit: int | None,
+                       ) -> GenerationRequest:
+    """A turn's request to its provider: greedy unless the turn says how to sample."""
+    if sampling is None:
+        return GenerationRequest(prompt_tokens=list(tokens), max_tokens=max_tokens, reuse_limit=reuse_limit)
+    return GenerationRequest(
+        prompt_tokens=list(tokens), max_tokens=max_tokens, reuse_limit=reuse_limit,
+        temperature=sampling.temperature, seed=sampling.seed, stop=list(sampling.stop), top_k=sampling.top_k,
+        top_p=sampling.top_p, min_p=sampling.min_p, repeat_penalty=sampling.repeat_penalty,
+        frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty,
+        logit_bias={int(token): bias for token, bias in sampling.logit_bias.items()}, grammar=sampling.grammar)
 
 
 def model_name(record: Any) -> str:

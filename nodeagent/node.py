@@ -30,6 +30,7 @@ from nodeagent.contracts.machine import MachineProfile
 from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
 from nodeagent.idempotency import IdempotencyKey, IdempotencyStore, IdempotentReplay
 from nodeagent.pods import PodNotFound, PodStore
+from nodeagent.textstream import TextStream
 from nodeagent.store import connect
 
 log = logging.getLogger("agent_machine.node")
@@ -76,6 +77,7 @@ class Node:
         self._dispatch_paused = threading.Event()
         self._dispatchers: list[threading.Thread] = []
         self._dispatching: dict[str, str] = {}  # dispatcher thread name -> the pod it runs
+        self._streams: dict[str, TextStream] = {}  # pod id -> the client reading its answer as it comes
         self._n_dispatchers = dispatchers
         self._executor_factory = executor_factory
         self.executor = None
@@ -170,14 +172,16 @@ class Node:
             return self._profile
 
     # ------------------------------------------------------------ pods
-    def submit_pod(self, pod: AgentPod, *, idempotency: IdempotencyKey | None = None) -> AgentPod:
+    def submit_pod(self, pod: AgentPod, *, idempotency: IdempotencyKey | None = None,
+                   stream: "TextStream | None" = None) -> AgentPod:
         """Persist, admit and enqueue ``pod``. Refused pods end at once (with reasons).
 
         Raises QueueFull before persisting anything when the queue is at capacity.
         With ``idempotency``: a key this node already stored with the same request
         raises `IdempotentReplay` carrying the pod it made (nothing new is stored),
         with another request `IdempotencyConflict`; a new key is stored in the
-        pod's own transaction (nodeagent.idempotency).
+        pod's own transaction (nodeagent.idempotency). With ``stream``, the pod's
+        answer is passed to it piece by piece as the provider generates it.
         """
         if idempotency is not None:
             self._replay(idempotency)
@@ -198,6 +202,8 @@ class Node:
                 self.pods.transition(stored.id, PodPhase.admitted)
         if decision.allowed:
             self._cancels[stored.id] = _Cancel()
+            if stream is not None:
+                self._streams[stored.id] = stream  # before it is queued: no piece is missed
             self._queue.put(stored.id)
         else:
             self._finish(stored.id, PodPhase.refused, "admission", reasons=decision.reasons)
@@ -230,6 +236,15 @@ class Node:
             # at the next turn boundary (it checks the cancel flag).
             self._finish(pod_id, PodPhase.cancelled, reason)
         return self.get_pod(pod_id)
+
+    def text_sink(self, pod_id: str) -> "TextStream | None":
+        """Where the pod's answer streams to, if a client is reading it as it comes."""
+        return self._streams.get(pod_id)
+
+    def _end_stream(self, pod_id: str) -> None:
+        stream = self._streams.pop(pod_id, None)
+        if stream is not None:
+            stream.close()
 
     def is_cancelled(self, pod_id: str) -> bool:
         cancel = self._cancels.get(pod_id)
@@ -440,25 +455,59 @@ class Node:
 
     # ------------------------------------------------------------ OpenAI
     def chat_completion(self, body: dict, *, tenant: str = "default", agent: str = "openai",
-                        idempotency: IdempotencyKey | None = None, timeout_s: float = 600.0) -> dict:
+                        idempotency: IdempotencyKey | None = None, timeout_s: float = 600.0):
         """Run an OpenAI chat request as a one-turn pod of ``tenant``/``agent`` and answer in
-        OpenAI's shape. A replayed ``idempotency`` key waits for the pod it made instead."""
+        OpenAI's shape: a ``chat.completion`` dict, or with ``stream: true`` an iterator of
+        ``chat.completion.chunk`` dicts that yields text as the provider generates it
+        (closing it early cancels the generation). A replayed ``idempotency`` key answers
+        from the pod it made instead."""
         from nodeagent.openai_compat import chat_request_to_pod, pod_to_chat_response
 
         pod = chat_request_to_pod(body, tenant=tenant, agent=agent, default_model=self.config.models.default)
+        stream = TextStream() if body.get("stream") else None
         try:
-            submitted = self.submit_pod(pod, idempotency=idempotency)
+            submitted = self.submit_pod(pod, idempotency=idempotency, stream=stream)
         except IdempotentReplay as replay:
-            submitted = replay.pod
+            submitted, stream = replay.pod, None
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._chat_stream(submitted, stream, include_usage, timeout_s)
+        return pod_to_chat_response(self._wait_terminal(submitted.id, timeout_s))
+
+    def _wait_terminal(self, pod_id: str, timeout_s: float) -> AgentPod:
         deadline = time.monotonic() + timeout_s
         while True:
-            current = self.get_pod(submitted.id)
+            current = self.get_pod(pod_id)
             if current.status.phase in TERMINAL_PHASES:
-                return pod_to_chat_response(current)
+                return current
             if time.monotonic() > deadline:
-                self.cancel_pod(submitted.id, reason="request timed out")
-                raise TimeoutError(f"pod {submitted.id} did not finish within {timeout_s:g}s")
+                self.cancel_pod(pod_id, reason="request timed out")
+                raise TimeoutError(f"pod {pod_id} did not finish within {timeout_s:g}s")
             time.sleep(0.01)
+
+    def _chat_stream(self, pod: AgentPod, stream: "TextStream | None", include_usage: bool, timeout_s: float):
+        from nodeagent.openai_compat import chat_chunks
+
+        def ended() -> bool:
+            return self.get_pod(pod.id).status.phase in TERMINAL_PHASES
+
+        def finished() -> AgentPod:
+            return self._wait_terminal(pod.id, timeout_s)
+
+        if stream is None:  # a replay: the answer is already (or will be) whole
+            done = finished()
+            pieces = iter([done.status.turns[-1].output] if done.status.turns else [])
+        else:
+            pieces = stream.pieces(ended=ended, timeout_s=timeout_s)
+        model = pod.spec.model.name or pod.spec.model.digest or "unknown"
+        try:
+            yield from chat_chunks(pod.id, model, int(time.time()), pieces, finished, include_usage=include_usage)
+        except GeneratorExit:  # the client went away: stop generating for it
+            if stream is not None:
+                stream.cancel()
+            with contextlib.suppress(PodNotFound):
+                self.cancel_pod(pod.id, reason="client disconnected")
+            raise
 
     # ------------------------------------------------------------ daemon hooks
     def reconcile_once(self) -> dict:
@@ -581,6 +630,7 @@ class Node:
                 log.exception("dispatcher %s: handling pod %s failed", me, pod_id)
             self._dispatching.pop(me, None)
             self._cancels.pop(pod_id, None)
+            self._end_stream(pod_id)
 
     def _dispatch(self, pod_id: str) -> None:
         try:

@@ -101,3 +101,51 @@ def test_turn_2_reuses_turn_1s_prompt_and_reply_less_the_end_of_turn(node):
     # (the whole conversation through the template) extends all of it.
     assert second.cached_tokens >= first.prompt_tokens + first.completion_tokens
     assert second.cache_tier == "T0"
+
+
+STORY = [{"role": "system", "content": "You are a storyteller."},
+         {"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+
+
+def test_a_streamed_answer_arrives_token_by_token(node):
+    import time
+
+    began = time.monotonic()
+    arrivals, text = [], []
+    chunks = node.chat_completion({"model": "smollm2", "messages": STORY, "max_tokens": 64, "temperature": 0,
+                                   "stream": True, "stream_options": {"include_usage": True}})
+    for chunk in chunks:
+        arrivals.append(time.monotonic() - began)
+        for choice in chunk["choices"]:
+            text.append(choice["delta"].get("content") or "")
+    total = arrivals[-1]
+    content_chunks = [a for a, t in zip(arrivals, text) if t]
+    assert len(content_chunks) >= 8
+    assert content_chunks[0] < total / 2
+    assert chunk["usage"]["completion_tokens"] == 64  # the last chunk carries the usage
+    whole = node.chat_completion({"model": "smollm2", "messages": STORY, "max_tokens": 64, "temperature": 0})
+    assert "".join(text) == whole["choices"][0]["message"]["content"]
+
+
+def test_a_client_that_goes_away_cancels_its_generation_with_a_receipt(node, tmp_path):
+    import time
+
+    from nodeagent.receipts import LogReader, receipts_dir
+
+    chunks = node.chat_completion({"model": "smollm2", "messages": STORY, "max_tokens": 1000, "temperature": 0,
+                                   "stream": True})
+    for _ in range(4):
+        next(chunks)
+    pod_id = next(chunks)["id"].removeprefix("chatcmpl-")
+    closed = time.monotonic()
+    chunks.close()
+    [managed] = node.executor.pool.all()
+    assert wait_for(lambda: not managed.turns.busy(), 1.0), "the provider is still busy a second later"
+    assert time.monotonic() - closed < 1.0
+    assert wait_for(lambda: node.get_pod(pod_id).status.phase is PodPhase.cancelled, 5)
+    pod = node.get_pod(pod_id)
+    assert pod.status.turns[0].finish_reason == "cancelled" and pod.status.turns[0].completion_tokens < 1000
+    with LogReader(receipts_dir(tmp_path / "state")) as reader:
+        [row] = [r for r in reader.rows(newest_first=False) if r.kind == "execution"
+                 and reader.view(r)[0].statement.predicate.pod.run_id == f"{pod_id}-t0"]
+        assert reader.view(row)[0].statement.predicate.outcome.status == "cancelled"

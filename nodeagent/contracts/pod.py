@@ -17,7 +17,7 @@ import hashlib
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -70,11 +70,34 @@ class Message(Contract):
     content: str
 
 
+class Sampling(Contract):
+    """How the answer is drawn (llama.cpp's sampler chain; OpenAI's names where it has them).
+
+    A pod without sampling is greedy (temperature 0): reproducible, and the same
+    prompt gives the same answer on every provider.
+    """
+
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, le=1000, description="0: off")
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
+    repeat_penalty: float = Field(default=1.0, gt=0, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] = \
+        Field(default_factory=dict, max_length=1024, description="token id -> bias added to its logit")
+    grammar: str | None = Field(default=None, max_length=65536,
+                                description="GBNF the answer must match (llama.cpp providers)")
+
+
 class Turn(Contract):
     """Messages appended before the model answers; the answer is appended after."""
 
     messages: list[Message] = Field(min_length=1)
     max_tokens: int = Field(default=128, ge=1, le=32768)
+    sampling: Sampling | None = None  # None: greedy
 
 
 STORED = "stored"  # validation context of documents the node itself stored
@@ -209,6 +232,8 @@ class TurnResult(Contract):
     total_ms: int
     output: str
     decision_id: str | None = None
+    # stop: end of turn, EOS or a stop string; length: max tokens; cancelled: its client went away
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None
 
 
 class PodStatus(Contract):

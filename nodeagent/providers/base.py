@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Protocol, runtime_checkable
+from typing import Callable, Generator, Iterator, Literal, Protocol, runtime_checkable
 
 ProviderKind = Literal["llama_cpp_python", "llama_server", "vllm"]
 
@@ -51,6 +51,10 @@ class Health:
     checked_at: float = 0.0  # time.time() of the check
 
 
+# Receives generated text as it comes; returning False asks the provider to stop.
+TextSink = Callable[[str], "bool | None"]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One completion over a prompt given as tokens (preferred) or text."""
@@ -61,6 +65,16 @@ class GenerationRequest:
     temperature: float = 0.0  # 0 = greedy, so runs are reproducible
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # The rest of llama.cpp's sampler chain (applied when temperature > 0, except
+    # penalties, bias and grammar, which apply always); defaults leave it off.
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added logit
+    grammar: str | None = None  # GBNF the output must match (JSON output, tool calls)
     slot: int = 0
     # At most this many tokens of the slot's live context may be reused (None:
     # any common prefix). The node sets it so that a context built under
@@ -77,7 +91,7 @@ class GenerationResult:
     evaluated_tokens: int  # prompt tokens actually evaluated (prefill)
     ttft_s: float  # request start to first generated token
     total_s: float
-    finish_reason: Literal["stop", "length", "error"] = "stop"
+    finish_reason: Literal["stop", "length", "error", "cancelled"] = "stop"
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,11 @@ class Provider(Protocol):
         """Token ids of ``text``; ``special``: parse special-token text (``<|im_end|>``) as
         those tokens, as a rendered chat template needs (a user's text is not parsed)."""
         ...
-    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+    def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> GenerationResult:
+        """Run ``request``. With ``on_text``, each piece of text is passed to it as it is
+        generated; when it returns False the generation stops after the current token
+        (``finish_reason`` "cancelled") and the provider is free again."""
+        ...
     def stream(self, request: GenerationRequest) -> Iterator[str]: ...
     def context_tokens(self, slot: int = 0) -> list[int]:
         """The tokens whose KV the slot holds now (tier T0)."""
@@ -146,3 +164,13 @@ class Provider(Protocol):
         """
         ...
     def rates(self) -> Rates: ...
+
+
+def feed(pieces: Generator[str, None, None], on_text: TextSink) -> bool:
+    """Pass a provider's streamed pieces to ``on_text``; when it returns False, close the
+    stream (closing ends the HTTP response, and the engine stops the request). True if cut."""
+    for piece in pieces:
+        if on_text(piece) is False:
+            pieces.close()
+            return True
+    return False

@@ -47,6 +47,7 @@ from nodeagent.providers.base import (
     Rates,
     SavedState,
     StateCorrupt,
+    TextSink,
 )
 from nodeagent.providers.llama_worker import recv_frame, send_frame
 
@@ -284,9 +285,27 @@ class LlamaCppPythonProvider:
     def detokenize(self, tokens: list[int]) -> str:
         return self._call("detokenize", tokens=tokens)["text"]
 
-    def generate(self, request: GenerationRequest, **sampling: Any) -> GenerationResult:
+    def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None,
+                 **sampling: Any) -> GenerationResult:
         self._check_slot(request.slot)
-        return self._result(self._call("generate", **self._generate_args(request, sampling), stream=False))
+        if on_text is None:
+            return self._result(self._call("generate", **self._generate_args(request, sampling), stream=False))
+        with self._lock:
+            self._send("generate", **self._generate_args(request, sampling), stream=True)
+            cancelled = False
+            while True:
+                message = self._recv("generate")
+                if message.get("event") == "delta":
+                    if not cancelled and on_text(message["text"]) is False:
+                        assert self._sock is not None
+                        try:  # the worker stops after the token it is on, then answers
+                            send_frame(self._sock, {"op": "cancel"})
+                        except OSError:
+                            raise self._crashed("generate") from None
+                        cancelled = True
+                    continue
+                result = self._result(self._unwrap(message))
+                return replace(result, finish_reason="cancelled") if cancelled else result
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         yield from self.stream_events(request)
@@ -363,7 +382,12 @@ class LlamaCppPythonProvider:
         return {
             "prompt_tokens": request.prompt_tokens, "prompt_text": request.prompt_text,
             "max_tokens": request.max_tokens, "temperature": request.temperature, "seed": request.seed,
-            "stop": list(request.stop), "reuse_limit": request.reuse_limit, **sampling,
+            "stop": list(request.stop), "reuse_limit": request.reuse_limit,
+            "top_k": request.top_k, "top_p": request.top_p, "min_p": request.min_p,
+            "repeat_penalty": request.repeat_penalty, "frequency_penalty": request.frequency_penalty,
+            "presence_penalty": request.presence_penalty,
+            "logit_bias": {str(k): v for k, v in request.logit_bias.items()}, "grammar": request.grammar,
+            **sampling,
         }
 
     def _result(self, info: dict[str, Any]) -> GenerationResult:

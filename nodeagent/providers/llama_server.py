@@ -53,6 +53,8 @@ from nodeagent.contracts.provider import ProviderSpec
 from nodeagent.fsutil import atomic_write_text, fsync_dir
 from nodeagent.launch.health import check_health
 from nodeagent.providers.base import (
+    TextSink,
+    feed,
     MeasuredRates,
     GenerationRequest,
     GenerationResult,
@@ -318,6 +320,14 @@ class LlamaServerProvider:
         }
         if request.temperature <= 0:
             body["top_k"] = 1  # greedy: the argmax token, whatever the other samplers say
+        else:
+            body.update(top_k=request.top_k, top_p=request.top_p, min_p=request.min_p)
+        body.update(repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
+                    presence_penalty=request.presence_penalty)
+        if request.logit_bias:
+            body["logit_bias"] = [[token, bias] for token, bias in request.logit_bias.items()]
+        if request.grammar:
+            body["grammar"] = request.grammar
         if request.seed is not None:
             body["seed"] = request.seed
         if request.stop:
@@ -353,13 +363,25 @@ class LlamaServerProvider:
             finish_reason="length" if stop_type == "limit" else "stop",
         )
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> GenerationResult:
+        if on_text is not None:
+            return self._generate_streaming(request, on_text)
         tokens = self._prompt_tokens(request)
         started = time.monotonic()
         data = self._json("POST", "/completion", json=self._completion_body(request, tokens, stream=False))
         completion = list(data.get("tokens") or [])[: request.max_tokens] if request.max_tokens else []
         return self._finish(request, tokens, data, completion, data.get("content", "") if request.max_tokens else "",
                             started, None)
+
+    def _generate_streaming(self, request: GenerationRequest, on_text: TextSink) -> GenerationResult:
+        """Stream from the slot; a False from ``on_text`` closes the response, which makes
+        llama-server stop the task and free the slot."""
+        if not feed(self.stream(request), on_text):
+            return self.last_stream
+        tokens = self._prompt_tokens(request)
+        self._context.pop(request.slot, None)  # what the slot kept after the cut is unknown
+        return GenerationResult(text="", completion_tokens=[], prompt_tokens=len(tokens), cached_tokens=0,
+                                evaluated_tokens=len(tokens), ttft_s=0.0, total_s=0.0, finish_reason="cancelled")
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         tokens = self._prompt_tokens(request)

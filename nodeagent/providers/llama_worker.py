@@ -251,7 +251,9 @@ class Worker:
     # ---- generation
     def op_generate(self, prompt_tokens: list[int] | None = None, prompt_text: str | None = None,
                     max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
-                    stop: list[str] | None = None, top_k: int = 40, top_p: float = 0.95,
+                    stop: list[str] | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                    repeat_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                    logit_bias: dict[str, float] | None = None, grammar: str | None = None,
                     stream: bool = False, reuse_limit: int | None = None) -> dict:
         llm = self._need_model()
         start = time.perf_counter()
@@ -286,9 +288,9 @@ class Worker:
         evaluated = len(tokens) - cached
         prefill_s = time.perf_counter() - start
 
-        if seed is not None:
-            llm.set_seed(seed)
-        sampler = llm._init_sampler(temp=temperature, top_k=top_k, top_p=top_p, min_p=0.0, repeat_penalty=1.0)
+        sampler = self._sampler(llm, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                                presence_penalty=presence_penalty, logit_bias=logit_bias or {}, grammar=grammar)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stops = [s for s in (stop or []) if s]
         hold = max((len(s) for s in stops), default=1) - 1
@@ -332,6 +334,44 @@ class Worker:
             "prefill_s": prefill_s, "decode_s": end - decode_start, "decoded_tokens": n_decoded,
             "finish_reason": finish,
         }
+
+    @staticmethod
+    def _sampler(llm: Any, *, temperature: float, seed: int | None, top_k: int, top_p: float, min_p: float,
+                 repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
+                 logit_bias: dict[str, float], grammar: str | None) -> Any:
+        """llama.cpp's sampler chain as its own server builds it: bias, penalties,
+        grammar, then greedy at temperature 0, else top-k, top-p, min-p, temperature, draw."""
+        import random
+
+        from llama_cpp import _internals
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        sampler = _internals.LlamaSampler()
+        n_vocab = llm.n_vocab()
+        if logit_bias:
+            bias = {int(token): float(value) for token, value in logit_bias.items()}
+            bad = [t for t in bias if not 0 <= t < n_vocab]
+            if bad:
+                raise WorkerError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+            sampler.add_logit_bias(n_vocab, bias)
+        sampler.add_penalties(n_vocab=n_vocab, penalty_last_n=llm.last_n_tokens_size, penalty_repeat=repeat_penalty,
+                              penalty_freq=frequency_penalty, penalty_present=presence_penalty)
+        if grammar:
+            try:
+                parsed = LlamaGrammar.from_string(grammar, verbose=False)
+            except Exception as exc:
+                raise WorkerError(f"grammar: llama.cpp could not parse it: {exc}") from None
+            sampler.add_grammar(llm._model, parsed)
+        if temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        if top_k > 0:
+            sampler.add_top_k(top_k)
+        sampler.add_top_p(top_p, 1)
+        sampler.add_min_p(min_p, 1)
+        sampler.add_temp(temperature)
+        sampler.add_dist(seed if seed is not None else random.SystemRandom().randrange(2**32))
+        return sampler
 
     def _cancelled(self) -> bool:
         readable, _, _ = select.select([self.sock], [], [], 0)

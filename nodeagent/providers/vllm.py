@@ -37,6 +37,8 @@ from nodeagent.providers.base import (
     Rates,
     SavedState,
     StateUnsupported,
+    TextSink,
+    feed,
 )
 from nodeagent.providers.llama_server import Launcher, sse_events
 
@@ -175,6 +177,16 @@ class VllmProvider:
         }
         if stream:
             body["stream_options"] = {"include_usage": True}
+        if request.grammar:
+            raise ProviderError(f"{self.name}: vLLM takes no GBNF grammar; JSON output needs a llama.cpp provider")
+        if request.temperature > 0:
+            body.update(top_p=request.top_p, min_p=request.min_p)
+            if request.top_k > 0:
+                body["top_k"] = request.top_k
+        body.update(frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
+                    repetition_penalty=request.repeat_penalty)
+        if request.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in request.logit_bias.items()}
         if request.seed is not None:
             body["seed"] = request.seed
         if request.stop:
@@ -203,7 +215,13 @@ class VllmProvider:
             finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
         )
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> GenerationResult:
+        if on_text is not None:
+            if not feed(self.stream(request), on_text):
+                return self.last_stream
+            return GenerationResult(text="", completion_tokens=[], prompt_tokens=len(request.prompt_tokens or []),
+                                    cached_tokens=0, evaluated_tokens=len(request.prompt_tokens or []), ttft_s=0.0,
+                                    total_s=0.0, finish_reason="cancelled")
         started = time.monotonic()
         data = self._json("POST", "/v1/completions", json=self._body(request, stream=False))
         choice = data["choices"][0]
