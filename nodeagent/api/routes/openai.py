@@ -20,7 +20,8 @@ returns the OpenAI ``chat.completion`` object as a dict (or an iterator of
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Literal
+from types import GeneratorType
+from typing import Annotated, Any, Generator, Iterator, Literal
 
 import anyio
 from fastapi import APIRouter, Body, Depends
@@ -58,6 +59,21 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``json_object``: any JSON object; ``json_schema``: output valid against ``schema``
+    (both enforced with a llama.cpp grammar while the answer is generated)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 TURN_ROLES = ("user", "assistant", "tool")
 
 
@@ -88,6 +104,12 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # llama.cpp's sampler knobs, as llama-server takes them beside OpenAI's
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
 
@@ -120,8 +142,16 @@ class OpenAIModelList(BaseModel):
 
 
 def _sse(chunks: Iterator[Any]) -> Iterator[bytes]:
-    for chunk in chunks:
-        yield b"data: " + json_bytes(chunk if isinstance(chunk, dict) else wire_dict(chunk)) + b"\n\n"
+    """SSE framing; a failure after the first chunk (the status line has gone) is sent as
+    an ``error`` object, as OpenAI-compatible servers do, before ``[DONE]``."""
+    try:
+        for chunk in chunks:
+            yield b"data: " + json_bytes(chunk if isinstance(chunk, dict) else wire_dict(chunk)) + b"\n\n"
+    except Exception as exc:  # noqa: BLE001 - reported to the client, the stream ends cleanly
+        yield b"data: " + json_bytes({"error": {"message": str(exc), "type": type(exc).__name__}}) + b"\n\n"
+    finally:
+        if isinstance(chunks, GeneratorType):
+            chunks.close()  # closed early (client gone): the node cancels the generation
     yield b"data: [DONE]\n\n"
 
 
@@ -137,50 +167,31 @@ def _chat(request: ChatCompletionRequest, node: Any, principal: Principal, key: 
     tenant, agent = principal.chat_identity()
     body = request.model_dump(mode="json", exclude_none=True)
     claim = idempotency.chat_key(principal, key, body)
-    if request.stream:
-        # The node answers whole completions; a streaming client gets them framed as
-        # chunks (role, content, finish) so every OpenAI client works, if not token by token.
-        body["stream"] = False
-        body.pop("stream_options", None)
     try:
         # QueueFull, NodeClosed, PodInvalid... map to 4xx/503 in errors.py
         result = method(body, tenant=tenant, agent=agent, idempotency=claim)
     except IdempotencyConflict as exc:
         raise idempotency.conflict(exc) from exc
     if request.stream:
-        chunks = result if not isinstance(result, dict) else _as_chunks(
-            result, include_usage=bool(request.stream_options and request.stream_options.include_usage))
-        return StreamingResponse(_iterate_in_thread(_sse(iter(chunks))), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        # Chunks come as the provider generates them; a client that goes away closes
+        # the iterator, which cancels the generation (see Node.chat_completion).
+        return StreamingResponse(_iterate_in_thread(_sse(iter(result))), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return wire_response(result)
 
 
-def _as_chunks(completion: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    base = {"id": completion.get("id"), "object": "chat.completion.chunk", "created": completion.get("created"),
-            "model": completion.get("model")}
-    chunks = []
-    for choice in completion.get("choices", []):
-        message = choice.get("message", {})
-        index = choice.get("index", 0)
-        chunks.append({**base, "choices": [{"index": index, "delta": {"role": message.get("role", "assistant"),
-                                                                       "content": ""}, "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": index, "delta": {"content": message.get("content") or ""},
-                                            "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": index, "delta": {},
-                                            "finish_reason": choice.get("finish_reason") or "stop"}]})
-    if include_usage and completion.get("usage") is not None:
-        chunks.append({**base, "choices": [], "usage": completion["usage"]})
-    return chunks
-
-
-async def _iterate_in_thread(sync_iter: Iterator[bytes]):  # type: ignore[no-untyped-def]
-    """Pull a blocking iterator (tokens from a provider) without blocking the event loop."""
+async def _iterate_in_thread(sync_iter: Generator[bytes, None, None]):  # type: ignore[no-untyped-def]
+    """Pull a blocking iterator (tokens from a provider) without blocking the event loop;
+    when the response ends early (the client disconnected) the iterator is closed."""
     sentinel = object()
-    while True:
-        item = await anyio.to_thread.run_sync(next, sync_iter, sentinel)
-        if item is sentinel:
-            return
-        yield item
+    try:
+        while True:
+            item = await anyio.to_thread.run_sync(next, sync_iter, sentinel)
+            if item is sentinel:
+                return
+            yield item
+    finally:
+        await anyio.to_thread.run_sync(sync_iter.close)
 
 
 _CHAT_DOC = dict(response_model=ChatCompletion, responses=error_responses(403, 404, 409, 422, 429, 501, 502, 503),
