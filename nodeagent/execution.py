@@ -45,7 +45,7 @@ from nodeagent.admission import AdmissionRequest
 from nodeagent.contracts.names import as_label
 from nodeagent.contracts.pod import AgentPod, ContextSegment, PodPhase, TurnResult, text_digest
 from nodeagent.kvcache.blocks import block_keys
-from nodeagent.pods import PodInvalid
+from nodeagent.pods import PodNotPlaceable, PodReferenceUnknown
 from nodeagent.kvcache.manager import CacheManager
 from nodeagent.providers.base import GenerationRequest, Provider, ProviderError, ProviderUnavailable, StateCorrupt
 from nodeagent.scheduler.placement import (
@@ -95,8 +95,8 @@ class SegmentStore:
             with self._lock:
                 row = self._conn.execute("SELECT text FROM segments WHERE digest = ?", (segment.digest,)).fetchone()
             if row is None:
-                raise PodInvalid(f"spec.context[{index}].digest {segment.digest} is unknown to this node; "
-                                 f"send the segment's text once")
+                raise PodReferenceUnknown(f"spec.context[{index}].digest {segment.digest} is unknown to this "
+                                          f"node; send the segment's text once")
             out.append(row[0])
         return out
 
@@ -554,12 +554,13 @@ class PodExecutor:
         return self._machine
 
     def validate(self, pod: AgentPod) -> None:
-        """Checks that need node state, run at submit time (raise PodInvalid)."""
+        """Checks that need node state, run at submit time (raise PodReferenceUnknown)."""
         self.segments.remember(pod.spec.context)
         self.segments.texts(pod.spec.context)
         if pod.spec.provider is not None and pod.spec.provider not in {m.name for m in self.pool.all()}:
             known = ", ".join(sorted(m.name for m in self.pool.all())) or "none"
-            raise PodInvalid(f"spec.provider {pod.spec.provider!r} is not a provider of this node (known: {known})")
+            raise PodReferenceUnknown(f"spec.provider {pod.spec.provider!r} is not a provider of this node "
+                                      f"(known: {known})")
 
     def before_end(self, pod: AgentPod, phase: PodPhase, reason: str, error_class: str | None = None) -> None:
         """Node hook: the pod ends outside a turn (refused, cancelled, recovered after
@@ -680,8 +681,8 @@ class PodExecutor:
         """The pod's conversation, rendered by its model's template, its segments added."""
         tokenizer = self._tokenizer_for(record, load=load)
         if tokenizer is None:
-            raise PodInvalid(f"spec.model: no provider holds {model_name(record)} yet, so its "
-                             f"prompt cannot be tokenized for a dry run; load it first")
+            raise PodNotPlaceable(f"spec.model: no provider holds {model_name(record)} yet, so its "
+                                  f"prompt cannot be tokenized for a dry run; load it first")
         session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent, tokenizer.tokenize,
                                  self.template(record))
         session.add_segments(pod.spec.context, texts)

@@ -102,6 +102,16 @@ class PodInvalid(ValueError):
     OpenAI request); the message names the field. The API answers 422."""
 
 
+class PodReferenceUnknown(PodInvalid):
+    """The pod names something this node does not have: a provider, a context
+    segment by digest. A well-formed request about a missing thing: the API answers 404."""
+
+
+class PodNotPlaceable(PodInvalid):
+    """The node's state does not allow this now (a dry run of a model no provider
+    holds yet); it may later. The API answers 409."""
+
+
 def _now(now: datetime | None) -> datetime:
     return now or datetime.now(timezone.utc)
 

@@ -218,11 +218,15 @@ def _domain_handler(status: int, type_: str, field: str | None):  # type: ignore
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:[.\[][A-Za-z0-9_\]]*)*): ")
 
 
-async def _on_invalid_input(request: Request, exc: Exception) -> JSONResponse:
-    """A ValueError subclass a component raises as "field: what is wrong"."""
-    message = str(exc)
-    match = _FIELD_PREFIX.match(message)
-    return error_response(422, "invalid_request", message, match.group(1) if match else None)
+def _invalid_input(status: int, type_: str):  # type: ignore[no-untyped-def]
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        """A ValueError subclass a component raises as "field: what is wrong"."""
+        message = str(exc)
+        match = _FIELD_PREFIX.match(message)
+        return error_response(status, type_, message, match.group(1) if match else None)
+
+    return handler
+
 
 
 async def _on_pod_failed(request: Request, exc: Exception) -> JSONResponse:
@@ -257,12 +261,16 @@ def install_error_handlers(app: FastAPI) -> None:
     import importlib
 
     from nodeagent.node import NodeClosed, QueueFull
+    from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
 
     app.add_exception_handler(QueueFull, _on_queue_full)
     app.add_exception_handler(NodeClosed, _on_node_closed)
     app.add_exception_handler(TimeoutError, _on_timeout)
-    for module_name, class_name, handler in (("nodeagent.pods", "PodInvalid", _on_invalid_input),
-                                             ("nodeagent.openai_compat", "ChatCompletionFailed", _on_pod_failed)):
+    # A pod the node cannot take as written; the most specific class answers.
+    app.add_exception_handler(PodInvalid, _invalid_input(422, "invalid_request"))
+    app.add_exception_handler(PodReferenceUnknown, _invalid_input(404, "not_found"))
+    app.add_exception_handler(PodNotPlaceable, _invalid_input(409, "conflict"))
+    for module_name, class_name, handler in (("nodeagent.openai_compat", "ChatCompletionFailed", _on_pod_failed),):
         try:
             app.add_exception_handler(getattr(importlib.import_module(module_name), class_name), handler)
         except (ImportError, AttributeError):

@@ -13,6 +13,19 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "agent-machine/v1"
+# The largest integer every JSON reader holds exactly (I-JSON, RFC 7493); receipts
+# are canonical JSON (RFC 8785), which refuses larger ones, so inputs stop here.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def one_of_present(*names: str) -> dict[str, Any]:
+    """JSON Schema: exactly one of ``names`` is present and not null (a model validator enforces it)."""
+    return {"oneOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names]}
+
+
+def any_of_present(*names: str) -> dict[str, Any]:
+    """JSON Schema: at least one of ``names`` is present and not null (a model validator enforces it)."""
+    return {"anyOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names]}
 
 
 class Contract(BaseModel):

@@ -19,9 +19,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from nodeagent.contracts.base import Contract, Resource
+from nodeagent.contracts.base import MAX_SAFE_INTEGER, Contract, Resource, any_of_present, one_of_present
 from nodeagent.contracts.policy import PolicyDecision
 from nodeagent.contracts.names import DIGEST as DIGEST_RE
 from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_REFERENCE, PROVIDER_NAME
@@ -49,6 +49,11 @@ SCOPE_ORDER = {CacheScope.public: 0, CacheScope.tenant: 1, CacheScope.private: 2
 
 
 class ContextSegment(Contract):
+    # Exactly one of text and digest, and the schema says so: a digest beside its
+    # text said nothing the node does not compute, and the schema cannot state
+    # that the two must agree.
+    model_config = ConfigDict(json_schema_extra=one_of_present("text", "digest"))
+
     role: Literal["system", "tools", "memory", "retrieval", "history"]
     text: str | None = None
     # sha256 of the UTF-8 text. Alone, it refers to a segment this node has
@@ -57,11 +62,16 @@ class ContextSegment(Contract):
     scope: CacheScope = CacheScope.private
 
     @model_validator(mode="after")
-    def _text_or_digest(self) -> "ContextSegment":
+    def _text_or_digest(self, info: ValidationInfo) -> "ContextSegment":
         if self.text is None and self.digest is None:
             raise ValueError("a context segment needs `text` or `digest`")
-        if self.text is not None and self.digest is not None and text_digest(self.text) != self.digest:
-            raise ValueError("`digest` does not match sha256 of `text`")
+        if self.text is not None and self.digest is not None:
+            # Older agents took both when they agreed; such a stored pod still loads.
+            if info.context != STORED:
+                raise ValueError("a context segment has `text` or `digest`, not both (the node computes the "
+                                 "digest of a text; send the digest alone to reuse a segment it has)")
+            if text_digest(self.text) != self.digest:
+                raise ValueError("`digest` does not match sha256 of `text`")
         return self
 
 
@@ -121,11 +131,13 @@ def checked_name(value: str | None, pattern: str, what: str, info: ValidationInf
 
 
 class ModelRef(Contract):
+    model_config = ConfigDict(json_schema_extra=any_of_present("name", "digest"))
+
     # NAME[:TAG], sha256:<hex prefix> or a hex prefix (see contracts.names)
     name: str | None = Field(default=None, json_schema_extra={"pattern": MODEL_REFERENCE,
                                                               "maxLength": MAX_MODEL_REFERENCE})
     digest: str | None = Field(default=None, pattern=DIGEST_RE)
-    min_context: int = Field(default=0, ge=0)
+    min_context: int = Field(default=0, ge=0, le=MAX_SAFE_INTEGER)
 
     @field_validator("name")
     @classmethod
@@ -142,7 +154,7 @@ class ModelRef(Contract):
 
 class Resources(Contract):
     accelerator: Literal["any", "cpu", "gpu"] = "any"
-    memory_bytes: int | None = Field(default=None, ge=0)
+    memory_bytes: int | None = Field(default=None, ge=0, le=MAX_SAFE_INTEGER)
 
 
 # An instant as RFC 3339 writes it (the schema's `format: date-time`): seconds and a UTC offset required.

@@ -17,7 +17,7 @@ _PlacementDecision = optional_model("nodeagent.contracts.placement", "PlacementD
 
 
 @router.post("/v1/placements:score", response_model=_PlacementDecision,
-             responses=error_responses(403, 404, 422, 501),
+             responses=error_responses(403, 404, 409, 422, 501),
              summary="score a pod on this machine without running it: every candidate with its TTFT terms")
 def score_placement(pod: AgentPod = Body(...), node: Any = Depends(get_node),
                     principal: Principal = Depends(get_principal)) -> Response:

@@ -38,7 +38,7 @@ def visible_pod(node: Any, principal: Principal, pod_id: str) -> AgentPod:
 
 
 @router.post("/v1/pods", response_model=AgentPod, status_code=201,
-             responses={**error_responses(403, 409, 429, 503),
+             responses={**error_responses(403, 404, 409, 429, 503),
                         200: {"model": AgentPod, "description": "a replay: the pod this Idempotency-Key already made"}},
              summary="submit an AgentPod: admitted and queued, or refused at once (phase Refused with reasons)")
 def submit_pod(submission: PodSubmission = Body(...), key: str | None = idempotency.IDEMPOTENCY_KEY,
