@@ -509,6 +509,10 @@ class Tokenizer:
         """Rendered prompt text -> ids: special tokens parsed, no BOS added (the template writes it)."""
         return self.executor.tokenize(self.record, text)
 
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """A text-completion prompt -> ids: BOS as the model wants it, special tokens parsed."""
+        return self.executor.tokenize(self.record, text, add_bos=True)
+
 
 @dataclass
 class TurnOutcome:
@@ -538,7 +542,7 @@ class PodExecutor:
         self.segments = SegmentStore(node.db, node._db_lock)
         self._machine = machine
         self._place_lock = threading.Lock()  # placement + queue accounting are one step
-        self._token_cache: "OrderedDict[tuple[str, str], tuple[int, ...]]" = OrderedDict()
+        self._token_cache: "OrderedDict[tuple[str, bool, str], tuple[int, ...]]" = OrderedDict()
         self._templates: dict[str, ChatTemplate] = {}  # model digest -> its chat template
         # (tenant, agent, session) -> provider of its last turn: a session sent one
         # turn per pod (as agent loops do) keeps its affinity like a multi-turn pod.
@@ -629,7 +633,10 @@ class PodExecutor:
             try:
                 if session is None:
                     session = self._session(pod, record, texts)
-                session.add_turn(turn.messages)
+                if turn.prompt is not None:
+                    session.add_prompt(turn.prompt, self._tokenizer_for(record).tokenize_prompt)
+                else:
+                    session.add_turn(turn.messages)
                 if index == 0:
                     refusal = self._admit_with_tokens(pod, record, len(session.tokens))
                     if refusal:
@@ -672,7 +679,11 @@ class PodExecutor:
         """A dry-run placement of the pod's first turn (nothing runs, nothing is reserved)."""
         record = self.models.resolve(pod.spec.model.digest or pod.spec.model.name)
         session = self._session(pod, record, self.segments.texts(pod.spec.context), load=False)
-        session.add_turn(pod.spec.turns[0].messages)
+        first = pod.spec.turns[0]
+        if first.prompt is not None:
+            session.add_prompt(first.prompt, self._tokenizer_for(record, load=False).tokenize_prompt)
+        else:
+            session.add_turn(first.messages)
         decision, _ = self._place(pod, record, session, dry_run=True)
         return decision
 
@@ -683,8 +694,9 @@ class PodExecutor:
         if tokenizer is None:
             raise PodNotPlaceable(f"spec.model: no provider holds {model_name(record)} yet, so its "
                                   f"prompt cannot be tokenized for a dry run; load it first")
+        tools = [t.to_wire() for t in pod.spec.tools] if pod.spec.tools else None
         session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent, tokenizer.tokenize,
-                                 self.template(record))
+                                 self.template(record), tools=tools)
         session.add_segments(pod.spec.context, texts)
         return session
 
@@ -712,11 +724,12 @@ class PodExecutor:
             self.pool.load(record)
         return Tokenizer(self, record)
 
-    def tokenize(self, record: Any, text: str) -> list[int]:
-        """Ids of rendered prompt text (special tokens parsed, no BOS added), by the model's
-        tokenize-only worker when it has one, else by an idle provider of the model."""
+    def tokenize(self, record: Any, text: str, add_bos: bool = False) -> list[int]:
+        """Ids of prompt text (special tokens parsed; BOS only with ``add_bos``: a chat
+        template writes its own), by the model's tokenize-only worker when it has one,
+        else by an idle provider of the model."""
         digest = record.digest
-        key = (digest, text)
+        key = (digest, add_bos, text)
         cached = self._token_cache.get(key)
         if cached is not None:
             self._token_cache.move_to_end(key)
@@ -725,7 +738,7 @@ class PodExecutor:
         tokenizer = self.pool.tokenizer(record)
         if tokenizer is not None:
             try:
-                tokens = tokenizer.tokenize(text, add_bos=False, special=True)
+                tokens = tokenizer.tokenize(text, add_bos=add_bos, special=True)
             except ProviderError as exc:  # it died mid-call: started again next time
                 log.warning("tokenizer %s failed (%s); tokenizing with a provider", tokenizer.name, exc)
         if tokens is None:
@@ -734,7 +747,7 @@ class PodExecutor:
                 raise ProviderError(f"no provider holds model {digest[:19]} to tokenize with")
             idle = [m for m in candidates if not m.turns.busy()]
             provider = (idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)).provider
-            tokens = provider.tokenize(text, add_bos=False, special=True)
+            tokens = provider.tokenize(text, add_bos=add_bos, special=True)
         if len(text) >= TOKEN_CACHE_MIN_CHARS:
             self._token_cache[key] = tuple(tokens)
             while len(self._token_cache) > TOKEN_CACHE_ENTRIES:

@@ -82,13 +82,20 @@ class SessionContext:
     def add_turn(self, messages: Sequence[Message | dict[str, Any]]) -> None:
         """Append a turn's messages and render the prompt (ending with the assistant's cue)."""
         for message in messages:
-            wire = message if isinstance(message, dict) else {"role": message.role, "content": message.content}
+            wire = message if isinstance(message, dict) else message.template_dict()
             self._push(dict(wire), CacheScope.private)
         held = self.tokens
         self.tokens = self.tokenize(self.render(add_generation_prompt=True))
         if self.replies:
             self.diverged_tokens = len(held) - common_prefix(held, self.tokens)
         self.spans = self._spans()
+
+    def add_prompt(self, text: str, tokenize_prompt: Tokenize) -> None:
+        """A plain text completion: ``text`` is the whole prompt, tokenized as llama.cpp
+        tokenizes a completion prompt (BOS as the model wants it), private to the pod."""
+        self._push({"role": "user", "content": text}, CacheScope.private)
+        self.tokens = tokenize_prompt(text)
+        self.spans = [(0, self._namespace(self.scopes[-1]))]
 
     def add_reply(self, completion_tokens: Sequence[int], text: str = "") -> None:
         """The provider now holds the prompt and the tokens it generated; the conversation

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine: probe, generate and import a model,
-# serve the agent on its embedded default (llama-cpp-python), place two pods of
-# one agent (the second lands where its context is cached), then verify every
-# receipt offline with nothing but the public key.
+# The main job, end to end on this machine: probe, fetch and import a real
+# instruct model (SmolLM2-135M-Instruct), serve the agent on its embedded
+# default (llama-cpp-python), place two pods of one agent (the second lands
+# where its context is cached), ask it through the OpenAI API with the answer
+# streamed token by token, then verify every receipt offline with nothing but
+# the public key.
 #
 # State goes to ${DEMO_DIR:-.demo} so the demo never touches a real install.
 set -euo pipefail
@@ -19,10 +21,9 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "probe: what this machine has"
 am probe
 
-step "a model: generate a small random-weight GGUF and import it"
-if ! am models inspect tiny >/dev/null 2>&1; then
-  am models create-test-model --preset tiny "$DEMO_DIR/tiny.gguf"
-  am models import "$DEMO_DIR/tiny.gguf" --name tiny
+step "a model: SmolLM2-135M-Instruct (real weights, its own chat template), fetched and verified"
+if ! am models inspect smollm2 >/dev/null 2>&1; then
+  am models import "$(bash scripts/fetch-smollm2.sh)" --name smollm2
 fi
 am models ls
 
@@ -41,6 +42,21 @@ sed 's/"support-1"/"support-2"/; s/"ticket-42"/"ticket-43"/; s/reboots every nig
   examples/pod-support-agent.json > "$DEMO_DIR/pod2.json"
 am pods score "$DEMO_DIR/pod2.json"
 am pods submit "$DEMO_DIR/pod2.json" --wait
+
+step "the OpenAI API: a chat completion, streamed as the model writes it"
+python3 - "$AGENT_MACHINE_RUNTIME_DIR/api.sock" <<'PY'
+import json, sys, httpx
+body = {"model": "smollm2", "stream": True, "temperature": 0, "max_tokens": 64,
+        "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                     {"role": "user", "content": "What is the capital of France?"}]}
+with httpx.Client(transport=httpx.HTTPTransport(uds=sys.argv[1]), base_url="http://agent", timeout=120) as client:
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    print(choice["delta"].get("content") or "", end="", flush=True)
+print()
+PY
 
 step "cache and providers"
 am cache stats

@@ -81,7 +81,7 @@ def test_a_chat_answer_equals_llama_cpps_own_chat_completion_at_temperature_0(no
 
 
 def test_the_model_stops_at_its_end_of_turn(node):
-    answer = node.chat_completion({"model": "smollm2", "max_tokens": 200, "messages": PROMPTS[0]})
+    answer = node.chat_completion({"model": "smollm2", "max_tokens": 200, "temperature": 0, "messages": PROMPTS[0]})
     choice = answer["choices"][0]
     assert choice["message"]["content"] == "The capital of France is Paris."
     assert choice["finish_reason"] == "stop"

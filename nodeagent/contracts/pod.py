@@ -17,7 +17,7 @@ import hashlib
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -75,9 +75,58 @@ class ContextSegment(Contract):
         return self
 
 
+class FunctionCall(Contract):
+    name: str = Field(min_length=1, max_length=128)
+    arguments: str = Field(default="{}", max_length=65536, description="JSON text, as OpenAI sends it")
+
+
+class ToolCall(Contract):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(Contract):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolDefinition(Contract):
+    """A tool the model may call (OpenAI's shape); the chat template renders the list."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
 class Message(Contract):
     role: Literal["user", "assistant", "tool"]
-    content: str
+    content: str = ""
+    tool_calls: list[ToolCall] | None = None  # an assistant message that called tools
+    tool_call_id: str | None = Field(default=None, max_length=128)  # the call a tool message answers
+    name: str | None = Field(default=None, max_length=128)
+
+    def template_dict(self) -> dict[str, Any]:
+        """As chat templates expect it: tool-call arguments as objects (transformers' convention)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _json_or_text(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class Sampling(Contract):
@@ -103,11 +152,23 @@ class Sampling(Contract):
 
 
 class Turn(Contract):
-    """Messages appended before the model answers; the answer is appended after."""
+    """Messages appended before the model answers; the answer is appended after.
 
-    messages: list[Message] = Field(min_length=1)
+    ``prompt`` instead of messages is a plain text completion (OpenAI's
+    ``/v1/completions``): the text is the whole prompt, no chat template; such
+    a pod has that one turn and no context segments.
+    """
+
+    messages: list[Message] = Field(default_factory=list, max_length=1024)
+    prompt: str | None = Field(default=None, min_length=1, max_length=1 << 20)
     max_tokens: int = Field(default=128, ge=1, le=32768)
     sampling: Sampling | None = None  # None: greedy
+
+    @model_validator(mode="after")
+    def _messages_or_prompt(self) -> "Turn":
+        if (self.prompt is None) == (not self.messages):
+            raise ValueError("a turn needs `messages` (a chat turn) or `prompt` (a text completion), not both")
+        return self
 
 
 STORED = "stored"  # validation context of documents the node itself stored
@@ -201,10 +262,18 @@ class AgentPodSpec(Contract):
     model: ModelRef
     context: list[ContextSegment] = Field(default_factory=list)
     turns: list[Turn] = Field(min_length=1, max_length=256)
+    # Tools the model may call, rendered by its chat template (OpenAI's function shape).
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     resources: Resources = Field(default_factory=Resources)
     policy: PodPolicy = Field(default_factory=PodPolicy)
     # pin to one provider by name (optional)
     provider: str | None = Field(default=None, json_schema_extra={"pattern": PROVIDER_NAME, "maxLength": 128})
+
+    @model_validator(mode="after")
+    def _text_completion_alone(self) -> "AgentPodSpec":
+        if any(t.prompt is not None for t in self.turns) and (len(self.turns) > 1 or self.context or self.tools):
+            raise ValueError("a text-completion turn (`prompt`) is a pod's only turn, without context or tools")
+        return self
 
     @field_validator("provider")
     @classmethod
