@@ -334,6 +334,8 @@ EXPECTED_FIELDS = {
     "predicate.timing.firstTokenAt": TIME + "?", "predicate.timing.finishedAt": TIME,
     "predicate.usage": "model", "predicate.usage.promptTokens": "count", "predicate.usage.completionTokens": "count",
     "predicate.outcome": "model", "predicate.outcome.status": "literal", "predicate.outcome.errorClass": LABEL + "?",
+    "predicate.policy": "model?", "predicate.policy.source": LABEL, "predicate.policy.digest": DIGEST + "?",
+    "predicate.policy.verdict": "literal", "predicate.policy.reasons": "list", "predicate.policy.reasons[]": LABEL,
     "predicate.log": "model", "predicate.log.seq": "count", "predicate.log.previousLeafHash": HEX64 + "?",
     "predicate.machine": "model", "predicate.machine.identityHash": HASH, "predicate.machine.host": LABEL,
     "predicate.machine.agentVersion": LABEL, "predicate.machine.profileDigest": HASH,
@@ -356,8 +358,9 @@ def _describe(annotation, metadata):
     if typing.get_origin(annotation) is typing.Literal:
         assert not constraints
         return "literal", None
-    if typing.get_origin(annotation) is list:
-        assert sorted(repr(c) for c in constraints) == ["MaxLen(max_length=2)", "MinLen(min_length=1)"]
+    if typing.get_origin(annotation) is list:  # the subjects (1-2), the policy's reasons (at most 16)
+        assert sorted(repr(c) for c in constraints) in (["MaxLen(max_length=2)", "MinLen(min_length=1)"],
+                                                       ["MaxLen(max_length=16)"])
         return "list", typing.get_args(annotation)[0]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         assert not constraints
@@ -378,7 +381,9 @@ def _fields(model, prefix=""):
         path = f"{prefix}{info.alias or name}"
         kind, nested = _describe(info.annotation, list(info.metadata))
         yield path, kind
-        if nested is not None:
+        if kind == "list" and not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+            yield f"{path}[]", _describe(nested, [])[0]  # a list of plain values (the policy's reasons)
+        elif nested is not None:
             yield from _fields(nested, f"{path}[]." if kind == "list" else f"{path}.")
 
 

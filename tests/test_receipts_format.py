@@ -167,7 +167,7 @@ def test_statement_layout():
     assert predicate["log"] == {"seq": 7, "previousLeafHash": "22" * 32}
     assert predicate["machine"]["keyId"] == signer.key_id
     assert set(predicate) == {"log", "machine", "pod", "model", "provider", "placement", "cache", "timing",
-                              "usage", "outcome"}
+                              "usage", "outcome", "policy"}
     assert predicate["placement"]["chosen"]["terms"]["ttftUs"] == receipt.placement.chosen.terms.ttft_us
 
 

@@ -74,6 +74,9 @@ _LAUNCH_MODES = frozenset(typing.get_args(contract.LaunchMode))
 _CONTAINER_MODES = contract.CONTAINER_LAUNCH_MODES
 _TIERS = _literals(contract.CacheUse, "tier_hit")
 _STATUSES = _literals(contract.Outcome, "status")
+_VERDICTS = _literals(contract.PolicyInfo, "verdict")
+_MAX_REASONS = next(m.max_length for m in contract.PolicyInfo.model_fields["reasons"].metadata
+                    if getattr(m, "max_length", None) is not None)
 
 _STATEMENT_KEYS = _keys(contract.ExecutionStatement)
 _PREDICATE_KEYS = _keys(contract.ExecutionPredicate)
@@ -87,6 +90,7 @@ _CACHE_KEYS = _keys(contract.CacheUse)
 _TIMING_KEYS = _keys(contract.Timing)
 _USAGE_KEYS = _keys(contract.Usage)
 _OUTCOME_KEYS = _keys(contract.Outcome)
+_POLICY_KEYS = _keys(contract.PolicyInfo)
 _LOG_KEYS = _keys(contract.LogPosition)
 _MACHINE_KEYS = _keys(contract.MachineRef)
 _SUBJECT_KEYS = _keys(contract.Subject)
@@ -178,6 +182,14 @@ def accepts(statement: Any) -> bool:
         return False
     if not (_is(outcome, _OUTCOME_KEYS) and type(outcome["status"]) is str and outcome["status"] in _STATUSES
             and _optional_label(outcome["errorClass"])):
+        return False
+    policy = p["policy"]
+    if policy is not None and not (
+            _is(policy, _POLICY_KEYS) and _label(policy["source"])
+            and (policy["digest"] is None or _matches(_DIGEST, policy["digest"]))
+            and type(policy["verdict"]) is str and policy["verdict"] in _VERDICTS
+            and type(policy["reasons"]) is list and len(policy["reasons"]) <= _MAX_REASONS
+            and all(_label(reason) for reason in policy["reasons"])):
         return False
     if not (_is(timing, _TIMING_KEYS) and _time(timing["queuedAt"]) and _time(timing["finishedAt"])
             and (timing["startedAt"] is None or _time(timing["startedAt"]))
