@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -43,7 +42,7 @@ import rfc8785
 
 from nodeagent.admission import AdmissionRequest
 from nodeagent.contracts.names import as_label
-from nodeagent.contracts.pod import AgentPod, ContextSegment, PodPhase, TurnResult, text_digest
+from nodeagent.contracts.pod import AgentPod, PodPhase, TurnResult, text_digest
 from nodeagent.kvcache.blocks import block_keys
 from nodeagent.pods import PodNotPlaceable, PodReferenceUnknown
 from nodeagent.kvcache.manager import CacheManager
@@ -60,45 +59,11 @@ from nodeagent.scheduler.placement import (
 from nodeagent.scheduler.cost import queue_wait_s
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.models.gguf_meta import read_chat_facts
+from nodeagent.segments import SegmentStore
 from nodeagent.session import SessionContext
 from nodeagent.templates import ChatTemplate, template_for
-from nodeagent.store import migrate, transaction
 
 log = logging.getLogger("agent_machine.execution")
-
-
-# ------------------------------------------------------------------ segments
-_SEGMENTS_SCHEMA = ["CREATE TABLE segments (digest TEXT PRIMARY KEY, text TEXT NOT NULL, first_seen TEXT NOT NULL)"]
-
-
-class SegmentStore:
-    """Context segments this node has seen, by digest, so planners may send a digest alone."""
-
-    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock) -> None:
-        self._conn, self._lock = conn, lock
-        with lock:
-            migrate(conn, "segments", _SEGMENTS_SCHEMA)
-
-    def remember(self, segments: Iterable[ContextSegment]) -> None:
-        rows = [(text_digest(s.text), s.text, datetime.now(timezone.utc).isoformat())
-                for s in segments if s.text is not None]
-        if rows:
-            with self._lock, transaction(self._conn):
-                self._conn.executemany("INSERT OR IGNORE INTO segments (digest, text, first_seen) VALUES (?, ?, ?)", rows)
-
-    def texts(self, segments: Sequence[ContextSegment]) -> list[str]:
-        out = []
-        for index, segment in enumerate(segments):
-            if segment.text is not None:
-                out.append(segment.text)
-                continue
-            with self._lock:
-                row = self._conn.execute("SELECT text FROM segments WHERE digest = ?", (segment.digest,)).fetchone()
-            if row is None:
-                raise PodReferenceUnknown(f"spec.context[{index}].digest {segment.digest} is unknown to this "
-                                          f"node; send the segment's text once")
-            out.append(row[0])
-        return out
 
 
 # ------------------------------------------------------------------ providers
@@ -559,8 +524,8 @@ class PodExecutor:
 
     def validate(self, pod: AgentPod) -> None:
         """Checks that need node state, run at submit time (raise PodReferenceUnknown)."""
-        self.segments.remember(pod.spec.context)
-        self.segments.texts(pod.spec.context)
+        self.segments.remember(pod.spec.context, pod.metadata.tenant)
+        self.segments.texts(pod.spec.context, pod.metadata.tenant)
         if pod.spec.provider is not None and pod.spec.provider not in {m.name for m in self.pool.all()}:
             known = ", ".join(sorted(m.name for m in self.pool.all())) or "none"
             raise PodReferenceUnknown(f"spec.provider {pod.spec.provider!r} is not a provider of this node "
@@ -605,7 +570,7 @@ class PodExecutor:
         except Exception as exc:
             return self._fail(pod, f"model {pod.spec.model.name or pod.spec.model.digest}: {exc}",
                               type(exc).__name__, queued, turn=None)
-        texts = self.segments.texts(pod.spec.context)
+        texts = self.segments.texts(pod.spec.context, pod.metadata.tenant)
         try:
             self._run_turns(pod, record, texts, queued)
         finally:
@@ -678,7 +643,7 @@ class PodExecutor:
     def score(self, pod: AgentPod) -> Decision:
         """A dry-run placement of the pod's first turn (nothing runs, nothing is reserved)."""
         record = self.models.resolve(pod.spec.model.digest or pod.spec.model.name)
-        session = self._session(pod, record, self.segments.texts(pod.spec.context), load=False)
+        session = self._session(pod, record, self.segments.texts(pod.spec.context, pod.metadata.tenant), load=False)
         first = pod.spec.turns[0]
         if first.prompt is not None:
             session.add_prompt(first.prompt, self._tokenizer_for(record, load=False).tokenize_prompt)

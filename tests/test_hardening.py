@@ -327,3 +327,24 @@ def test_kill_9_at_random_moments_and_around_the_receipt_leaves_no_turn_without_
     assert summary["turns_without_receipt"] == []
     assert summary["terminal_pods_without_receipt"] == []
     assert summary["log_verifies"], summary["log_failures"]
+
+
+# ------------------------------------------------------------------ D5: segments by digest
+def test_a_segment_digest_resolves_only_for_its_own_tenant_or_when_public(tmp_path):
+    # Before: any tenant could name (and so confirm and use) another tenant's private text by its digest.
+    import threading
+
+    from nodeagent.contracts.pod import ContextSegment, text_digest
+    from nodeagent.pods import PodReferenceUnknown
+    from nodeagent.segments import SegmentStore
+
+    conn = connect(tmp_path / "state.db")
+    store = SegmentStore(conn, threading.RLock())
+    secret, shared = "tenant A's private system prompt", "a public tool catalogue"
+    store.remember([ContextSegment(role="system", text=secret, scope="private"),
+                    ContextSegment(role="tools", text=shared, scope="public")], "tenant-a")
+    by_digest = [ContextSegment(role="system", digest=text_digest(secret))]
+    assert store.texts(by_digest, "tenant-a") == [secret]
+    with pytest.raises(PodReferenceUnknown, match=r"spec.context\[0\].digest"):
+        store.texts(by_digest, "tenant-b")
+    assert store.texts([ContextSegment(role="tools", digest=text_digest(shared))], "tenant-b") == [shared]
