@@ -189,12 +189,15 @@ def estimated_size(spec: TestModelSpec) -> int:
     return total
 
 
-def create_test_model(out: str | os.PathLike[str], preset: str = "tiny", **overrides: Any) -> Path:
+def create_test_model(out: str | os.PathLike[str], preset: str = "tiny", *, chat_template: str | None = None,
+                      **overrides: Any) -> Path:
     """Write a random-weight llama GGUF to ``out`` and return its path.
 
     ``overrides`` are `TestModelSpec` fields (``n_layer``, ``n_embd``, ``n_head``,
     ``n_head_kv``, ``n_ff``, ``n_ctx_train``, ``n_vocab``, ``dtype``, ``seed``,
     ``name``...). If ``out`` is a directory the file is ``<dir>/<name>.gguf``.
+    ``chat_template`` replaces the default `CHAT_TEMPLATE` (e.g. a real model's,
+    to test its tool-call format on a model that loads in milliseconds).
     """
     import gguf
 
@@ -233,7 +236,7 @@ def create_test_model(out: str | os.PathLike[str], preset: str = "tiny", **overr
         writer.add_eos_token_id(2)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
-        writer.add_chat_template(CHAT_TEMPLATE)
+        writer.add_chat_template(CHAT_TEMPLATE if chat_template is None else chat_template)
         width = np.float16 if spec.dtype == "f16" else np.float32
         for name, shape, kind in plan:
             dtype = np.dtype(np.float32 if kind == "norm" else width)
