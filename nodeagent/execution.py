@@ -58,10 +58,9 @@ from nodeagent.scheduler.placement import (
 )
 from nodeagent.scheduler.cost import queue_wait_s
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
-from nodeagent.models.gguf_meta import read_chat_facts
 from nodeagent.segments import SegmentStore
 from nodeagent.session import SessionContext
-from nodeagent.templates import ChatTemplate, template_for
+from nodeagent.templates import ChatTemplate, model_template
 
 log = logging.getLogger("agent_machine.execution")
 
@@ -602,6 +601,10 @@ class PodExecutor:
                     session.add_prompt(turn.prompt, self._tokenizer_for(record).tokenize_prompt)
                 else:
                     session.add_turn(turn.messages)
+                    if session.diverged_tokens:  # the template re-rendered part of what the provider holds
+                        from nodeagent import metrics
+
+                        metrics.record_template_divergence(model_name(record), session.diverged_tokens)
                 if index == 0:
                     refusal = self._admit_with_tokens(pod, record, len(session.tokens))
                     if refusal:
@@ -670,10 +673,11 @@ class PodExecutor:
         (read once per model), else ChatML."""
         cached = self._templates.get(record.digest)
         if cached is None:
-            facts = read_chat_facts(record.path)
-            override = self.models.template_override(record.digest)
-            cached = template_for(facts.chat_template, bos_token=facts.bos_token, eos_token=facts.eos_token,
-                                  override=override)
+            cached = model_template(record.path, self.models.template_override(record.digest))
+            stability = cached.stability()
+            if not stability.stable:
+                log.warning("model %s: its chat template is not prefix-stable (%s)", model_name(record),
+                            stability.detail)
             self._templates[record.digest] = cached
         return cached
 

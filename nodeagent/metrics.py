@@ -92,6 +92,10 @@ POD_TURN_SECONDS = Histogram(f"{PREFIX}_pod_turn_seconds", "Wall time of each po
                              buckets=_SLOW, registry=REGISTRY)
 POD_TOKENS = Counter(f"{PREFIX}_pod_tokens", "Tokens by kind (prompt, cached, evaluated, completion)",
                      ["provider", "kind"], registry=REGISTRY)
+TEMPLATE_DIVERGENCE = Counter(f"{PREFIX}_template_divergent_tokens",
+                              "Tokens a provider held after a reply that the next turn's prompt did not extend "
+                              "(the chat template re-rendered earlier turns or the reply re-tokenized differently); "
+                              "recomputed, not reused", ["model"], registry=REGISTRY)
 PODS_FINISHED = Counter(f"{PREFIX}_pods_finished", "Pods that reached a terminal phase", ["phase"],
                         registry=REGISTRY)
 POD_DURATION = Histogram(f"{PREFIX}_pod_duration_seconds", "Submit-to-terminal time of each pod", ["phase"],
@@ -143,6 +147,10 @@ def observe_turn(provider: str, tier: Tier, ttft_s: float, total_s: float, *, pr
                         ("evaluated", evaluated_tokens), ("completion", completion_tokens)):
         if count:
             POD_TOKENS.labels(provider=provider, kind=kind).inc(count)
+
+
+def record_template_divergence(model: str, tokens: int) -> None:
+    TEMPLATE_DIVERGENCE.labels(model=model).inc(tokens)
 
 
 def record_pod_finished(phase: str, duration_s: float | None = None) -> None:

@@ -102,6 +102,14 @@ def template_for(chat_template: str | None, *, bos_token: str = "", eos_token: s
     return ChatTemplate(CHATML, bos_token, eos_token or "<|im_end|>", "default")
 
 
+def model_template(path: Any, override: str | None = None) -> ChatTemplate:
+    """The template the model file at ``path`` is served with (the store's ``override`` first)."""
+    from nodeagent.models.gguf_meta import read_chat_facts
+
+    facts = read_chat_facts(path)
+    return template_for(facts.chat_template, bos_token=facts.bos_token, eos_token=facts.eos_token, override=override)
+
+
 def check_template(source: str) -> None:
     """Raise TemplateError unless ``source`` compiles (used before storing an override)."""
     _compile(source)

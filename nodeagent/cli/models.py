@@ -73,6 +73,23 @@ def register(subparsers: Any) -> None:
     add_format_option(inspect)
     inspect.set_defaults(func=_inspect)
 
+    template = group.add_parser(
+        "template", help="show, set or clear the chat template a model is served with",
+        description="Show the chat template MODEL is served with (its GGUF's own, an override set here, or "
+        "ChatML when the model has none) and whether it is prefix-stable (turn k+1's prompt extends turn k's, "
+        "which caching needs). --file sets an override (Jinja, checked before it is stored); --clear goes back "
+        "to the GGUF's. A running agent applies a change when the model is next loaded.",
+        epilog="examples:\n  agent-machine models template smollm2\n"
+               "  agent-machine models template smollm2 --file chatml-with-tools.jinja\n"
+               "  agent-machine models template smollm2 --clear",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    template.add_argument("ref", metavar="MODEL")
+    choice = template.add_mutually_exclusive_group()
+    choice.add_argument("--file", metavar="JINJA", help="serve this template instead of the GGUF's")
+    choice.add_argument("--clear", action="store_true", help="serve the GGUF's own template again")
+    add_format_option(template)
+    template.set_defaults(func=_template)
+
     rm = group.add_parser(
         "rm", help="remove a name, or a model by digest (refused while loaded)",
         description="Remove NAME[:TAG]; the file goes when no name points at it any more. "
@@ -277,8 +294,44 @@ def _params(n: int) -> str:
     return str(n)
 
 
+def template_facts(store: Any, record: Any) -> dict[str, Any]:
+    """The chat template a model is served with, where it comes from, and whether caching can extend it."""
+    from nodeagent.templates import model_template
+
+    served = model_template(record.path, store.template_override(record.digest))
+    stability = served.stability()
+    return {"origin": served.origin, "prefixStable": stability.stable, "detail": stability.detail,
+            "template": served.source}
+
+
+def _template(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nodeagent.templates import TemplateError
+
+    store = _store()
+    record = _resolve(store, args.ref)
+    try:
+        if args.file:
+            try:
+                text = Path(args.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CliError(f"--file {args.file}: {exc}") from None
+            store.set_template(record.digest, text)
+        elif args.clear:
+            store.set_template(record.digest, None)
+    except TemplateError as exc:
+        raise CliError(f"--file {args.file}: {exc}") from None
+    facts = template_facts(store, record)
+    emit(facts, args.format, lambda f: f"origin: {f['origin']}\nprefix-stable: {'yes' if f['prefixStable'] else 'no'}"
+                                       f" ({f['detail']})\n\n{f['template']}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    record = _resolve(_store(), args.ref)
+    store = _store()
+    record = _resolve(store, args.ref)
+    facts = template_facts(store, record)
 
     def table(r: Any) -> str:
         g = r.gguf
@@ -288,12 +341,15 @@ def _inspect(args: argparse.Namespace) -> int:
             ("parameters", f"{g.parameters} ({_params(g.parameters)})"), ("quantization", g.file_type),
             ("layers", g.n_layer), ("width", g.n_embd), ("ffn", g.n_ff), ("heads", g.n_head),
             ("kv heads", g.n_head_kv), ("head size", f"k {g.head_dim_k}, v {g.head_dim_v}"),
-            ("context", g.context_length), ("vocabulary", g.vocab_size), ("chat template", g.has_chat_template),
+            ("context", g.context_length), ("vocabulary", g.vocab_size),
+            ("chat template", f"{facts['origin']}, " + ("prefix-stable" if facts["prefixStable"]
+                                                         else f"NOT prefix-stable: {facts['detail']}")),
             ("tensor types", ", ".join(f"{k} x{v}" for k, v in g.tensor_types.items())),
         ]
         return render_table(("field", "value"), rows)
 
-    emit(record, args.format, table)
+    summary = {k: v for k, v in facts.items() if k != "template"}
+    emit({**record.to_wire(), "chatTemplate": summary} if args.format == "json" else record, args.format, table)
     return 0
 
 
