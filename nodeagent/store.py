@@ -3,9 +3,10 @@
 One file (``state.db`` in the state directory), WAL journal, a busy timeout so
 the daemon and CLI can share it. It holds every pod's private-scope text, so
 the database and its ``-wal``/``-shm`` files are 0600 in a 0700 directory
-whatever the umask (SQLite gives its sidecar files the database's own mode). Each component owns its tables and declares
-its schema as an ordered list of migration steps; ``migrate`` applies the ones
-not yet recorded, each in its own transaction.
+whatever the umask (SQLite gives its sidecar files the database's own mode).
+Each component owns its tables and declares its schema as an ordered list of
+migration steps; ``migrate`` applies the ones not yet recorded, each in its
+own transaction.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def test_private_dir_creates_private_parents(tmp_path):
     target = ensure_private_dir(tmp_path / "a" / "b" / "c")
     for directory in (tmp_path / "a", tmp_path / "a" / "b", target):
         assert oct(directory.stat().st_mode & 0o777) == "0o700", directory
-    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o755)  # whatever this process's umask is
     ensure_private_dir(tmp_path / "open" / "inner")
     assert oct((tmp_path / "open").stat().st_mode & 0o777) == "0o755"  # existing parents untouched
 
