@@ -960,8 +960,8 @@ class PodExecutor:
             try:
                 # The cache has just hashed the file against its index: one check is enough.
                 provider_tokens = managed.provider.restore_state(0, restore.path, verify=False)
-            except StateCorrupt:
-                self.cache.report_corrupt(match.entry_id)
+            except StateCorrupt as exc:
+                self.cache.report_corrupt(match.entry_id, reason=str(exc))
                 managed.forget_context()
                 return None
             self.rates.observe(managed.name, restore_quantity(restore.served_from), restore.entry.bytes,

@@ -91,6 +91,8 @@ def register(subparsers: Any) -> None:
                               "and the sandboxing newuidmap cannot live with (system units)")
     install.add_argument("--image", default=None, help="container image for --quadlet "
                          "(default localhost/agent-machine:latest)")
+    install.add_argument("--no-pin-image", dest="pin_image", action="store_false",
+                         help="for --quadlet: name the image, not its local digest (units to copy to other hosts)")
     install.add_argument("--podman-version", default=None, metavar="X.Y",
                          help="for --quadlet: the Podman the unit targets (default: `podman --version`)")
     install.add_argument("--exec", dest="exec_path", default=None, metavar="PATH",
@@ -191,7 +193,7 @@ def _provider_records() -> tuple[list[dict[str, Any]], str, dict[str, str]]:
         with _client() as client:
             providers = list(client.get("/v1/providers")["items"])
             try:
-                names = _model_names(client.get("/v1/models")["items"])
+                names = _model_names(client.get("/v1/store/models")["items"])
             except ApiError:
                 names = {}
             return providers + launched, "from the running agent and `providers up`", names
@@ -220,7 +222,7 @@ def _install(args: argparse.Namespace) -> int:
 
     options = ServiceOptions(scope=args.scope, socket=args.socket, quadlet=args.quadlet,
                              rootless_podman=args.rootless_podman, exec_path=args.exec_path,
-                             image=args.image, podman_version=args.podman_version)
+                             image=args.image, podman_version=args.podman_version, pin_image=args.pin_image)
     try:
         units = render_units(options)
     except ValueError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nodeagent.contracts as package
 from nodeagent.contracts.base import Resource
-from nodeagent.fsutil import atomic_write_text
+from nodeagent.fsutil import PUBLIC_FILE_MODE, atomic_write_text
 
 
 def kinds() -> dict[str, type[Resource]]:
@@ -40,6 +40,6 @@ def export_schemas(directory: str | Path) -> list[Path]:
     written = []
     for kind, model in kinds().items():
         path = directory / f"{kind}.schema.json"
-        atomic_write_text(path, schema_text(model))
+        atomic_write_text(path, schema_text(model), mode=PUBLIC_FILE_MODE)  # documentation, in the repository
         written.append(path)
     return written

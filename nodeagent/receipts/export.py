@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from nodeagent.contracts.receipt import rfc3339_utc
-from nodeagent.fsutil import atomic_write_bytes, atomic_write_text
+from nodeagent.fsutil import PUBLIC_FILE_MODE, atomic_write_bytes, atomic_write_text
 from nodeagent.receipts.errors import ReceiptError
 from nodeagent.receipts.log import META_FILE
 from nodeagent.receipts.verify import CHECKPOINT_DIR, CHECKPOINT_SUFFIX, KEYS_DIR, LOG_FILE
@@ -58,7 +58,7 @@ def export_log(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
     files: dict[str, str] = {}
 
     def put(relative: str, content: bytes) -> None:
-        atomic_write_bytes(dest / relative, content)
+        atomic_write_bytes(dest / relative, content, mode=PUBLIC_FILE_MODE)  # an export is made to be handed on
         files[relative] = hashlib.sha256(content).hexdigest()
 
     put(LOG_FILE, data)
@@ -80,6 +80,7 @@ def export_log(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> 
         "exportedAt": rfc3339_utc(datetime.now(timezone.utc)),
         "files": files,
     }
-    atomic_write_text(dest / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(dest / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n",
+                      mode=PUBLIC_FILE_MODE)
     return ExportSummary(dest, entries, len(checkpoints), manifest["latestCheckpoint"], len(keys))
 

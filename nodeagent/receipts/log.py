@@ -236,13 +236,14 @@ class ReceiptLog:
     def _open(self, origin: str | None) -> None:
         ensure_private_dir(self.directory)
         for sub in (CHECKPOINT_DIR, KEYS_DIR):
-            (self.directory / sub).mkdir(exist_ok=True)
+            ensure_private_dir(self.directory / sub)
         self._lock_fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LogBusy(f"another process is writing the receipt log in {self.directory}") from None
-        self._fd = os.open(self.directory / LOG_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        # Private like the rest of the state (it names tenants and runs); an export is what is handed on.
+        self._fd = os.open(self.directory / LOG_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self.origin = self._load_origin(origin)
         self._keys = load_public_keys(self.directory / KEYS_DIR)
         try:
