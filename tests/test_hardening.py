@@ -348,3 +348,30 @@ def test_a_segment_digest_resolves_only_for_its_own_tenant_or_when_public(tmp_pa
     with pytest.raises(PodReferenceUnknown, match=r"spec.context\[0\].digest"):
         store.texts(by_digest, "tenant-b")
     assert store.texts([ContextSegment(role="tools", digest=text_digest(shared))], "tenant-b") == [shared]
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_serve_starts_cleanly_with_a_poison_pod_stored_and_runs_the_next_pod(tiny_state):
+    """D1 as systemd sees it: the stored poison pod no longer makes `serve` exit 1 on every start."""
+    from test_daemon import Serve
+
+    state = tiny_state / "state"
+    conn = connect(state / "state.db")
+    store = PodStore(conn)
+    stored = store.create(poison_pod())
+    store.transition(stored.id, PodPhase.admitted)
+    conn.close()
+    server = Serve(tiny_state, watchdog_usec=None)
+    try:
+        server.wait_for_message("READY", timeout=60)
+        with server.client(timeout=30) as client:
+            ended = client.get(f"/v1/pods/{stored.id}").json()
+            assert ended["status"]["phase"] == "Failed"
+            assert client.delete(f"/v1/pods/{stored.id}").status_code == 200  # before: 422
+            fresh = client.post("/v1/pods", json=make_pod(name="fresh").to_wire()).json()
+            assert wait_for(lambda: client.get(f"/v1/pods/{fresh['id']}").json()["status"]["phase"] == "Succeeded",
+                            60)
+            assert client.get("/readyz").status_code == 200
+    finally:
+        assert server.stop() == 0, server.read_log()[-2000:]
