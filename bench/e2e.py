@@ -62,6 +62,7 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -557,7 +558,13 @@ def table(summaries: dict[str, dict]) -> str:
 
 
 # ------------------------------------------------------------------ one run
-def ensure_model(path: Path, preset: str) -> Path:
+def ensure_model(path: Path | None, preset: str) -> Path:
+    """``path``, or by default the real SmolLM2-135M-Instruct (scripts/fetch-smollm2.sh); with
+    ``--preset`` and a missing ``path``, a generated test model written there once."""
+    if path is None:
+        script = Path(__file__).resolve().parents[1] / "scripts" / "fetch-smollm2.sh"
+        found = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
+        return Path(found.stdout.strip().splitlines()[-1])
     if not path.is_file():
         from nodeagent.models.testmodel import create_test_model
 
@@ -664,9 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = RunParams()
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"comma list of: {', '.join(ARMS)} (default: all)")
-    parser.add_argument("--model", default=str(OUT / "small.gguf"),
-                        help="GGUF model (default bench/out/small.gguf, generated once if missing)")
-    parser.add_argument("--preset", default="small", help="test-model preset used when --model is missing")
+    parser.add_argument("--model", default=None,
+                        help="GGUF model (default: SmolLM2-135M-Instruct, fetched and verified once by "
+                             "scripts/fetch-smollm2.sh); a missing path is generated with --preset")
+    parser.add_argument("--preset", default="small", help="test-model preset used when --model names a missing file")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--agents", type=int, default=d.agents)
     parser.add_argument("--pods", type=int, default=d.pods)
@@ -696,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tool_result_len=args.tool, reply_len=args.reply, think_mean_s=args.think)
     params = RunParams(seed=args.seed, clients=args.clients, threads=args.threads, n_ctx=args.n_ctx,
                        t1_root=args.t1_root, receipts=not args.no_receipts, arm_timeout=args.arm_timeout)
-    model = ensure_model(Path(args.model), args.preset)
+    model = ensure_model(Path(args.model) if args.model else None, args.preset)
     result = run(trace, params, [a for a in args.arms.split(",") if a], model, Path(args.log_dir),
                  OUT / "e2e-work", rounds=args.rounds)
     print(report(result))
