@@ -150,35 +150,40 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
 
 
 def allowed_methods(request: Request, routed: str = "") -> str:
-    """Every method some route serves at this request's path, for the ``Allow`` header of a 405.
+    """The methods of the resource at this request's path, for the ``Allow`` header of a 405.
 
     Starlette names only the methods of the first route whose path matched
     (``/v1/pods`` answered ``Allow: POST`` though GET lists pods). The document
-    knows every operation at a path, so the header is its methods for every
-    path template that matches, plus what the router named (routes left out of
-    the document, such as ``/openapi.json``).
+    knows every operation at a path, so the header is the methods of the path
+    template that matches most specifically (the most literal characters:
+    ``/v1/models/x:load`` is the ``:load`` method, though ``/v1/models/{name}``
+    matches it too). A path outside the document (``/openapi.json``) keeps what
+    the router named.
     """
-    methods = {method.strip().upper() for method in routed.split(",") if method.strip()}
     path = request.scope.get("path", request.url.path)
-    for pattern, verbs in _path_index(request.app):
-        if pattern.fullmatch(path):
-            methods |= verbs
-    return ", ".join(sorted(methods))
+    matches = [(literal, verbs) for pattern, literal, verbs in _path_index(request.app) if pattern.fullmatch(path)]
+    if not matches:
+        return routed
+    most = max(literal for literal, _ in matches)
+    return ", ".join(sorted(set().union(*(verbs for literal, verbs in matches if literal == most))))
 
 
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
-def _path_index(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
-    """(path template as a regex, its methods) for every path of the app's document; built once per app."""
+def _path_index(app: Any) -> list[tuple[re.Pattern[str], int, frozenset[str]]]:
+    """(path template as a regex, its literal characters, its methods) for every path of the
+    app's document; built once per app."""
     index = getattr(app.state, "allow_index", None)
     if index is None:
         index = []
         for template, operations in app.openapi().get("paths", {}).items():
+            parts = [part for part in re.split(r"(\{[^}]+\})", template) if part]
             # A parameter matches what Starlette's default convertor matches: one non-empty segment.
-            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part)
-                            for part in re.split(r"(\{[^}]+\})", template) if part)
-            index.append((re.compile(regex), frozenset(m.upper() for m in operations if m in _HTTP_METHODS)))
+            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+            literal = sum(len(part) for part in parts if not part.startswith("{"))
+            index.append((re.compile(regex), literal,
+                          frozenset(m.upper() for m in operations if m in _HTTP_METHODS)))
         app.state.allow_index = index
     return index
 

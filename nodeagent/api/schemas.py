@@ -52,6 +52,8 @@ class ErrorInfo(Contract):
     field: str | None = Field(default=None, description="the offending field, when there is one")
     param: str | None = Field(default=None, description="same as field (OpenAI clients read this name)")
     details: list[ErrorDetail] = Field(default_factory=list)
+    code: str | None = Field(default=None, description="OpenAI routes: the agent's own type (``type`` is then "
+                                                       "OpenAI's class of error, such as invalid_request_error)")
 
 
 class ErrorBody(Contract):
