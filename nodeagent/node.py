@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterator
 
 from nodeagent.admission import AdmissionRequest, Policy
 from nodeagent.config import LoadedConfig, load_config
@@ -447,9 +447,8 @@ class Node:
     def latest_checkpoint(self) -> dict | None:
         executor = self.executor
         receipts_log = getattr(executor, "receipts", None)
-        if receipts_log is not None and receipts_log.size:
-            # On demand: a planner asking wants the current size signed (an empty log has nothing to sign).
-            receipts_log.checkpoint()
+        if receipts_log is not None:
+            receipts_log.checkpoint()  # on demand: a planner asking wants the current size signed
         with self._receipt_reader() as reader:
             found = reader.latest_checkpoint()
         return None if found is None else {"size": found[0], "checkpoint": found[1]}
@@ -506,6 +505,39 @@ class Node:
         except GeneratorExit:  # the client went away: stop generating for it
             if stream is not None:
                 stream.cancel()
+            with contextlib.suppress(PodNotFound):
+                self.cancel_pod(pod.id, reason="client disconnected")
+            raise
+
+    def completion(self, body: dict, *, tenant: str = "default", agent: str = "openai", timeout_s: float = 600.0):
+        """Run an OpenAI text completion (``prompt``: the model's whole input, no chat template)
+        as a one-turn pod of ``tenant``/``agent``: a ``text_completion`` dict, or with
+        ``stream: true`` an iterator of ``text_completion`` chunks yielded as the provider
+        generates the text (closing it early cancels the generation)."""
+        from nodeagent.openai_compat import completion_chunks, completion_request_to_pod, pod_to_completion_response
+
+        pod = completion_request_to_pod(body, tenant=tenant, agent=agent)
+        if not body.get("stream"):
+            return pod_to_completion_response(self._wait_terminal(self.submit_pod(pod).id, timeout_s))
+        stream = TextStream()
+        submitted = self.submit_pod(pod, stream=stream)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        model, created = submitted.spec.model.name or submitted.spec.model.digest, int(time.time())
+        return self._streamed(submitted, stream, timeout_s, lambda pieces, finished: completion_chunks(
+            submitted.id, model, created, pieces, finished, include_usage=include_usage))
+
+    def _streamed(self, pod: AgentPod, stream: TextStream, timeout_s: float,
+                  chunks: Callable[[Iterator[str], Callable[[], AgentPod]], Iterator[dict]]) -> Iterator[dict]:
+        """``chunks(pieces, finished)`` over the pod's answer as the provider generates it;
+        closing the iterator early (the client went away) cancels the generation."""
+        def ended() -> bool:
+            return self.get_pod(pod.id).status.phase in TERMINAL_PHASES
+
+        try:
+            yield from chunks(stream.pieces(ended=ended, timeout_s=timeout_s),
+                              lambda: self._wait_terminal(pod.id, timeout_s))
+        except GeneratorExit:
+            stream.cancel()
             with contextlib.suppress(PodNotFound):
                 self.cancel_pod(pod.id, reason="client disconnected")
             raise

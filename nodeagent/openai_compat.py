@@ -1,10 +1,15 @@
-"""OpenAI chat completions as one-turn pods.
+"""OpenAI chat and text completions as one-turn pods.
 
 `chat_request_to_pod` maps a request body onto an `AgentPod`: ``system``
 messages become context segments (so repeated system prompts hit the cache
 like any agent's), the rest become the turn's messages. `pod_to_chat_response`
 maps the finished pod back. Unknown OpenAI parameters are accepted and
 ignored; the ones we cannot honour are refused with the field named.
+
+Text completions (``POST /v1/completions``): `completion_request_to_pod` makes
+a pod whose one turn is a ``prompt`` (the model's whole input, no chat
+template), `pod_to_completion_response` and `completion_chunks` answer in
+OpenAI's ``text_completion`` shape.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import json
 import re
 import secrets
 import time
-from typing import Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nodeagent.contracts.names import DIGEST
+from nodeagent.contracts.names import DIGEST, MAX_MODEL_REFERENCE, MODEL_REFERENCE
+from nodeagent.contracts.model import ModelRecord
 from nodeagent.contracts.pod import AgentPod, PodPhase
 from nodeagent.pods import PodInvalid
 
@@ -41,22 +47,32 @@ class _ResponseFormat(BaseModel):
     json_schema: dict[str, Any] | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    messages: list[_ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+_StopText = Annotated[str, Field(min_length=1, max_length=256)]
+_TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields chat and text completions share (OpenAI's names, and llama-server's
+    beside them), bounded as the pod's `Sampling` bounds them so a refusal names the request's field."""
+
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=1000)
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    stop: str | list[str] | None = None
+    stop: _StopText | Annotated[list[_StopText], Field(max_length=4)] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repeat_penalty: float | None = Field(default=None, gt=0, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[_TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[_ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
     response_format: _ResponseFormat | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
@@ -68,8 +84,8 @@ class ChatCompletionRequest(BaseModel):
 DEFAULT_SAMPLING = {"temperature": 0.8, "topK": 40, "topP": 0.95, "minP": 0.05}
 
 
-def sampling_of(request: ChatCompletionRequest) -> dict[str, Any]:
-    """The pod turn's `Sampling` (wire names) for an OpenAI request."""
+def sampling_of(request: SamplingFields, grammar: str | None = None) -> dict[str, Any]:
+    """The pod turn's `Sampling` (wire names) for an OpenAI request; ``grammar`` (GBNF) constrains the answer."""
     sampling: dict[str, Any] = dict(DEFAULT_SAMPLING)
     given = {"temperature": request.temperature, "topP": request.top_p, "topK": request.top_k,
              "minP": request.min_p, "seed": request.seed, "presencePenalty": request.presence_penalty,
@@ -79,7 +95,6 @@ def sampling_of(request: ChatCompletionRequest) -> dict[str, Any]:
         sampling["stop"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
     if request.logit_bias:
         sampling["logitBias"] = dict(request.logit_bias)
-    grammar = response_grammar(request.response_format)
     if grammar is not None:
         sampling["grammar"] = grammar
     return sampling
@@ -135,7 +150,7 @@ def chat_request_to_pod(body: dict[str, Any], *, tenant: str, agent: str = "open
             "model": {"digest": model} if re.fullmatch(DIGEST, model) else {"name": model},
             "context": [{"role": "system", "text": m.text(), "scope": "private"} for m in system],
             "turns": [{"messages": [{"role": m.role, "content": m.text()} for m in rest], "maxTokens": max_tokens,
-                       "sampling": sampling_of(request)}],
+                       "sampling": sampling_of(request, response_grammar(request.response_format))}],
         },
     }
     try:
@@ -200,3 +215,161 @@ def chat_chunks(pod_id: str, model: str, created: int, pieces: Iterator[str], fi
     yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(turn, pod.spec.turns[-1].max_tokens)}]}
     if include_usage:
         yield {**base, "choices": [], "usage": usage_of(turn)}
+
+
+# ------------------------------------------------------------------ text completions
+class UnsupportedParameter(PodInvalid):
+    """A request field the agent knows but cannot honour (``echo``, several prompts or
+    choices, ``logprobs``); the message starts with the field. The API answers 400."""
+
+
+class CompletionStreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+_PromptText = Annotated[str, Field(min_length=1, max_length=1 << 20)]
+
+
+class CompletionRequest(SamplingFields):
+    """OpenAI's text completion request: ``prompt`` is the model's whole input, no chat template.
+
+    Fields the agent does not know are refused by name (422); the ones it knows
+    but cannot honour are refused by `unsupported` (400): one prompt and one
+    choice per request, no ``echo``, ``logprobs``, ``suffix`` or ``best_of``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    # What a pod's spec.model.name accepts (contracts.names): the schema refuses what the pod would.
+    model: str = Field(min_length=1, max_length=MAX_MODEL_REFERENCE, pattern=MODEL_REFERENCE)
+    prompt: _PromptText | Annotated[list[_PromptText], Field(min_length=1)]
+    max_tokens: int = Field(default=16, ge=1, le=32768, description="OpenAI's default: 16")
+    stream: bool = False
+    stream_options: CompletionStreamOptions | None = None
+    echo: bool = False
+    n: int = Field(default=1, ge=1, le=128)
+    best_of: int | None = Field(default=None, ge=1, le=128)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
+    user: str | None = None
+
+    def unsupported(self) -> str | None:
+        """``"field: why"`` for the first field asked for what the agent cannot do, else None."""
+        if isinstance(self.prompt, list) and len(self.prompt) > 1:
+            return f"prompt: one prompt per request (this one has {len(self.prompt)}); send each as its own request"
+        if self.echo:
+            return "echo: echoing the prompt back is not supported; send echo=false"
+        if self.n > 1:
+            return "n: one choice per request; send n=1 (or several requests, each with its own seed)"
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of: one candidate per request; send best_of=1"
+        if self.logprobs is not None:
+            return "logprobs: token log-probabilities are not reported; leave logprobs out"
+        if self.suffix:
+            return "suffix: insertion (a text after the completion) is not supported; leave suffix out"
+        return None
+
+    def prompt_text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+
+
+def _parsed(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PodInvalid(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from exc
+
+
+def completion_request_to_pod(body: dict[str, Any], *, tenant: str, agent: str = "openai") -> AgentPod:
+    """The one-turn text-completion pod for ``body``, run as ``tenant``/``agent`` (the caller's
+    credential decides both). Raises `PodInvalid` (or `UnsupportedParameter`) naming the field."""
+    request: CompletionRequest = _parsed(CompletionRequest, body)
+    refusal = request.unsupported()
+    if refusal is not None:
+        raise UnsupportedParameter(refusal)
+    document = {
+        "kind": "AgentPod",
+        "metadata": {"name": f"cmpl-{secrets.token_hex(4)}", "tenant": _label(tenant, "default"),
+                     "agent": _label(agent, "openai"), "session": _label(request.user, "default")},
+        "spec": {
+            "model": {"digest": request.model} if re.fullmatch(DIGEST, request.model) else {"name": request.model},
+            "turns": [{"prompt": request.prompt_text(), "maxTokens": request.max_tokens,
+                       "sampling": sampling_of(request)}],
+        },
+    }
+    pod: AgentPod = _parsed(AgentPod, document)
+    return pod
+
+
+def _answered_turn(pod: AgentPod) -> Any:
+    """The pod's last turn; `ChatCompletionFailed` (the API's 403/404/409/502) when it did not succeed."""
+    if pod.status.phase is not PodPhase.succeeded or not pod.status.turns:
+        raise ChatCompletionFailed(pod)
+    return pod.status.turns[-1]
+
+
+def pod_to_completion_response(pod: AgentPod) -> dict[str, Any]:
+    turn = _answered_turn(pod)
+    return {
+        "id": f"cmpl-{pod.id}",
+        "object": "text_completion",
+        # When the pod was made, so the object is the same however often it is read.
+        "created": int(pod.status.transitions[0].at.timestamp()) if pod.status.transitions else int(time.time()),
+        "model": pod.spec.model.name or pod.spec.model.digest,
+        "choices": [{"index": 0, "text": turn.output, "logprobs": None,
+                     "finish_reason": finish_reason(turn, pod.spec.turns[-1].max_tokens)}],
+        "usage": usage_of(turn),
+        "system_fingerprint": pod.status.receipt_ids[-1][:16] if pod.status.receipt_ids else None,
+    }
+
+
+def completion_chunks(pod_id: str, model: str, created: int, pieces: Iterator[str],
+                      finished: Callable[[], AgentPod], *, include_usage: bool) -> Iterator[dict[str, Any]]:
+    """``text_completion`` chunks as OpenAI streams them: each piece of text as the provider
+    generated it, then an empty text with the finish reason (and usage when asked)."""
+    base = {"id": f"cmpl-{pod_id}", "object": "text_completion", "created": created, "model": model}
+    for piece in pieces:
+        yield {**base, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}]}
+    pod = finished()
+    turn = _answered_turn(pod)
+    yield {**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                "finish_reason": finish_reason(turn, pod.spec.turns[-1].max_tokens)}]}
+    if include_usage:
+        yield {**base, "choices": [], "usage": usage_of(turn)}
+
+
+# ------------------------------------------------------------------ models
+OWNED_BY = "agent-machine"
+
+
+def openai_models(records: Iterable[ModelRecord]) -> list[dict[str, Any]]:
+    """The store's models as OpenAI model objects: one per name (``tiny:latest``), the
+    names chat and text completions accept; a model without a name is listed by digest."""
+    models: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for record in records:
+        created = int(record.imported_at.timestamp())
+        for model_id in record.names or [record.digest]:
+            if model_id not in seen:
+                seen.add(model_id)
+                models.append({"id": model_id, "object": "model", "created": created, "owned_by": OWNED_BY})
+    return models
+
+
+def openai_model(records: Iterable[ModelRecord], model_id: str) -> dict[str, Any] | None:
+    """The model object ``model_id`` names: a listed id, the same name without its tag
+    (``tiny`` is ``tiny:latest``, as the store reads it) or the model's full digest."""
+    from nodeagent.models.store import ModelStoreError, parse_reference
+
+    records = list(records)
+    models = openai_models(records)
+    wanted = {model_id}
+    try:
+        wanted.add(str(parse_reference(model_id)))
+    except ModelStoreError:
+        pass
+    for record in records:
+        if record.digest == model_id and record.names:
+            wanted.add(record.names[0])
+    return next((model for model in models if model["id"] in wanted), None)

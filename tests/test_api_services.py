@@ -61,7 +61,7 @@ def finished_pod(client):
 
 
 def test_models_list_with_residency(client):
-    body = client.get("/v1/models").json()
+    body = client.get("/v1/store/models").json()
     assert set(body) == {"items", "residency"}
     assert any("tiny:latest" in m["names"] or "tiny" in m["names"] for m in body["items"])
     assert all(m["kind"] == "ModelRecord" for m in body["items"])

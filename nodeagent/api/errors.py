@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 log = logging.getLogger("agent_machine.api")
 
@@ -53,6 +54,53 @@ def error_response(status: int, type_: str, message: str, field: str | None = No
     return JSONResponse(error_body(type_, message, field, details), status_code=status, headers=headers)
 
 
+# ---------------------------------------------------------------- OpenAI's shape
+# The OpenAI routes answer errors as OpenAI's API does, ``{"error": {"message", "type",
+# "param", "code"}}``, which the official clients parse into their exceptions. ``type`` is
+# OpenAI's class of error (llama-server's names where OpenAI has none); ``code`` is the
+# agent's own type (``queue_full``, ``unsupported_parameter``); ``field`` and ``details``
+# stay, so a reader of the agent's shape loses nothing.
+OPENAI_TAG = "openai"
+OPENAI_PREFIX = "/openai/"
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 429: "rate_limit_error", 501: "not_supported_error", 503: "unavailable_error"}
+
+
+def openai_error_type(status: int) -> str:
+    if status in _OPENAI_TYPES:
+        return _OPENAI_TYPES[status]
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """The agent's error ``body`` in OpenAI's shape (see above)."""
+    error = dict(body.get("error") or {})
+    return {"error": {"message": error.get("message", ""), "type": openai_error_type(status),
+                      "param": error.get("param", error.get("field")), "code": error.get("type"),
+                      **{key: error[key] for key in ("field", "details") if key in error}}}
+
+
+def answers_openai(scope: Any) -> bool:
+    """Whether a request is answered in OpenAI's error shape: its route is tagged ``openai``
+    (nodeagent.api.routes.openai), or no route matched a path under the ``/openai/`` prefix."""
+    route = scope.get("route")
+    if isinstance(route, APIRoute):
+        return OPENAI_TAG in route.tags
+    return route is None and str(scope.get("path", "")).startswith(OPENAI_PREFIX)
+
+
+def _openai_aware(handler: Callable[[Request, Any], Awaitable[Response]]) -> Callable[[Request, Any], Awaitable[Response]]:
+    async def respond(request: Request, exc: Any) -> Response:
+        response = await handler(request, exc)
+        if not answers_openai(request.scope) or response.media_type != "application/json":
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(openai_error(response.status_code, json.loads(bytes(response.body))),
+                            status_code=response.status_code, headers=headers)
+
+    return respond
+
+
 def field_path(loc: Iterable[Any]) -> str:
     """('body', 'spec', 'turns', 0, 'messages') -> 'spec.turns[0].messages'.
 
@@ -60,19 +108,26 @@ def field_path(loc: Iterable[Any]) -> str:
     ``body``; query and path parameters are named bare (``refresh``, ``pod_id``).
     """
     parts = list(loc)
+    origin = "body"
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
         origin = parts.pop(0)
         if not parts:
             return str(origin)
     out = ""
-    for part in parts:
+    for index, part in enumerate(parts):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith("function-"):
-            continue  # pydantic's validator markers are not field names
+        elif str(part).startswith("function-") or (origin == "body" and index and _UNION_MEMBER.match(str(part))):
+            continue  # pydantic's validator markers and union members are not field names
         else:
             out += ("." if out else "") + str(part)
     return out or "body"
+
+
+# pydantic names the member of a union that failed in the location: ``stop.str``,
+# ``stop.list[str]``, ``prompt.constrained-str``, ``content.list[ChatContentPart]``, and a
+# dict's key as ``[key]``. Wire fields are lower camel or snake case, so these are not fields.
+_UNION_MEMBER = re.compile(r"^(?:str|int|float|bool|bytes|none|[a-z]+(?:-[a-z]+)+.*|.*[\[\]].*|[A-Z].*)$")
 
 
 def validation_details(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -87,7 +142,20 @@ def validation_details(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
         message = str(err.get("msg", "invalid value"))
         message = message.removeprefix("Value error, ")
         details.append({"field": field_path(loc), "message": message, "type": err.get("type", "value_error")})
-    return details
+    return _union_members_that_matched(details)
+
+
+def _union_members_that_matched(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop "should be a valid string" where the value was a list (or the like) of a union
+    (``stop: str | list[str]``): pydantic reports every member, the one whose type
+    matched says what is wrong (``stop: at most 4 items``, ``prompt[1]: too short``)."""
+    def matched_elsewhere(detail: dict[str, Any]) -> bool:
+        field = detail["field"]
+        return any(other is not detail and not other["type"].endswith("_type")
+                   and (other["field"] == field or other["field"].startswith((field + ".", field + "[")))
+                   for other in details)
+
+    return [d for d in details if not (d["type"].endswith("_type") and matched_elsewhere(d))]
 
 
 def _summary(details: list[dict[str, Any]]) -> str:
@@ -150,40 +218,35 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
 
 
 def allowed_methods(request: Request, routed: str = "") -> str:
-    """The methods of the resource at this request's path, for the ``Allow`` header of a 405.
+    """Every method some route serves at this request's path, for the ``Allow`` header of a 405.
 
     Starlette names only the methods of the first route whose path matched
     (``/v1/pods`` answered ``Allow: POST`` though GET lists pods). The document
-    knows every operation at a path, so the header is the methods of the path
-    template that matches most specifically (the most literal characters:
-    ``/v1/models/x:load`` is the ``:load`` method, though ``/v1/models/{name}``
-    matches it too). A path outside the document (``/openapi.json``) keeps what
-    the router named.
+    knows every operation at a path, so the header is its methods for every
+    path template that matches, plus what the router named (routes left out of
+    the document, such as ``/openapi.json``).
     """
+    methods = {method.strip().upper() for method in routed.split(",") if method.strip()}
     path = request.scope.get("path", request.url.path)
-    matches = [(literal, verbs) for pattern, literal, verbs in _path_index(request.app) if pattern.fullmatch(path)]
-    if not matches:
-        return routed
-    most = max(literal for literal, _ in matches)
-    return ", ".join(sorted(set().union(*(verbs for literal, verbs in matches if literal == most))))
+    for pattern, verbs in _path_index(request.app):
+        if pattern.fullmatch(path):
+            methods |= verbs
+    return ", ".join(sorted(methods))
 
 
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
-def _path_index(app: Any) -> list[tuple[re.Pattern[str], int, frozenset[str]]]:
-    """(path template as a regex, its literal characters, its methods) for every path of the
-    app's document; built once per app."""
+def _path_index(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """(path template as a regex, its methods) for every path of the app's document; built once per app."""
     index = getattr(app.state, "allow_index", None)
     if index is None:
         index = []
         for template, operations in app.openapi().get("paths", {}).items():
-            parts = [part for part in re.split(r"(\{[^}]+\})", template) if part]
             # A parameter matches what Starlette's default convertor matches: one non-empty segment.
-            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
-            literal = sum(len(part) for part in parts if not part.startswith("{"))
-            index.append((re.compile(regex), literal,
-                          frozenset(m.upper() for m in operations if m in _HTTP_METHODS)))
+            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                            for part in re.split(r"(\{[^}]+\})", template) if part)
+            index.append((re.compile(regex), frozenset(m.upper() for m in operations if m in _HTTP_METHODS)))
         app.state.allow_index = index
     return index
 
@@ -268,16 +331,22 @@ def install_error_handlers(app: FastAPI) -> None:
     from nodeagent.node import NodeClosed, QueueFull
     from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
 
-    app.add_exception_handler(QueueFull, _on_queue_full)
-    app.add_exception_handler(NodeClosed, _on_node_closed)
-    app.add_exception_handler(TimeoutError, _on_timeout)
+    def add(exc_class: Any, handler: Any) -> None:
+        app.add_exception_handler(exc_class, _openai_aware(handler))  # OpenAI's shape on its routes
+
+    add(QueueFull, _on_queue_full)
+    add(NodeClosed, _on_node_closed)
+    add(TimeoutError, _on_timeout)
     # A pod the node cannot take as written; the most specific class answers.
-    app.add_exception_handler(PodInvalid, _invalid_input(422, "invalid_request"))
-    app.add_exception_handler(PodReferenceUnknown, _invalid_input(404, "not_found"))
-    app.add_exception_handler(PodNotPlaceable, _invalid_input(409, "conflict"))
-    for module_name, class_name, handler in (("nodeagent.openai_compat", "ChatCompletionFailed", _on_pod_failed),):
+    add(PodInvalid, _invalid_input(422, "invalid_request"))
+    add(PodReferenceUnknown, _invalid_input(404, "not_found"))
+    add(PodNotPlaceable, _invalid_input(409, "conflict"))
+    for module_name, class_name, handler in (
+            ("nodeagent.openai_compat", "ChatCompletionFailed", _on_pod_failed),
+            # Known but not honoured (echo, n > 1): not a wrong value (422), a request the agent does not serve.
+            ("nodeagent.openai_compat", "UnsupportedParameter", _invalid_input(400, "unsupported_parameter"))):
         try:
-            app.add_exception_handler(getattr(importlib.import_module(module_name), class_name), handler)
+            add(getattr(importlib.import_module(module_name), class_name), handler)
         except (ImportError, AttributeError):
             pass
     for (module_name, class_name), (status, type_, field) in DOMAIN_ERRORS.items():
@@ -285,12 +354,12 @@ def install_error_handlers(app: FastAPI) -> None:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError):
             continue
-        app.add_exception_handler(cls, _domain_handler(status, type_, field))
-    app.add_exception_handler(RequestValidationError, _on_request_validation)  # type: ignore[arg-type]
-    app.add_exception_handler(ValidationError, _on_pydantic_validation)  # type: ignore[arg-type]
-    app.add_exception_handler(ApiError, _on_api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, _on_http_exception)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, _on_unexpected)
+        add(cls, _domain_handler(status, type_, field))
+    add(RequestValidationError, _on_request_validation)
+    add(ValidationError, _on_pydantic_validation)
+    add(ApiError, _on_api_error)
+    add(StarletteHTTPException, _on_http_exception)
+    add(Exception, _on_unexpected)
     document_errors(app)
 
 

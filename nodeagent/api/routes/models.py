@@ -1,4 +1,8 @@
-"""Models: list (with residency), load, unload.
+"""The agent's own model routes: the store's listing (with residency), load, unload.
+
+``GET /v1/store/models`` lists the store's ModelRecords and the residency of
+those loaded; ``GET /v1/models`` is OpenAI's listing (nodeagent.api.routes.openai),
+which OpenAI clients call by that path.
 
 ``POST /v1/models/{name}:load`` uses a colon suffix (Google AIP-136 custom
 methods). Starlette matches ``{name}`` as ``[^/]+`` and backtracks, so a model
@@ -47,7 +51,7 @@ class UnloadResult(Contract):
     unloaded: bool = Field(description="false when it was not loaded (or in use and not forced)")
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses(501),
+@router.get("/v1/store/models", response_model=ModelList, responses=error_responses(501),
             summary="models in the store, and the residency of those loaded (cold/warm/hot, keep-alive)")
 def list_models(node: Any = Depends(get_node)) -> Response:
     records = node_method(node, "list_models")()

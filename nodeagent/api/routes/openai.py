@@ -1,12 +1,18 @@
 """OpenAI-compatible endpoints: any OpenAI client can use the agent.
 
-* ``POST /v1/chat/completions`` and ``POST /openai/v1/chat/completions`` run the
-  request as a one-turn pod (``node.chat_completion(body)``). ``stream: true``
-  is answered as SSE chunks of the finished completion.
-* ``GET /openai/v1/models`` lists models in OpenAI's shape. It lives under the
-  ``/openai/v1`` prefix because the agent's own ``GET /v1/models`` returns
-  ModelRecords with residency. Point an OpenAI client at
-  ``base_url=<agent>/openai/v1``.
+Every route is served at ``/v1/...`` and again under the ``/openai/v1`` alias
+prefix; point a client at ``base_url=<agent>/v1`` (or ``/openai/v1``).
+
+* ``POST /v1/chat/completions`` runs the request as a one-turn pod
+  (``node.chat_completion(body)``); ``stream: true`` is answered as SSE chunks
+  as the provider generates them.
+* ``POST /v1/completions`` (a text prompt, no chat template) likewise
+  (``node.completion(body)``), in OpenAI's ``text_completion`` shape.
+* ``GET /v1/models`` and ``GET /v1/models/{id}``: the store's models in OpenAI's
+  shape (the agent's own listing, ModelRecords with residency, is
+  ``GET /v1/store/models``).
+* Errors on these routes are in OpenAI's shape (``nodeagent.api.errors.openai_error``),
+  which the tag ``openai`` on this router selects.
 
 Contract with the node: ``node.chat_completion(body: dict, tenant=, agent=,
 idempotency=)`` takes the validated request (wire names, unset fields dropped,
@@ -19,7 +25,6 @@ returns the OpenAI ``chat.completion`` object as a dict (or an iterator of
 
 from __future__ import annotations
 
-import time
 from types import GeneratorType
 from typing import Annotated, Any, Generator, Iterator, Literal
 
@@ -29,11 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response, StreamingResponse
 
 from nodeagent.api import idempotency
-from nodeagent.api.errors import json_bytes
+from nodeagent.api.errors import ApiError, json_bytes
 from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, wire_response
 from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_REFERENCE
 from nodeagent.idempotency import IdempotencyConflict
+from nodeagent.openai_compat import CompletionRequest, openai_model, openai_models
 
 router = APIRouter(tags=["openai"])
 
@@ -148,7 +154,10 @@ def _sse(chunks: Iterator[Any]) -> Iterator[bytes]:
         for chunk in chunks:
             yield b"data: " + json_bytes(chunk if isinstance(chunk, dict) else wire_dict(chunk)) + b"\n\n"
     except Exception as exc:  # noqa: BLE001 - reported to the client, the stream ends cleanly
-        yield b"data: " + json_bytes({"error": {"message": str(exc), "type": type(exc).__name__}}) + b"\n\n"
+        # OpenAI's error shape, which the official client raises as an APIError mid-stream.
+        yield b"data: " + json_bytes({"error": {"message": str(exc) or type(exc).__name__, "type": "server_error",
+                                                "param": None, "code": type(exc).__name__}}) + b"\n\n"
+
     finally:
         if isinstance(chunks, GeneratorType):
             chunks.close()  # closed early (client gone): the node cancels the generation
@@ -172,7 +181,11 @@ def _chat(request: ChatCompletionRequest, node: Any, principal: Principal, key: 
         result = method(body, tenant=tenant, agent=agent, idempotency=claim)
     except IdempotencyConflict as exc:
         raise idempotency.conflict(exc) from exc
-    if request.stream:
+    return _answer(result, stream=request.stream)
+
+
+def _answer(result: Any, *, stream: bool) -> Response:
+    if stream:
         # Chunks come as the provider generates them; a client that goes away closes
         # the iterator, which cancels the generation (see Node.chat_completion).
         return StreamingResponse(_iterate_in_thread(_sse(iter(result))), media_type="text/event-stream",
@@ -211,29 +224,83 @@ def chat_completions_prefixed(request: ChatCompletionRequest = Body(...),
     return _chat(request, node, principal, key)
 
 
-@router.get("/openai/v1/models", response_model=OpenAIModelList, responses=error_responses(501),
-            summary="models in OpenAI's list shape (ids are the names chat completions accept)")
-def openai_models(node: Any = Depends(get_node)) -> Response:
-    records = node_method(node, "list_models")()
-    data: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for record in records:
-        wire = wire_dict(record)
-        created = _epoch(wire.get("importedAt") or wire.get("loadedAt"))
-        names = wire.get("names") or ([wire["name"]] if wire.get("name") else []) or [wire.get("digest", "?")]
-        for name in names:
-            if name not in seen:
-                seen.add(name)
-                data.append(OpenAIModel(id=name, created=created).model_dump())
-    return wire_response({"object": "list", "data": data})
+# ------------------------------------------------------------------ text completions
+class TextCompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
 
 
-def _epoch(value: Any) -> int:
-    from datetime import datetime
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextCompletionChoice]
+    usage: dict[str, Any] | None = None
 
-    if isinstance(value, str):
-        try:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
-        except ValueError:
-            pass
-    return int(time.time())
+
+def _complete(request: CompletionRequest, node: Any, principal: Principal) -> Response:
+    method = node_method(node, "completion")
+    tenant, agent = principal.chat_identity()  # the credential's, as for chat
+    result = method(request.model_dump(mode="json", exclude_none=True), tenant=tenant, agent=agent)
+    return _answer(result, stream=request.stream)
+
+
+_COMPLETION_DOC = dict(
+    response_model=TextCompletion, responses=error_responses(400, 403, 404, 409, 422, 429, 501, 502, 503),
+    summary="OpenAI text completion (the prompt as is, no chat template), run as a one-turn pod; "
+            "stream=true gives SSE text_completion chunks")
+
+
+@router.post("/v1/completions", **_COMPLETION_DOC)
+def completions(request: CompletionRequest = Body(...), node: Any = Depends(get_node),
+                principal: Principal = Depends(get_principal)) -> Response:
+    return _complete(request, node, principal)
+
+
+@router.post("/openai/v1/completions", **_COMPLETION_DOC)
+def completions_prefixed(request: CompletionRequest = Body(...), node: Any = Depends(get_node),
+                         principal: Principal = Depends(get_principal)) -> Response:
+    return _complete(request, node, principal)
+
+
+# ------------------------------------------------------------------ models
+_MODELS_DOC = dict(response_model=OpenAIModelList, responses=error_responses(501),
+                   summary="the store's models in OpenAI's list shape (ids are the names completions accept)")
+_MODEL_DOC = dict(response_model=OpenAIModel, responses=error_responses(404, 501),
+                  summary="one model in OpenAI's shape (`tiny` finds `tiny:latest`); 404 for an unknown id")
+
+
+def _models(node: Any) -> Response:
+    return wire_response({"object": "list", "data": openai_models(node_method(node, "list_models")())})
+
+
+def _model(node: Any, model_id: str) -> Response:
+    found = openai_model(node_method(node, "list_models")(), model_id)
+    if found is None:
+        raise ApiError(404, "model_not_found", f"no model {model_id!r} in this agent's store "
+                       "(GET /v1/models lists them; `agent-machine models import` adds one)", field="model")
+    return wire_response(found)
+
+
+@router.get("/v1/models", **_MODELS_DOC)
+def models(node: Any = Depends(get_node)) -> Response:
+    return _models(node)
+
+
+@router.get("/openai/v1/models", **_MODELS_DOC)
+def models_prefixed(node: Any = Depends(get_node)) -> Response:
+    return _models(node)
+
+
+# ``:path``: a model name may have several parts (``org/name:tag``).
+@router.get("/v1/models/{model_id:path}", **_MODEL_DOC)
+def model(model_id: str, node: Any = Depends(get_node)) -> Response:
+    return _model(node, model_id)
+
+
+@router.get("/openai/v1/models/{model_id:path}", **_MODEL_DOC)
+def model_prefixed(model_id: str, node: Any = Depends(get_node)) -> Response:
+    return _model(node, model_id)
