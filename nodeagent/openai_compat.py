@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nodeagent.contracts.names import DIGEST, MAX_MODEL_REFERENCE, MODEL_REFERENCE
 from nodeagent.contracts.model import ModelRecord
-from nodeagent.contracts.pod import AgentPod, PodPhase
+from nodeagent.contracts.pod import AgentPod, PodPhase, ToolCall, ToolDefinition
 from nodeagent.pods import PodInvalid
+from nodeagent.toolcalls import ReplyStream, ToolCallFormat
 
 _NAME_SAFE = re.compile(r"[^a-z0-9_.-]+")
 
@@ -34,6 +35,20 @@ class _ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant message that called tools
+    tool_call_id: str | None = None  # the call a tool message answers
+    name: str | None = None
+
+    def pod_message(self) -> dict[str, Any]:
+        """The pod turn's `Message` (wire names) for this user, assistant or tool message."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["toolCalls"] = [call.to_wire() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["toolCallId"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
@@ -45,6 +60,19 @@ class _ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
+
+
+class _NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class _NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: call this tool."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: _NamedFunction
 
 
 _StopText = Annotated[str, Field(min_length=1, max_length=256)]
@@ -74,6 +102,12 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
     response_format: _ResponseFormat | None = None
+    # OpenAI function tools; validated as the pod's `ToolDefinition` by `tools_of`
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a prompt cannot hold a model to one call
+    # llama-server's extension: a GBNF grammar the answer must match (e.g. to force a tool call)
+    grammar: str | None = Field(default=None, min_length=1, max_length=65536)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
@@ -118,6 +152,47 @@ def response_grammar(response_format: _ResponseFormat | None) -> str | None:
         raise PodInvalid(f"response_format.json_schema.schema: cannot be enforced: {exc}") from exc
 
 
+def tools_of(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the chat template renders (the pod's ``spec.tools``), after ``tool_choice``:
+    ``none`` renders none, a named function only that one, ``auto``/``required`` all.
+
+    No choice is enforced while the answer is generated: the model sees the tools
+    its template shows it and may still answer in text (send a ``grammar`` to force
+    a call's shape). ``strict`` is accepted and not enforced either."""
+    choice = request.tool_choice
+    if not request.tools:
+        if choice is not None and choice != "none":
+            raise PodInvalid("tool_choice: only allowed when tools are given")
+        return None
+    tools: list[dict[str, Any]] = []
+    for index, tool in enumerate(request.tools):
+        function = tool.get("function")
+        if isinstance(function, dict):  # OpenAI's `strict` asks for schema-exact arguments: not enforced here
+            tool = {**tool, "function": {k: v for k, v in function.items() if k != "strict"}}
+        try:
+            definition = ToolDefinition.model_validate(tool)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise PodInvalid(f"tools.{index}.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+        tools.append(definition.model_dump(mode="json", by_alias=True, exclude_none=True))
+    if choice == "none":
+        return None
+    if isinstance(choice, _NamedToolChoice):
+        named = [t for t in tools if t["function"]["name"] == choice.function.name]
+        if not named:
+            raise PodInvalid(f"tool_choice.function.name: {choice.function.name!r} is not one of the tools")
+        return named
+    return tools
+
+
+def chat_grammar(request: ChatCompletionRequest) -> str | None:
+    """The GBNF the answer must match: the request's own ``grammar``, or ``response_format``'s."""
+    if request.grammar is not None and request.response_format is not None \
+            and request.response_format.type != "text":
+        raise PodInvalid("grammar: give a grammar or a response_format, not both")
+    return request.grammar if request.grammar is not None else response_grammar(request.response_format)
+
+
 def _label(text: str | None, default: str) -> str:
     cleaned = _NAME_SAFE.sub("-", (text or "").lower()).strip("-._")[:63]
     return cleaned or default
@@ -149,8 +224,9 @@ def chat_request_to_pod(body: dict[str, Any], *, tenant: str, agent: str = "open
             # A full digest is a digest; anything else (NAME[:TAG], sha256:<hex prefix>) is a reference.
             "model": {"digest": model} if re.fullmatch(DIGEST, model) else {"name": model},
             "context": [{"role": "system", "text": m.text(), "scope": "private"} for m in system],
-            "turns": [{"messages": [{"role": m.role, "content": m.text()} for m in rest], "maxTokens": max_tokens,
-                       "sampling": sampling_of(request, response_grammar(request.response_format))}],
+            "turns": [{"messages": [m.pod_message() for m in rest], "maxTokens": max_tokens,
+                       "sampling": sampling_of(request, chat_grammar(request))}],
+            "tools": tools_of(request),
         },
     }
     try:
@@ -167,11 +243,21 @@ class ChatCompletionFailed(RuntimeError):
         self.pod = pod
 
 
-def pod_to_chat_response(pod: AgentPod) -> dict[str, Any]:
+def pod_to_chat_response(pod: AgentPod, tool_format: ToolCallFormat | None = None) -> dict[str, Any]:
+    """The ``chat.completion`` of a finished pod; with ``tool_format`` (the model's, when the
+    request gave tools) calls in the reply become ``message.tool_calls``."""
     if pod.status.phase is not PodPhase.succeeded or not pod.status.turns:
         raise ChatCompletionFailed(pod)
     turn = pod.status.turns[-1]
     max_tokens = pod.spec.turns[-1].max_tokens
+    message: dict[str, Any] = {"role": "assistant", "content": turn.output}
+    reason = finish_reason(turn, max_tokens)
+    if tool_format is not None:
+        parsed = tool_format.parse(turn.output, id_seed=pod.id)
+        if parsed.tool_calls:
+            message = {"role": "assistant", "content": parsed.content,
+                       "tool_calls": [call.to_wire() for call in parsed.tool_calls]}
+            reason = "tool_calls"
     return {
         "id": f"chatcmpl-{pod.id}",
         "object": "chat.completion",
@@ -180,8 +266,8 @@ def pod_to_chat_response(pod: AgentPod) -> dict[str, Any]:
         "model": pod.spec.model.name or pod.spec.model.digest,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": turn.output},
-            "finish_reason": finish_reason(turn, max_tokens),
+            "message": message,
+            "finish_reason": reason,
         }],
         "usage": usage_of(turn),
         "system_fingerprint": pod.status.receipt_ids[-1][:16] if pod.status.receipt_ids else None,
@@ -201,18 +287,35 @@ def usage_of(turn: Any) -> dict[str, Any]:
 
 
 def chat_chunks(pod_id: str, model: str, created: int, pieces: Iterator[str], finished: Callable[[], AgentPod],
-                *, include_usage: bool) -> Iterator[dict[str, Any]]:
+                *, include_usage: bool, tool_format: ToolCallFormat | None = None) -> Iterator[dict[str, Any]]:
     """``chat.completion.chunk`` objects: the role, each piece of text as the provider
-    generated it, then the finish reason (and usage when asked) once the pod ended."""
+    generated it, then the finish reason (and usage when asked) once the pod ended.
+
+    With ``tool_format`` text that may be a tool call is held back until the reply
+    ends (`nodeagent.toolcalls.ReplyStream`); each call then goes out whole as one
+    ``delta.tool_calls`` chunk (index, id, type, function name and arguments)."""
     base = {"id": f"chatcmpl-{pod_id}", "object": "chat.completion.chunk", "created": created, "model": model}
-    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+
+    def delta(fields: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": fields, "finish_reason": reason}]}
+
+    reply = ReplyStream(tool_format, id_seed=pod_id)
+    yield delta({"role": "assistant", "content": ""})
     for piece in pieces:
-        yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        text = reply.feed(piece)
+        if text:
+            yield delta({"content": text})
     pod = finished()
     if pod.status.phase is not PodPhase.succeeded or not pod.status.turns:
         raise ChatCompletionFailed(pod)
     turn = pod.status.turns[-1]
-    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(turn, pod.spec.turns[-1].max_tokens)}]}
+    rest = reply.finish()
+    if rest.content:
+        yield delta({"content": rest.content})
+    for index, call in enumerate(rest.tool_calls):
+        yield delta({"tool_calls": [{"index": index, **call.to_wire()}]})
+    reason = "tool_calls" if rest.tool_calls else finish_reason(turn, pod.spec.turns[-1].max_tokens)
+    yield delta({}, reason)
     if include_usage:
         yield {**base, "choices": [], "usage": usage_of(turn)}
 

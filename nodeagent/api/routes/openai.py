@@ -38,6 +38,7 @@ from nodeagent.api.errors import ApiError, json_bytes
 from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, wire_response
 from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_REFERENCE
+from nodeagent.contracts.pod import FunctionDefinition, ToolCall
 from nodeagent.idempotency import IdempotencyConflict
 from nodeagent.openai_compat import CompletionRequest, openai_model, openai_models
 
@@ -56,9 +57,32 @@ class ChatContentPart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ChatContentPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    name: str | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, max_length=128)  # the call a tool message answers
+    tool_calls: list[ToolCall] | None = None  # the calls an assistant message made (as this API returned them)
+
+
+class ChatFunction(FunctionDefinition):
+    """A function tool (OpenAI's shape). ``strict`` is accepted; arguments are not held to
+    the schema while they are generated."""
+
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: ChatFunction
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    """Call this function: only it is shown to the model (not enforced while generating)."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -116,6 +140,13 @@ class ChatCompletionRequest(_Strict):
     repeat_penalty: float | None = Field(default=None, gt=0, le=2)
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
     response_format: ResponseFormat | None = None
+    # Tools, rendered by the model's chat template; calls in the answer come back as message.tool_calls
+    # (docs/api.md, "Tools"). "none" shows the model no tools, a named function only that one.
+    tools: list[ChatTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # llama-server's extension: GBNF the answer must match (not with response_format)
+    grammar: str | None = Field(default=None, min_length=1, max_length=65536)
     user: str | None = None
     metadata: dict[str, str] | None = None
 
@@ -157,7 +188,6 @@ def _sse(chunks: Iterator[Any]) -> Iterator[bytes]:
         # OpenAI's error shape, which the official client raises as an APIError mid-stream.
         yield b"data: " + json_bytes({"error": {"message": str(exc) or type(exc).__name__, "type": "server_error",
                                                 "param": None, "code": type(exc).__name__}}) + b"\n\n"
-
     finally:
         if isinstance(chunks, GeneratorType):
             chunks.close()  # closed early (client gone): the node cancels the generation
