@@ -31,6 +31,7 @@ from nodeagent.contracts.pod import TERMINAL_PHASES, AgentPod, PodPhase
 from nodeagent.idempotency import IdempotencyKey, IdempotencyStore, IdempotentReplay
 from nodeagent.pods import PodNotFound, PodStore
 from nodeagent.textstream import TextStream
+from nodeagent.toolcalls import ToolCallFormat, detect_format
 from nodeagent.store import connect
 
 log = logging.getLogger("agent_machine.node")
@@ -469,10 +470,25 @@ class Node:
             submitted = self.submit_pod(pod, idempotency=idempotency, stream=stream)
         except IdempotentReplay as replay:
             submitted, stream = replay.pod, None
+        try:
+            tool_format = self._tool_format(submitted)
+        except Exception:
+            with contextlib.suppress(PodNotFound):  # nobody will read its answer
+                self.cancel_pod(submitted.id, reason="its model's chat template could not be read")
+            raise
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return self._chat_stream(submitted, stream, include_usage, timeout_s)
-        return pod_to_chat_response(self._wait_terminal(submitted.id, timeout_s))
+            return self._chat_stream(submitted, stream, include_usage, timeout_s, tool_format)
+        return pod_to_chat_response(self._wait_terminal(submitted.id, timeout_s), tool_format)
+
+    def _tool_format(self, pod: AgentPod) -> ToolCallFormat | None:
+        """The tool-call format of the pod's model (its chat template's), when the pod gave
+        the model tools; without tools a reply is content, whatever it looks like."""
+        if not pod.spec.tools:
+            return None
+        executor = self._need_executor()
+        record = executor.models.resolve(pod.spec.model.digest or pod.spec.model.name)
+        return detect_format(executor.template(record).source)
 
     def _wait_terminal(self, pod_id: str, timeout_s: float) -> AgentPod:
         deadline = time.monotonic() + timeout_s
@@ -485,7 +501,8 @@ class Node:
                 raise TimeoutError(f"pod {pod_id} did not finish within {timeout_s:g}s")
             time.sleep(0.01)
 
-    def _chat_stream(self, pod: AgentPod, stream: "TextStream | None", include_usage: bool, timeout_s: float):
+    def _chat_stream(self, pod: AgentPod, stream: "TextStream | None", include_usage: bool, timeout_s: float,
+                     tool_format: ToolCallFormat | None = None):
         from nodeagent.openai_compat import chat_chunks
 
         def ended() -> bool:
@@ -501,7 +518,8 @@ class Node:
             pieces = stream.pieces(ended=ended, timeout_s=timeout_s)
         model = pod.spec.model.name or pod.spec.model.digest or "unknown"
         try:
-            yield from chat_chunks(pod.id, model, int(time.time()), pieces, finished, include_usage=include_usage)
+            yield from chat_chunks(pod.id, model, int(time.time()), pieces, finished, include_usage=include_usage,
+                                   tool_format=tool_format)
         except GeneratorExit:  # the client went away: stop generating for it
             if stream is not None:
                 stream.cancel()
