@@ -298,7 +298,8 @@ def _call_of(value: Any, *argument_keys: str) -> _RawCall | None:
 
 
 def _tool_call(fmt: ToolCallFormat, raw: _RawCall, id_seed: str | None, index: int) -> ToolCall:
-    return ToolCall(id=_call_id(fmt, raw, id_seed, index), function=FunctionCall(name=raw.name, arguments=raw.arguments))
+    return ToolCall(id=_call_id(fmt, raw, id_seed, index),
+                    function=FunctionCall(name=raw.name, arguments=raw.arguments))
 
 
 def _call_id(fmt: ToolCallFormat, raw: _RawCall, id_seed: str | None, index: int) -> str:

@@ -364,7 +364,8 @@ def test_an_assistant_call_and_the_tool_result_become_the_pods_messages():
         {"role": "system", "content": "You are a weather bot."},
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18}'},
     ]}, tenant="t", default_model=None)
     user, assistant, tool = pod.spec.turns[0].messages
@@ -475,12 +476,20 @@ def test_the_official_client_calls_a_tool_and_sends_its_result_back(tmp_path, no
         assert message.tool_calls[0].function.name == "get_weather"
         assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
         # the conversation goes on: the call and its result are rendered by the template
-        history = [*ASK, message.model_dump(exclude_none=True),
+        history = [*ASK, message,  # the SDK's own message object, as agent loops append it
                    {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"temperature": 18}'}]
         second = client.chat.completions.create(model="qwen-tools", messages=history, tools=[tool],
                                                 max_tokens=4, temperature=0)
         assert second.choices[0].message.tool_calls is None
         assert second.usage.prompt_tokens > first.usage.prompt_tokens
+        streamed = list(client.chat.completions.create(
+            model="qwen-tools", messages=ASK, tools=[tool], max_tokens=120, temperature=0, stream=True,
+            extra_body={"grammar": FORCE_CALL}))
+        deltas = [d for c in streamed if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [(d.index, d.type, d.function.name, d.function.arguments) for d in deltas] == \
+            [(0, "function", "get_weather", '{"city": "Paris"}')]
+        assert deltas[0].id.startswith("call_")
+        assert streamed[-1].choices[0].finish_reason == "tool_calls"
         with pytest.raises(openai.UnprocessableEntityError) as err:
             client.chat.completions.create(model="qwen-tools", messages=ASK, max_tokens=4,
                                            tools=[{"type": "function", "function": {"name": "x", "oops": 1}}])
