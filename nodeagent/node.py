@@ -448,8 +448,9 @@ class Node:
     def latest_checkpoint(self) -> dict | None:
         executor = self.executor
         receipts_log = getattr(executor, "receipts", None)
-        if receipts_log is not None:
-            receipts_log.checkpoint()  # on demand: a planner asking wants the current size signed
+        if receipts_log is not None and receipts_log.size:
+            # On demand: a planner asking wants the current size signed (an empty log has nothing to sign).
+            receipts_log.checkpoint()
         with self._receipt_reader() as reader:
             found = reader.latest_checkpoint()
         return None if found is None else {"size": found[0], "checkpoint": found[1]}
