@@ -478,6 +478,10 @@ class Node:
                 self.cancel_pod(submitted.id, reason="its model's chat template could not be read")
             raise
         if body.get("stream"):
+            if submitted.status.phase is PodPhase.refused:  # before any chunk: the client gets a plain error
+                from nodeagent.openai_compat import ChatCompletionFailed
+
+                raise ChatCompletionFailed(submitted)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._chat_stream(submitted, stream, include_usage, timeout_s, tool_format)
         return pod_to_chat_response(self._wait_terminal(submitted.id, timeout_s), tool_format)
