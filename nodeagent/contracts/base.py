@@ -44,6 +44,19 @@ class Contract(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+class Input(Contract):
+    """A part of what a client writes (a pod's metadata and spec, a request body).
+
+    Scalars are strict as in JSON: 0 is not false, "5" is not 5 and 5.5 is not
+    an integer, so a wrongly typed value is an error naming the field, as the
+    schema says (pydantic's lax mode took them). Enum and date-time fields opt
+    out with ``Field(strict=False)``: validated from Python values (FastAPI,
+    stored documents), strict mode would refuse their JSON strings.
+    """
+
+    model_config = ConfigDict(strict=True)
+
+
 class Resource(Contract):
     """A top-level, versioned kind: carries `apiVersion` and `kind`.
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from nodeagent.contracts.base import MAX_SAFE_INTEGER, Contract, Resource, any_of_present, one_of_present
+from nodeagent.contracts.base import MAX_SAFE_INTEGER, Contract, Input, Resource, any_of_present, one_of_present
 from nodeagent.contracts.policy import PolicyDecision
 from nodeagent.contracts.names import DIGEST as DIGEST_RE
 from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_REFERENCE, PROVIDER_NAME
@@ -48,7 +48,7 @@ class CacheScope(str, Enum):
 SCOPE_ORDER = {CacheScope.public: 0, CacheScope.tenant: 1, CacheScope.private: 2}
 
 
-class ContextSegment(Contract):
+class ContextSegment(Input):
     # Exactly one of text and digest, and the schema says so: a digest beside its
     # text said nothing the node does not compute, and the schema cannot state
     # that the two must agree.
@@ -59,7 +59,7 @@ class ContextSegment(Contract):
     # sha256 of the UTF-8 text. Alone, it refers to a segment this node has
     # seen before (planners need not resend large tool schemas).
     digest: str | None = Field(default=None, pattern=DIGEST_RE)
-    scope: CacheScope = CacheScope.private
+    scope: CacheScope = Field(default=CacheScope.private, strict=False)  # an enum: its JSON string
 
     @model_validator(mode="after")
     def _text_or_digest(self, info: ValidationInfo) -> "ContextSegment":
@@ -75,31 +75,31 @@ class ContextSegment(Contract):
         return self
 
 
-class FunctionCall(Contract):
+class FunctionCall(Input):
     name: str = Field(min_length=1, max_length=128)
     arguments: str = Field(default="{}", max_length=65536, description="JSON text, as OpenAI sends it")
 
 
-class ToolCall(Contract):
+class ToolCall(Input):
     id: str = Field(min_length=1, max_length=128)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class FunctionDefinition(Contract):
+class FunctionDefinition(Input):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = Field(default=None, max_length=8192)
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
-class ToolDefinition(Contract):
+class ToolDefinition(Input):
     """A tool the model may call (OpenAI's shape); the chat template renders the list."""
 
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class Message(Contract):
+class Message(Input):
     role: Literal["user", "assistant", "tool"]
     content: str = ""
     tool_calls: list[ToolCall] | None = None  # an assistant message that called tools
@@ -129,7 +129,7 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-class Sampling(Contract):
+class Sampling(Input):
     """How the answer is drawn (llama.cpp's sampler chain; OpenAI's names where it has them).
 
     A pod without sampling is greedy (temperature 0): reproducible, and the same
@@ -151,7 +151,7 @@ class Sampling(Contract):
                                 description="GBNF the answer must match (llama.cpp providers)")
 
 
-class Turn(Contract):
+class Turn(Input):
     """Messages appended before the model answers; the answer is appended after.
 
     ``prompt`` instead of messages is a plain text completion (OpenAI's
@@ -191,7 +191,7 @@ def checked_name(value: str | None, pattern: str, what: str, info: ValidationInf
     return value
 
 
-class ModelRef(Contract):
+class ModelRef(Input):
     model_config = ConfigDict(json_schema_extra=any_of_present("name", "digest"))
 
     # NAME[:TAG], sha256:<hex prefix> or a hex prefix (see contracts.names)
@@ -213,7 +213,7 @@ class ModelRef(Contract):
         return self
 
 
-class Resources(Contract):
+class Resources(Input):
     accelerator: Literal["any", "cpu", "gpu"] = "any"
     memory_bytes: int | None = Field(default=None, ge=0, le=MAX_SAFE_INTEGER)
 
@@ -225,9 +225,9 @@ DATE_TIME = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d
 KEEP_ALIVE = r"^(-1|0|\d{1,6}(\.\d+)?(ms|s|m|h)?)$"
 
 
-class PodPolicy(Contract):
+class PodPolicy(Input):
     cache_reuse: bool = True  # false: never restore or save cache for this pod
-    deadline: datetime | None = None  # refuse to start after this instant
+    deadline: datetime | None = Field(default=None, strict=False)  # refuse to start after this instant
     # How long the model stays loaded once this pod's turn ends, as Ollama's
     # keep_alive: "5m", "90s", "1h", "0" (unload when idle), "-1" (forever).
     # None: the model's own (or the node's default) keep-alive.
@@ -250,7 +250,7 @@ class PodPolicy(Contract):
                             info, 16)
 
 
-class PodMetadata(Contract):
+class PodMetadata(Input):
     name: str = Field(pattern=NAME_RE)
     tenant: str = Field(pattern=NAME_RE)
     agent: str = Field(pattern=NAME_RE)
@@ -258,7 +258,7 @@ class PodMetadata(Contract):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-class AgentPodSpec(Contract):
+class AgentPodSpec(Input):
     model: ModelRef
     context: list[ContextSegment] = Field(default_factory=list)
     turns: list[Turn] = Field(min_length=1, max_length=256)

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, optional_model, to_wire, wire_response
-from nodeagent.contracts.base import Contract
+from nodeagent.contracts.base import Contract, Input
 
 router = APIRouter(tags=["models"])
 
@@ -40,7 +40,7 @@ class ModelList(Contract):
 MAX_KEEP_ALIVE_S = 366 * 24 * 3600
 
 
-class LoadOptions(Contract):
+class LoadOptions(Input):
     keep_alive_s: float | None = Field(default=None, ge=-1, le=MAX_KEEP_ALIVE_S,
                                        description="seconds to stay loaded when idle (at most a year); -1 forever")
     pin: bool | None = Field(default=None, description="never evict it to make room")

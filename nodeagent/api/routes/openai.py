@@ -46,7 +46,8 @@ router = APIRouter(tags=["openai"])
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields and wrongly typed values (0 for false, "5" for 5) are errors naming the field.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ChatContentPart(_Strict):
