@@ -47,7 +47,7 @@ def test_chat_completion_runs_a_one_turn_pod_and_reuses_system_prompts(node):
 
 @pytest.mark.parametrize("body,field", [
     ({"messages": []}, "messages"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),  # one choice per request
     ({"model": "tiny", "messages": [{"role": "system", "content": "only system"}]}, "messages"),
     ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
