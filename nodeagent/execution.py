@@ -527,7 +527,7 @@ class PodExecutor:
         self.segments.texts(pod.spec.context, pod.metadata.tenant)
         if pod.spec.provider is not None and pod.spec.provider not in {m.name for m in self.pool.all()}:
             known = ", ".join(sorted(m.name for m in self.pool.all())) or "none"
-            raise PodReferenceUnknown(f"spec.provider {pod.spec.provider!r} is not a provider of this node "
+            raise PodReferenceUnknown(f"spec.provider: {pod.spec.provider!r} is not a provider of this node "
                                       f"(known: {known})")
 
     def before_end(self, pod: AgentPod, phase: PodPhase, reason: str, error_class: str | None = None) -> None:

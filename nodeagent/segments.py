@@ -61,7 +61,7 @@ class SegmentStore:
                     "SELECT s.text FROM segments s JOIN segment_owners o ON o.digest = s.digest"
                     " WHERE s.digest = ? AND o.tenant IN (?, ?) LIMIT 1", (segment.digest, tenant, PUBLIC)).fetchone()
             if row is None:
-                raise PodReferenceUnknown(f"spec.context[{index}].digest {segment.digest} is unknown to this "
+                raise PodReferenceUnknown(f"spec.context[{index}].digest: {segment.digest} is unknown to this "
                                           f"node; send the segment's text once")
             out.append(row[0])
         return out
