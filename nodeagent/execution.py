@@ -662,7 +662,9 @@ class PodExecutor:
         if tokenizer is None:
             raise PodNotPlaceable(f"spec.model: no provider holds {model_name(record)} yet, so its "
                                   f"prompt cannot be tokenized for a dry run; load it first")
-        tools = [t.to_wire() for t in pod.spec.tools] if pod.spec.tools else None
+        # As the request gave them: a description left out is not rendered as null.
+        tools = ([t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in pod.spec.tools]
+                 if pod.spec.tools else None)
         session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent, tokenizer.tokenize,
                                  self.template(record), tools=tools)
         session.add_segments(pod.spec.context, texts)
