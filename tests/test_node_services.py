@@ -2,8 +2,8 @@
 models, receipts, checkpoints, reconcile after a crash."""
 
 import os
-import signal
 import re
+import signal
 import time
 
 import pytest
