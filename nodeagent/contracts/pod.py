@@ -159,6 +159,11 @@ class Turn(Input):
     a pod has that one turn and no context segments.
     """
 
+    # Exactly one of them, and the schema says so (a schema-valid turn with both, or neither, was a 422).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["messages"], "properties": {"messages": {"minItems": 1}}},
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}}]})
+
     messages: list[Message] = Field(default_factory=list, max_length=1024)
     prompt: str | None = Field(default=None, min_length=1, max_length=1 << 20)
     max_tokens: int = Field(default=128, ge=1, le=32768)
