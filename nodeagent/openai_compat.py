@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nodeagent.contracts.names import DIGEST, MAX_MODEL_REFERENCE, MODEL_REFERENCE
 from nodeagent.contracts.model import ModelRecord
 from nodeagent.contracts.pod import AgentPod, PodPhase, ToolCall, ToolDefinition
+from nodeagent.contracts.problems import first_problem
 from nodeagent.pods import PodInvalid
 from nodeagent.toolcalls import ReplyStream, ToolCallFormat
 
@@ -193,6 +194,14 @@ def chat_grammar(request: ChatCompletionRequest) -> str | None:
     return request.grammar if request.grammar is not None else response_grammar(request.response_format)
 
 
+def _parsed(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """``body`` validated as ``model``; `PodInvalid` "field: what is wrong" (the API names the field)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise PodInvalid(first_problem(exc)) from exc
+
+
 def _label(text: str | None, default: str) -> str:
     cleaned = _NAME_SAFE.sub("-", (text or "").lower()).strip("-._")[:63]
     return cleaned or default
@@ -202,12 +211,7 @@ def chat_request_to_pod(body: dict[str, Any], *, tenant: str, agent: str = "open
                         default_model: str | None) -> AgentPod:
     """The one-turn pod for ``body``, run as ``tenant``/``agent``: the caller's credential
     decides both (nodeagent.api.principal), never a field of the request."""
-    try:
-        request = ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise PodInvalid(f"{where}: {first['msg']}") from exc
+    request: ChatCompletionRequest = _parsed(ChatCompletionRequest, body)
     model = request.model or default_model
     if not model:
         raise PodInvalid("model: required (no models.default is configured)")
@@ -374,14 +378,6 @@ class CompletionRequest(SamplingFields):
 
     def prompt_text(self) -> str:
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-
-
-def _parsed(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PodInvalid(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from exc
 
 
 def completion_request_to_pod(body: dict[str, Any], *, tenant: str, agent: str = "openai") -> AgentPod:

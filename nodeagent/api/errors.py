@@ -10,6 +10,12 @@ Rules: every 4xx names the offending field where there is one (``field``; the
 body as a whole is ``body``, a query parameter its name, a path parameter its
 name); bad input is a 4xx, never a 5xx; a 5xx means a bug in the agent and says
 so without leaking a traceback.
+
+The OpenAI routes answer the same errors in OpenAI's shape (`openai_error`):
+``type`` is OpenAI's class of error and ``code`` the agent's type::
+
+    {"error": {"message": "stop: List should have at most 4 items", "type": "invalid_request_error",
+               "param": "stop", "code": "invalid_request", "field": "stop", "details": [...]}}
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +31,8 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+
+from nodeagent.contracts.problems import validation_details
 
 log = logging.getLogger("agent_machine.api")
 
@@ -101,63 +109,6 @@ def _openai_aware(handler: Callable[[Request, Any], Awaitable[Response]]) -> Cal
     return respond
 
 
-def field_path(loc: Iterable[Any]) -> str:
-    """('body', 'spec', 'turns', 0, 'messages') -> 'spec.turns[0].messages'.
-
-    A location that is only 'body' (malformed JSON, wrong top-level type) names
-    ``body``; query and path parameters are named bare (``refresh``, ``pod_id``).
-    """
-    parts = list(loc)
-    origin = "body"
-    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
-        origin = parts.pop(0)
-        if not parts:
-            return str(origin)
-    out = ""
-    for index, part in enumerate(parts):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif str(part).startswith("function-") or (origin == "body" and index and _UNION_MEMBER.match(str(part))):
-            continue  # pydantic's validator markers and union members are not field names
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "body"
-
-
-# pydantic names the member of a union that failed in the location: ``stop.str``,
-# ``stop.list[str]``, ``prompt.constrained-str``, ``content.list[ChatContentPart]``, and a
-# dict's key as ``[key]``. Wire fields are lower camel or snake case, so these are not fields.
-_UNION_MEMBER = re.compile(r"^(?:str|int|float|bool|bytes|none|[a-z]+(?:-[a-z]+)+.*|.*[\[\]].*|[A-Z].*)$")
-
-
-def validation_details(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    details = []
-    for err in errors:
-        loc = err.get("loc", ())
-        # A JSON decode error carries the character offset as the last loc item.
-        if err.get("type") == "json_invalid":
-            details.append({"field": "body", "message": f"invalid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}",
-                            "type": "json_invalid"})
-            continue
-        message = str(err.get("msg", "invalid value"))
-        message = message.removeprefix("Value error, ")
-        details.append({"field": field_path(loc), "message": message, "type": err.get("type", "value_error")})
-    return _union_members_that_matched(details)
-
-
-def _union_members_that_matched(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop "should be a valid string" where the value was a list (or the like) of a union
-    (``stop: str | list[str]``): pydantic reports every member, the one whose type
-    matched says what is wrong (``stop: at most 4 items``, ``prompt[1]: too short``)."""
-    def matched_elsewhere(detail: dict[str, Any]) -> bool:
-        field = detail["field"]
-        return any(other is not detail and not other["type"].endswith("_type")
-                   and (other["field"] == field or other["field"].startswith((field + ".", field + "[")))
-                   for other in details)
-
-    return [d for d in details if not (d["type"].endswith("_type") and matched_elsewhere(d))]
-
-
 def _summary(details: list[dict[str, Any]]) -> str:
     if not details:
         return "invalid request"
@@ -218,35 +169,40 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
 
 
 def allowed_methods(request: Request, routed: str = "") -> str:
-    """Every method some route serves at this request's path, for the ``Allow`` header of a 405.
+    """The methods of the resource at this request's path, for the ``Allow`` header of a 405.
 
     Starlette names only the methods of the first route whose path matched
     (``/v1/pods`` answered ``Allow: POST`` though GET lists pods). The document
-    knows every operation at a path, so the header is its methods for every
-    path template that matches, plus what the router named (routes left out of
-    the document, such as ``/openapi.json``).
+    knows every operation at a path, so the header is the methods of the path
+    template that matches most specifically (the most literal characters:
+    ``/v1/models/x:load`` is the ``:load`` method, though ``/v1/models/{name}``
+    matches it too). A path outside the document (``/openapi.json``) keeps what
+    the router named.
     """
-    methods = {method.strip().upper() for method in routed.split(",") if method.strip()}
     path = request.scope.get("path", request.url.path)
-    for pattern, verbs in _path_index(request.app):
-        if pattern.fullmatch(path):
-            methods |= verbs
-    return ", ".join(sorted(methods))
+    matches = [(literal, verbs) for pattern, literal, verbs in _path_index(request.app) if pattern.fullmatch(path)]
+    if not matches:
+        return routed
+    most = max(literal for literal, _ in matches)
+    return ", ".join(sorted(set().union(*(verbs for literal, verbs in matches if literal == most))))
 
 
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
-def _path_index(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
-    """(path template as a regex, its methods) for every path of the app's document; built once per app."""
+def _path_index(app: Any) -> list[tuple[re.Pattern[str], int, frozenset[str]]]:
+    """(path template as a regex, its literal characters, its methods) for every path of the
+    app's document; built once per app."""
     index = getattr(app.state, "allow_index", None)
     if index is None:
         index = []
         for template, operations in app.openapi().get("paths", {}).items():
+            parts = [part for part in re.split(r"(\{[^}]+\})", template) if part]
             # A parameter matches what Starlette's default convertor matches: one non-empty segment.
-            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part)
-                            for part in re.split(r"(\{[^}]+\})", template) if part)
-            index.append((re.compile(regex), frozenset(m.upper() for m in operations if m in _HTTP_METHODS)))
+            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+            literal = sum(len(part) for part in parts if not part.startswith("{"))
+            index.append((re.compile(regex), literal,
+                          frozenset(m.upper() for m in operations if m in _HTTP_METHODS)))
         app.state.allow_index = index
     return index
 

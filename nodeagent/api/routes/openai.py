@@ -205,7 +205,7 @@ def _chat(request: ChatCompletionRequest, node: Any, principal: Principal, key: 
     method = node_method(node, "chat_completion")
     # The pod runs as the credential's tenant (and agent), never as a request field says.
     tenant, agent = principal.chat_identity()
-    body = request.model_dump(mode="json", exclude_none=True)
+    body = request.model_dump(mode="json", exclude_none=True, by_alias=True)  # response_format's "schema"
     claim = idempotency.chat_key(principal, key, body)
     try:
         # QueueFull, NodeClosed, PodInvalid... map to 4xx/503 in errors.py
