@@ -346,18 +346,20 @@ class CompletionRequest(SamplingFields):
     choice per request, no ``echo``, ``logprobs``, ``suffix`` or ``best_of``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     # What a pod's spec.model.name accepts (contracts.names): the schema refuses what the pod would.
     model: str = Field(min_length=1, max_length=MAX_MODEL_REFERENCE, pattern=MODEL_REFERENCE)
-    prompt: _PromptText | Annotated[list[_PromptText], Field(min_length=1)]
+    # The schema declares what is served (one prompt, no echo, one choice, no logprobs or suffix);
+    # the model still reads OpenAI's wider values, so `unsupported` refuses them with 400 and a reason.
+    prompt: _PromptText | Annotated[list[_PromptText], Field(min_length=1, json_schema_extra={"maxItems": 1})]
     max_tokens: int = Field(default=16, ge=1, le=32768, description="OpenAI's default: 16")
     stream: bool = False
     stream_options: CompletionStreamOptions | None = None
-    echo: bool = False
-    n: int = Field(default=1, ge=1, le=128)
-    best_of: int | None = Field(default=None, ge=1, le=128)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    suffix: str | None = None
+    echo: bool = Field(default=False, json_schema_extra={"const": False})
+    n: int = Field(default=1, ge=1, le=128, json_schema_extra={"maximum": 1})
+    best_of: int | None = Field(default=None, ge=1, le=128, json_schema_extra={"maximum": 1})
+    logprobs: int | None = Field(default=None, ge=0, le=5, json_schema_extra={"type": "null"})
+    suffix: str | None = Field(default=None, json_schema_extra={"maxLength": 0})
     user: str | None = None
 
     def unsupported(self) -> str | None:

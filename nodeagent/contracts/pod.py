@@ -177,6 +177,7 @@ class Turn(Input):
 
 
 STORED = "stored"  # validation context of documents the node itself stored
+POD_ID = r"^[0-9a-f]{8,64}$"
 
 
 def checked_name(value: str | None, pattern: str, what: str, info: ValidationInfo,
@@ -335,12 +336,12 @@ class AgentPod(Resource):
     kind: Literal["AgentPod"] = "AgentPod"
     metadata: PodMetadata
     spec: AgentPodSpec
-    id: str | None = None  # assigned by the node on submit
+    id: str | None = Field(default=None, json_schema_extra={"pattern": POD_ID})  # assigned by the node on submit
     status: PodStatus | None = None
 
     @field_validator("id")
     @classmethod
     def _id_shape(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[0-9a-f]{8,64}", value):
+        if value is not None and not re.fullmatch(POD_ID, value):
             raise ValueError("pod id must be lowercase hex")
         return value

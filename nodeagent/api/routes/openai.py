@@ -108,8 +108,17 @@ class ResponseFormat(_Strict):
 TURN_ROLES = ("user", "assistant", "tool")
 
 
+_StopText = Annotated[str, Field(min_length=1, max_length=256)]  # as the pod's Sampling.stop
+
+
 class ChatCompletionRequest(_Strict):
     """The OpenAI fields the agent understands; any other field is an error that names it."""
+
+    # tool_choice (other than "none") needs tools, and the schema says so.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["tool_choice"],
+               "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
 
     # What a pod's spec.model.name accepts (contracts.names): the schema refuses what the pod would.
     model: str = Field(min_length=1, max_length=MAX_MODEL_REFERENCE, pattern=MODEL_REFERENCE)
@@ -129,8 +138,8 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: _StopText | Annotated[list[_StopText], Field(max_length=4)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)  # as the pod's Sampling
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
