@@ -22,6 +22,7 @@ from typing import Annotated, Any, Callable, Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nodeagent.contracts.base import JsonScalars
 from nodeagent.contracts.names import DIGEST, MAX_MODEL_REFERENCE, MODEL_REFERENCE
 from nodeagent.contracts.model import ModelRecord
 from nodeagent.contracts.pod import AgentPod, PodPhase, ToolCall, ToolDefinition
@@ -80,7 +81,7 @@ _StopText = Annotated[str, Field(min_length=1, max_length=256)]
 _TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(JsonScalars):
     """The sampling fields chat and text completions share (OpenAI's names, and llama-server's
     beside them), bounded as the pod's `Sampling` bounds them so a refusal names the request's field."""
 
@@ -346,7 +347,7 @@ class CompletionRequest(SamplingFields):
     choice per request, no ``echo``, ``logprobs``, ``suffix`` or ``best_of``.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
     # What a pod's spec.model.name accepts (contracts.names): the schema refuses what the pod would.
     model: str = Field(min_length=1, max_length=MAX_MODEL_REFERENCE, pattern=MODEL_REFERENCE)
     # The schema declares what is served (one prompt, no echo, one choice, no logprobs or suffix);

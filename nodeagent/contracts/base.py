@@ -7,9 +7,11 @@ is an error that names the field instead of a silently ignored value.
 
 from __future__ import annotations
 
-from typing import Any
+import numbers
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "agent-machine/v1"
@@ -44,17 +46,37 @@ class Contract(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-class Input(Contract):
-    """A part of what a client writes (a pod's metadata and spec, a request body).
+def _scalar_kind(annotation: Any) -> type | None:
+    """bool, int or float when a field holds only that scalar (or null), else None."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    kinds = [member for member in members if member is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
 
-    Scalars are strict as in JSON: 0 is not false, "5" is not 5 and 5.5 is not
-    an integer, so a wrongly typed value is an error naming the field, as the
-    schema says (pydantic's lax mode took them). Enum and date-time fields opt
-    out with ``Field(strict=False)``: validated from Python values (FastAPI,
-    stored documents), strict mode would refuse their JSON strings.
+
+class JsonScalars(BaseModel):
+    """Scalar fields take their JSON type only, as the schema says: 0 is not false and "5"
+    is not 5 (pydantic's lax mode took both); 1.0 is an integer, as in JSON Schema.
+
+    Not pydantic's strict mode: validated from Python values (FastAPI, stored
+    documents), that refuses the JSON strings of enums and date-times, and 1.0.
     """
 
-    model_config = ConfigDict(strict=True)
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_scalar(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = _scalar_kind(cls.model_fields[info.field_name].annotation) if info.field_name else None
+        if kind is None or value is None:
+            return value
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, not {type(value).__name__}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"must be a JSON {'integer' if kind is int else 'number'}, not {type(value).__name__}")
+        return value
+
+
+class Input(Contract, JsonScalars):
+    """A part of what a client writes (a pod's metadata and spec, a request body): scalars as JSON types."""
 
 
 class Resource(Contract):

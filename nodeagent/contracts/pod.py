@@ -59,7 +59,7 @@ class ContextSegment(Input):
     # sha256 of the UTF-8 text. Alone, it refers to a segment this node has
     # seen before (planners need not resend large tool schemas).
     digest: str | None = Field(default=None, pattern=DIGEST_RE)
-    scope: CacheScope = Field(default=CacheScope.private, strict=False)  # an enum: its JSON string
+    scope: CacheScope = CacheScope.private
 
     @model_validator(mode="after")
     def _text_or_digest(self, info: ValidationInfo) -> "ContextSegment":
@@ -233,7 +233,7 @@ KEEP_ALIVE = r"^(-1|0|\d{1,6}(\.\d+)?(ms|s|m|h)?)$"
 
 class PodPolicy(Input):
     cache_reuse: bool = True  # false: never restore or save cache for this pod
-    deadline: datetime | None = Field(default=None, strict=False)  # refuse to start after this instant
+    deadline: datetime | None = None  # refuse to start after this instant
     # How long the model stays loaded once this pod's turn ends, as Ollama's
     # keep_alive: "5m", "90s", "1h", "0" (unload when idle), "-1" (forever).
     # None: the model's own (or the node's default) keep-alive.

@@ -37,6 +37,7 @@ from nodeagent.api import idempotency
 from nodeagent.api.errors import ApiError, json_bytes
 from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, wire_response
+from nodeagent.contracts.base import JsonScalars
 from nodeagent.contracts.names import MAX_MODEL_REFERENCE, MODEL_REFERENCE
 from nodeagent.contracts.pod import FunctionDefinition, ToolCall
 from nodeagent.idempotency import IdempotencyConflict
@@ -45,9 +46,9 @@ from nodeagent.openai_compat import CompletionRequest, openai_model, openai_mode
 router = APIRouter(tags=["openai"])
 
 
-class _Strict(BaseModel):
+class _Strict(JsonScalars):
     # Unknown fields and wrongly typed values (0 for false, "5" for 5) are errors naming the field.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class ChatContentPart(_Strict):
@@ -114,11 +115,14 @@ _StopText = Annotated[str, Field(min_length=1, max_length=256)]  # as the pod's 
 class ChatCompletionRequest(_Strict):
     """The OpenAI fields the agent understands; any other field is an error that names it."""
 
-    # tool_choice (other than "none") needs tools, and the schema says so.
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"required": ["tool_choice"],
-               "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}},
-        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
+    # What the node refuses of a schema-valid request, the schema says: tool_choice (other than
+    # "none") needs tools; grammar and response_format are not given together.
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["tool_choice"],
+                "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}},
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
+        {"not": {"required": ["grammar", "response_format"],
+                 "properties": {"grammar": {"type": "string"}, "response_format": {"type": "object"}}}}]})
 
     # What a pod's spec.model.name accepts (contracts.names): the schema refuses what the pod would.
     model: str = Field(min_length=1, max_length=MAX_MODEL_REFERENCE, pattern=MODEL_REFERENCE)
@@ -247,7 +251,11 @@ async def _iterate_in_thread(sync_iter: Generator[bytes, None, None]):  # type: 
         await anyio.to_thread.run_sync(sync_iter.close)
 
 
-_CHAT_DOC = dict(response_model=ChatCompletion, responses=error_responses(403, 404, 409, 422, 429, 501, 502, 503),
+# stream=true answers server-sent events; the document says so beside the JSON answer.
+_SSE_200 = {200: {"description": "the completion (JSON), or with stream=true its chunks as server-sent events",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_CHAT_DOC = dict(response_model=ChatCompletion,
+                 responses={**error_responses(403, 404, 409, 422, 429, 501, 502, 503), **_SSE_200},
                  summary="OpenAI chat completion, run as a one-turn pod (stream=true gives SSE chunks)")
 
 
@@ -289,7 +297,8 @@ def _complete(request: CompletionRequest, node: Any, principal: Principal) -> Re
 
 
 _COMPLETION_DOC = dict(
-    response_model=TextCompletion, responses=error_responses(400, 403, 404, 409, 422, 429, 501, 502, 503),
+    response_model=TextCompletion,
+    responses={**error_responses(400, 403, 404, 409, 422, 429, 501, 502, 503), **_SSE_200},
     summary="OpenAI text completion (the prompt as is, no chat template), run as a one-turn pod; "
             "stream=true gives SSE text_completion chunks")
 
