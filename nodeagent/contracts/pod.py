@@ -265,6 +265,13 @@ class PodMetadata(Input):
 
 
 class AgentPodSpec(Input):
+    # A text-completion turn stands alone (the validator below), and the schema says so.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["turns"], "properties": {"turns": {"contains": {
+            "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}}}},
+        "then": {"properties": {"turns": {"maxItems": 1}, "context": {"maxItems": 0},
+                                "tools": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}}})
+
     model: ModelRef
     context: list[ContextSegment] = Field(default_factory=list)
     turns: list[Turn] = Field(min_length=1, max_length=256)

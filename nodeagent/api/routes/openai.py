@@ -253,7 +253,7 @@ async def _iterate_in_thread(sync_iter: Generator[bytes, None, None]):  # type: 
 
 # stream=true answers server-sent events; the document says so beside the JSON answer.
 _SSE_200 = {200: {"description": "the completion (JSON), or with stream=true its chunks as server-sent events",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {}}}}
 _CHAT_DOC = dict(response_model=ChatCompletion,
                  responses={**error_responses(403, 404, 409, 422, 429, 501, 502, 503), **_SSE_200},
                  summary="OpenAI chat completion, run as a one-turn pod (stream=true gives SSE chunks)")
