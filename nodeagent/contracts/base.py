@@ -11,7 +11,7 @@ import numbers
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "agent-machine/v1"
@@ -86,7 +86,7 @@ class Resource(Contract):
     never validate as another.
     """
 
-    api_version: str = API_VERSION
+    api_version: str = Field(default=API_VERSION, json_schema_extra={"const": API_VERSION})
 
     def model_post_init(self, __context: Any) -> None:
         if self.api_version != API_VERSION:
