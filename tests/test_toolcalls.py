@@ -378,7 +378,7 @@ def test_a_tool_call_with_arguments_that_are_not_json_text_is_refused_naming_the
     with pytest.raises(PodInvalid) as err:
         pod_for(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}])
-    assert str(err.value).startswith("messages.1.tool_calls.0.function.arguments:")
+    assert str(err.value).startswith("messages[1].tool_calls[0].function.arguments:")
 
 
 # ------------------------------------------------------------------ end to end on llama.cpp
