@@ -102,6 +102,11 @@ class ResponseFormat(_Strict):
     """``json_object``: any JSON object; ``json_schema``: output valid against ``schema``
     (both enforced with a llama.cpp grammar while the answer is generated)."""
 
+    # type json_schema needs its json_schema, and the schema says so.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["type"], "properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
