@@ -62,6 +62,18 @@ def poison_pod(name="poison") -> AgentPod:
     return pod.model_copy(update={"spec": pod.spec.model_copy(update={"model": bad_model})})
 
 
+def store_admitted(state_dir, pod: AgentPod) -> AgentPod:
+    """Leave ``pod`` in the state database as an agent that died after admitting it would."""
+    conn = connect(state_dir / "state.db")
+    try:
+        store = PodStore(conn)
+        stored = store.create(pod)
+        store.transition(stored.id, PodPhase.admitted)
+        return stored
+    finally:
+        conn.close()
+
+
 # ------------------------------------------------------------------ D1: names at the boundary
 @pytest.mark.parametrize("name", [POISON, "x" * 201, "tiny:" + "t" * 129, "has space", "café", "a\x7f"])
 def test_a_model_name_that_no_receipt_could_carry_is_refused_at_submit_naming_the_field(name):
@@ -172,11 +184,7 @@ def tiny_state(tmp_path, tiny_model_path):
 def test_a_stored_poison_pod_ends_failed_with_a_receipt_on_restart_and_the_next_pod_succeeds(tiny_state):
     # Before: crash recovery raised building the receipt, and `serve` exited 1 on every start.
     state = tiny_state / "state"
-    conn = connect(state / "state.db")
-    store = PodStore(conn)
-    stored = store.create(poison_pod())
-    store.transition(stored.id, PodPhase.admitted)
-    conn.close()
+    stored = store_admitted(state, poison_pod())
 
     node = Node(load_config(env_for(tiny_state)), executor_factory=default_executor)
     assert node.start() == [stored.id]
@@ -357,11 +365,7 @@ def test_serve_starts_cleanly_with_a_poison_pod_stored_and_runs_the_next_pod(tin
     from test_daemon import Serve
 
     state = tiny_state / "state"
-    conn = connect(state / "state.db")
-    store = PodStore(conn)
-    stored = store.create(poison_pod())
-    store.transition(stored.id, PodPhase.admitted)
-    conn.close()
+    stored = store_admitted(state, poison_pod())
     server = Serve(tiny_state, watchdog_usec=None)
     try:
         server.wait_for_message("READY", timeout=60)
