@@ -544,6 +544,10 @@ class Node:
             return pod_to_completion_response(self._wait_terminal(self.submit_pod(pod).id, timeout_s))
         stream = TextStream()
         submitted = self.submit_pod(pod, stream=stream)
+        if submitted.status.phase is PodPhase.refused:  # before any chunk: the client gets a plain error
+            from nodeagent.openai_compat import ChatCompletionFailed
+
+            raise ChatCompletionFailed(submitted)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model, created = submitted.spec.model.name or submitted.spec.model.digest, int(time.time())
         return self._streamed(submitted, stream, timeout_s, lambda pieces, finished: completion_chunks(
