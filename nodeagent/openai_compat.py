@@ -94,7 +94,9 @@ class SamplingFields(JsonScalars):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repeat_penalty: float | None = Field(default=None, gt=0, le=2)
-    logit_bias: dict[_TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # (propertyNames: pydantic's patternProperties alone lets the schema take any key)
+    logit_bias: dict[_TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, json_schema_extra={"propertyNames": {"pattern": r"^[0-9]{1,9}$"}})
 
 
 class ChatCompletionRequest(SamplingFields):

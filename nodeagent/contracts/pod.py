@@ -146,7 +146,8 @@ class Sampling(Input):
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] = \
-        Field(default_factory=dict, max_length=1024, description="token id -> bias added to its logit")
+        Field(default_factory=dict, max_length=1024, description="token id -> bias added to its logit",
+              json_schema_extra={"propertyNames": {"pattern": r"^[0-9]{1,9}$"}})  # patternProperties allows any key
     grammar: str | None = Field(default=None, max_length=65536,
                                 description="GBNF the answer must match (llama.cpp providers)")
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Body, Depends, Path
 from pydantic import Field
 from starlette.responses import Response
 
+from nodeagent.api.errors import ApiError
 from nodeagent.api.principal import Principal, get_principal
 from nodeagent.api.routes.common import error_responses, get_node, node_method, optional_model, to_wire, wire_response
 from nodeagent.contracts.base import Contract, Input
@@ -69,7 +70,10 @@ def load_model(name: str = MODEL_NAME, options: LoadOptions | None = Body(None),
     kwargs = {}
     if options is not None:
         kwargs = {k: v for k, v in (("keep_alive_s", options.keep_alive_s), ("pin", options.pin)) if v is not None}
-    return wire_response(method(name, **kwargs))
+    residency = method(name, **kwargs)
+    if residency is None:  # a concurrent unload took it before its row could be read
+        raise ApiError(409, "conflict", f"{name} was unloaded while it loaded; load it again", field="model")
+    return wire_response(residency)
 
 
 @router.post("/v1/models/{name}:unload", response_model=UnloadResult,

@@ -157,7 +157,9 @@ class ChatCompletionRequest(_Strict):
     top_k: int | None = Field(default=None, ge=0, le=1000)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repeat_penalty: float | None = Field(default=None, gt=0, le=2)
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # (propertyNames: pydantic's patternProperties alone lets the schema take any key)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
+        Field(default=None, json_schema_extra={"propertyNames": {"pattern": r"^[0-9]{1,9}$"}})
     response_format: ResponseFormat | None = None
     # Tools, rendered by the model's chat template; calls in the answer come back as message.tool_calls
     # (docs/api.md, "Tools"). "none" shows the model no tools, a named function only that one.
