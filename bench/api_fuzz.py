@@ -271,6 +271,17 @@ def run_round(agent: Agent, *, seed: int, examples: int, workers: int, time_limi
     return result
 
 
+def logged_errors(agent: Agent) -> Counter[str]:
+    """ERROR lines of the agent's log by logger and first words (not counted as failures:
+    a pod that could not be receipted, say, is worth reading, whatever it answered)."""
+    found: Counter[str] = Counter()
+    for line in (agent.root / "serve.log").read_text(errors="replace").splitlines():
+        match = re.match(r"^\S+ \S+ ERROR (\S+) (.{0,60})", line)
+        if match:
+            found[f"{match.group(1)} {re.sub(r'[0-9a-f]{16}', '<id>', match.group(2))}"] += 1
+    return found
+
+
 def summarise(rounds: list[Round], traffic: PodTraffic, server_errors: int, elapsed_s: float) -> tuple[str, bool]:
     cases = sum(r.cases for r in rounds)
     failures: Counter[str] = Counter()
@@ -350,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     summary, ok = summarise(rounds, traffic, server_errors, time.monotonic() - began)
     enough = sum(r.cases for r in rounds) >= args.cases
     print(summary)
+    errors_logged = logged_errors(agent)
+    print(f"agent log ERROR lines: {sum(errors_logged.values())}"
+          + "".join(f"\n  {n} x {what}" for what, n in errors_logged.most_common(10)))
     print(f"agent exit: {code}; state, logs and reports: {root}")
     if not enough:
         print(f"api_fuzz: FAILED: fewer than {args.cases} cases")
