@@ -77,7 +77,8 @@ class ChatTool(_Strict):
 
 
 class NamedFunction(_Strict):
-    name: str = Field(min_length=1, max_length=64)
+    # A function's name as a tool defines it (FunctionDefinition): any other could name no tool.
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class NamedToolChoice(_Strict):
