@@ -532,39 +532,52 @@ class Node:
                 self.cancel_pod(pod.id, reason="client disconnected")
             raise
 
-    def completion(self, body: dict, *, tenant: str = "default", agent: str = "openai", timeout_s: float = 600.0):
+    def completion(self, body: dict, *, tenant: str = "default", agent: str = "openai",
+                   idempotency: IdempotencyKey | None = None, timeout_s: float = 600.0):
         """Run an OpenAI text completion (``prompt``: the model's whole input, no chat template)
         as a one-turn pod of ``tenant``/``agent``: a ``text_completion`` dict, or with
         ``stream: true`` an iterator of ``text_completion`` chunks yielded as the provider
-        generates the text (closing it early cancels the generation)."""
-        from nodeagent.openai_compat import completion_chunks, completion_request_to_pod, pod_to_completion_response
+        generates the text (closing it early cancels the generation). A replayed
+        ``idempotency`` key answers from the pod it made instead."""
+        from nodeagent.openai_compat import (ChatCompletionFailed, completion_chunks, completion_request_to_pod,
+                                             pod_to_completion_response)
 
         pod = completion_request_to_pod(body, tenant=tenant, agent=agent)
+        stream = TextStream() if body.get("stream") else None
+        try:
+            submitted = self.submit_pod(pod, idempotency=idempotency, stream=stream)
+        except IdempotentReplay as replay:
+            submitted, stream = replay.pod, None
         if not body.get("stream"):
-            return pod_to_completion_response(self._wait_terminal(self.submit_pod(pod).id, timeout_s))
-        stream = TextStream()
-        submitted = self.submit_pod(pod, stream=stream)
+            return pod_to_completion_response(self._wait_terminal(submitted.id, timeout_s))
         if submitted.status.phase is PodPhase.refused:  # before any chunk: the client gets a plain error
-            from nodeagent.openai_compat import ChatCompletionFailed
-
             raise ChatCompletionFailed(submitted)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model, created = submitted.spec.model.name or submitted.spec.model.digest, int(time.time())
         return self._streamed(submitted, stream, timeout_s, lambda pieces, finished: completion_chunks(
             submitted.id, model, created, pieces, finished, include_usage=include_usage))
 
-    def _streamed(self, pod: AgentPod, stream: TextStream, timeout_s: float,
+    def _streamed(self, pod: AgentPod, stream: TextStream | None, timeout_s: float,
                   chunks: Callable[[Iterator[str], Callable[[], AgentPod]], Iterator[dict]]) -> Iterator[dict]:
-        """``chunks(pieces, finished)`` over the pod's answer as the provider generates it;
-        closing the iterator early (the client went away) cancels the generation."""
+        """``chunks(pieces, finished)`` over the pod's answer as the provider generates it (a
+        replay, ``stream`` None: the answer whole, once the pod ended); closing the iterator
+        early (the client went away) cancels the generation."""
         def ended() -> bool:
             return self.get_pod(pod.id).status.phase in TERMINAL_PHASES
 
+        def finished() -> AgentPod:
+            return self._wait_terminal(pod.id, timeout_s)
+
+        if stream is None:
+            done = finished()
+            pieces = iter([done.status.turns[-1].output] if done.status.turns else [])
+        else:
+            pieces = stream.pieces(ended=ended, timeout_s=timeout_s)
         try:
-            yield from chunks(stream.pieces(ended=ended, timeout_s=timeout_s),
-                              lambda: self._wait_terminal(pod.id, timeout_s))
+            yield from chunks(pieces, finished)
         except GeneratorExit:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             with contextlib.suppress(PodNotFound):
                 self.cancel_pod(pod.id, reason="client disconnected")
             raise

@@ -186,6 +186,26 @@ def test_a_text_completion_continues_the_prompt_as_is(listener):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_a_retried_text_completion_answers_the_pod_it_made(listener):
+    client = listener.openai()
+    key = {"Idempotency-Key": f"completion-{listener.name}"}
+    first = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0, extra_headers=key)
+    again = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0, extra_headers=key)
+    assert (again.id, again.created, again.choices[0].text) == (first.id, first.created, first.choices[0].text)
+    streamed_key = {"Idempotency-Key": f"streamed-completion-{listener.name}"}
+    streamed, replayed = (list(client.completions.create(model=MODEL, prompt="The capital of France is",
+                                                         max_tokens=4, temperature=0, stream=True,
+                                                         extra_headers=streamed_key)) for _ in range(2))
+    assert {c.id for c in replayed} == {streamed[0].id}
+    assert len(replayed) == 2  # the answer whole, then the finish reason
+    assert "".join(c.choices[0].text for c in replayed) == "".join(c.choices[0].text for c in streamed)
+    with pytest.raises(openai.ConflictError) as err:
+        client.completions.create(model=MODEL, prompt="Another prompt", max_tokens=4, extra_headers=key)
+    assert err.value.param == "Idempotency-Key"
+
+
 # ------------------------------------------------------------------ openai: structured output and tools
 CITY = {"type": "object", "additionalProperties": False, "required": ["city", "country", "capital"],
         "properties": {"city": {"type": "string", "maxLength": 24}, "country": {"type": "string", "maxLength": 24},

@@ -297,10 +297,14 @@ class TextCompletion(BaseModel):
     usage: dict[str, Any] | None = None
 
 
-def _complete(request: CompletionRequest, node: Any, principal: Principal) -> Response:
+def _complete(request: CompletionRequest, node: Any, principal: Principal, key: str | None) -> Response:
     method = node_method(node, "completion")
     tenant, agent = principal.chat_identity()  # the credential's, as for chat
-    result = method(request.model_dump(mode="json", exclude_none=True), tenant=tenant, agent=agent)
+    body = request.model_dump(mode="json", exclude_none=True)
+    try:
+        result = method(body, tenant=tenant, agent=agent, idempotency=idempotency.chat_key(principal, key, body))
+    except IdempotencyConflict as exc:
+        raise idempotency.conflict(exc) from exc
     return _answer(result, stream=request.stream)
 
 
@@ -312,15 +316,15 @@ _COMPLETION_DOC = dict(
 
 
 @router.post("/v1/completions", **_COMPLETION_DOC)
-def completions(request: CompletionRequest = Body(...), node: Any = Depends(get_node),
-                principal: Principal = Depends(get_principal)) -> Response:
-    return _complete(request, node, principal)
+def completions(request: CompletionRequest = Body(...), key: str | None = idempotency.IDEMPOTENCY_KEY,
+                node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    return _complete(request, node, principal, key)
 
 
 @router.post("/openai/v1/completions", **_COMPLETION_DOC)
-def completions_prefixed(request: CompletionRequest = Body(...), node: Any = Depends(get_node),
-                         principal: Principal = Depends(get_principal)) -> Response:
-    return _complete(request, node, principal)
+def completions_prefixed(request: CompletionRequest = Body(...), key: str | None = idempotency.IDEMPOTENCY_KEY,
+                         node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
+    return _complete(request, node, principal, key)
 
 
 # ------------------------------------------------------------------ models
