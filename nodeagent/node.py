@@ -507,30 +507,12 @@ class Node:
             time.sleep(0.01)
 
     def _chat_stream(self, pod: AgentPod, stream: "TextStream | None", include_usage: bool, timeout_s: float,
-                     tool_format: ToolCallFormat | None = None):
+                     tool_format: ToolCallFormat | None = None) -> Iterator[dict]:
         from nodeagent.openai_compat import chat_chunks
 
-        def ended() -> bool:
-            return self.get_pod(pod.id).status.phase in TERMINAL_PHASES
-
-        def finished() -> AgentPod:
-            return self._wait_terminal(pod.id, timeout_s)
-
-        if stream is None:  # a replay: the answer is already (or will be) whole
-            done = finished()
-            pieces = iter([done.status.turns[-1].output] if done.status.turns else [])
-        else:
-            pieces = stream.pieces(ended=ended, timeout_s=timeout_s)
-        model = pod.spec.model.name or pod.spec.model.digest or "unknown"
-        try:
-            yield from chat_chunks(pod.id, model, int(time.time()), pieces, finished, include_usage=include_usage,
-                                   tool_format=tool_format)
-        except GeneratorExit:  # the client went away: stop generating for it
-            if stream is not None:
-                stream.cancel()
-            with contextlib.suppress(PodNotFound):
-                self.cancel_pod(pod.id, reason="client disconnected")
-            raise
+        model, created = pod.spec.model.name or pod.spec.model.digest or "unknown", int(time.time())
+        return self._streamed(pod, stream, timeout_s, lambda pieces, finished: chat_chunks(
+            pod.id, model, created, pieces, finished, include_usage=include_usage, tool_format=tool_format))
 
     def completion(self, body: dict, *, tenant: str = "default", agent: str = "openai",
                    idempotency: IdempotencyKey | None = None, timeout_s: float = 600.0):
