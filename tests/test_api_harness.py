@@ -99,7 +99,7 @@ class StepExecutor:
             if self.node.is_cancelled(pod.id):
                 self.node.pod_transition(pod.id, PodPhase.cancelled, reason="cancelled by request")
                 return
-            text = turn.messages[-1].content
+            text = turn.prompt if turn.prompt is not None else turn.messages[-1].content  # a text completion's prompt
             result = TurnResult(index=index, provider="step", prompt_tokens=len(text), cached_tokens=0,
                                 evaluated_tokens=len(text), completion_tokens=1, cache_tier="none",
                                 ttft_ms=1, total_ms=2, output=text[::-1])

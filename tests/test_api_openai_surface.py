@@ -7,7 +7,10 @@ text-completion validation, and errors in OpenAI's shape on the OpenAI routes on
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from test_api_fuzz import json_values
 from test_api_harness import ServedApi, make_node
 
 
@@ -71,6 +74,36 @@ def test_the_agents_own_listing_keeps_its_shape_and_path(client):
     assert error["type"] == "not_found" and "code" not in error
     # while a path under the alias prefix is OpenAI's, routed or not
     assert client.get("/openai/v1/no-such-route").json()["error"]["type"] == "not_found_error"
+
+
+def test_a_text_completion_runs_as_a_one_turn_pod_with_the_prompt_as_is(served, client):
+    answer = client.post("/v1/completions", json={"model": "tiny", "prompt": ["Once upon"], "max_tokens": 3,
+                                                  "user": "alice"}).json()
+    assert answer["object"] == "text_completion" and answer["model"] == "tiny"
+    assert answer["choices"] == [{"index": 0, "text": "nopu ecnO", "logprobs": None, "finish_reason": "stop"}]
+    pod = served.node.get_pod(answer["id"].removeprefix("cmpl-"))
+    [turn] = pod.spec.turns
+    assert (turn.prompt, turn.messages, turn.max_tokens) == ("Once upon", [], 3)
+    assert not pod.spec.context and not pod.spec.tools
+    assert (pod.metadata.tenant, pod.metadata.agent, pod.metadata.session) == ("default", "openai", "alice")
+    # left out, sampling is llama.cpp's default chain, as for chat
+    assert (turn.sampling.temperature, turn.sampling.top_k, turn.sampling.top_p) == (0.8, 40, 0.95)
+
+
+COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                     "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "stream_options",
+                     "echo", "n", "best_of", "logprobs", "suffix", "user"]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(COMPLETION_FIELDS), value=json_values)
+def test_near_valid_completions_are_answered_or_name_the_field(client, field, value):
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "Once", field: value})
+    assert response.status_code in (200, 400, 404, 422), response.text
+    if response.status_code != 200:
+        error = response.json()["error"]
+        assert error["param"] and error["param"].startswith(field), error
+        assert error["type"] in ("invalid_request_error", "not_found_error") and error["code"], error
 
 
 @pytest.mark.parametrize("extra,field,status", [
