@@ -96,10 +96,18 @@ class Node:
         if self._executor_factory is not None:
             self.executor = self._executor_factory(self)
         with self._db_lock:
-            in_flight = [p.id for p in self.pods.in_flight()]
-        for pod_id in in_flight:  # _finish never raises for a pod's content: no pod stops the start
-            self._finish(pod_id, PodPhase.failed, RESTART_REASON,
-                         reasons=["the agent restarted while this pod was in flight"], error_class="AgentRestart")
+            in_flight = self.pods.in_flight_ids()
+        for pod_id in in_flight:  # no stored pod stops the start
+            try:
+                self._finish(pod_id, PodPhase.failed, RESTART_REASON,
+                             reasons=["the agent restarted while this pod was in flight"], error_class="AgentRestart")
+            except Exception as exc:  # a document this agent cannot read (stored under older rules)
+                log.error("pod %s: its stored document is unreadable (%s: %s); it ends Failed without a receipt",
+                          pod_id, type(exc).__name__, exc)
+                with self._db_lock:
+                    self.pods.transition(pod_id, PodPhase.failed, reason=RESTART_REASON,
+                                         reasons=[f"the agent restarted; the stored pod is unreadable: "
+                                                  f"{type(exc).__name__}"])
         recovered = in_flight
         if self.executor is not None:
             threading.Thread(target=self._load_recorded_intents, name="load-intents", daemon=True).start()

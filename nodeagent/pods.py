@@ -219,6 +219,13 @@ class PodStore:
         ).fetchall()
         return [self._hydrate(row) for row in rows]
 
+    def in_flight_ids(self) -> list[str]:
+        """Ids of the pods not yet ended, oldest first, without reading their documents."""
+        terminal = tuple(p.value for p in TERMINAL_PHASES)
+        return [row[0] for row in self._conn.execute(
+            f"SELECT id FROM pods WHERE phase NOT IN ({','.join('?' * len(terminal))}) ORDER BY created_at",
+            terminal)]
+
     def in_flight(self) -> list[AgentPod]:
         terminal = tuple(p.value for p in TERMINAL_PHASES)
         rows = self._conn.execute(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -379,3 +380,38 @@ def test_serve_starts_cleanly_with_a_poison_pod_stored_and_runs_the_next_pod(tin
             assert client.get("/readyz").status_code == 200
     finally:
         assert server.stop() == 0, server.read_log()[-2000:]
+
+
+def test_a_stored_pod_this_agent_cannot_read_does_not_stop_the_start(tmp_path):
+    """A document stored under older, looser rules (memoryBytes above 2^53 was once accepted)."""
+    state = tmp_path / "state"
+    stored = store_admitted(state, make_pod(name="old"))
+    conn = connect(state / "state.db")
+    document = json.loads(conn.execute("SELECT document FROM pods WHERE id = ?", (stored.id,)).fetchone()[0])
+    document["spec"]["resources"] = {"accelerator": "any", "memoryBytes": 2**60}
+    conn.execute("UPDATE pods SET document = ? WHERE id = ?", (json.dumps(document), stored.id))
+    conn.close()
+    node = Node(load_config(env_for(tmp_path)), executor_factory=ExplodingReceipts)
+    try:
+        assert node.start() == [stored.id]
+        nxt = node.submit_pod(make_pod(name="next"))
+        assert terminal(node, nxt.id, timeout=5).status.phase is PodPhase.succeeded
+        conn = connect(state / "state.db")
+        assert conn.execute("SELECT phase FROM pods WHERE id = ?", (stored.id,)).fetchone()[0] == "Failed"
+        conn.close()
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("spec_extra,where", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "maximum": 2**63 - 1}}}}}]},
+     "spec.tools[0].function.parameters.properties.n.maximum"),
+    ({"context": [{"role": "system", "text": "bad\ud800"}]}, "spec.context[0].text"),
+])
+def test_a_pod_its_receipt_could_not_carry_is_refused_at_the_boundary_naming_the_field(spec_extra, where):
+    # Before: accepted, run, and then ended without a receipt (or the API answered 500).
+    document = make_pod().to_wire()
+    document["spec"].update(spec_extra)
+    with pytest.raises(ValidationError, match=re.escape(where)):
+        AgentPod.model_validate(document)

@@ -353,3 +353,48 @@ class AgentPod(Resource):
         if value is not None and not re.fullmatch(POD_ID, value):
             raise ValueError("pod id must be lowercase hex")
         return value
+
+    @model_validator(mode="after")
+    def _encodable(self, info: ValidationInfo) -> "AgentPod":
+        """Everything a pod carries must go into its receipt's canonical JSON (RFC 8785:
+        integers within +-(2^53 - 1), finite numbers, valid Unicode); refused here, naming
+        the field, instead of a pod that runs and then cannot be receipted."""
+        if info.context == STORED:
+            return self
+        problem = unencodable({"metadata": self.metadata.to_wire(), "spec": self.spec.to_wire()})
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def unencodable(value: Any, path: str = "") -> str | None:
+    """Where ``value`` holds something canonical JSON cannot carry, said for a person; else None."""
+    import math
+
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_SAFE_INTEGER else f"{path}: integer {value} is outside +-(2^53 - 1)"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path}: {value} is not a finite number"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path}: text holds a lone surrogate (not valid Unicode)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = unencodable(key, path) or unencodable(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = unencodable(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
