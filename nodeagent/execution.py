@@ -44,7 +44,7 @@ from nodeagent.admission import AdmissionRequest
 from nodeagent.contracts.names import as_label
 from nodeagent.contracts.pod import AgentPod, PodPhase, TurnResult, text_digest
 from nodeagent.kvcache.blocks import block_keys
-from nodeagent.pods import PodNotPlaceable, PodReferenceUnknown
+from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
 from nodeagent.kvcache.manager import CacheManager
 from nodeagent.providers.base import GenerationRequest, Provider, ProviderError, ProviderUnavailable, StateCorrupt
 from nodeagent.scheduler.placement import (
@@ -60,7 +60,7 @@ from nodeagent.scheduler.cost import queue_wait_s
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.segments import SegmentStore
 from nodeagent.session import SessionContext
-from nodeagent.templates import ChatTemplate, model_template
+from nodeagent.templates import ChatTemplate, TemplateError, model_template
 
 log = logging.getLogger("agent_machine.execution")
 
@@ -507,7 +507,7 @@ class PodExecutor:
         self._machine = machine
         self._place_lock = threading.Lock()  # placement + queue accounting are one step
         self._token_cache: "OrderedDict[tuple[str, bool, str], tuple[int, ...]]" = OrderedDict()
-        self._templates: dict[str, ChatTemplate] = {}  # model digest -> its chat template
+        self._templates: dict[tuple[str, str | None], ChatTemplate] = {}  # (model digest, override) -> template
         # (tenant, agent, session) -> provider of its last turn: a session sent one
         # turn per pod (as agent loops do) keeps its affinity like a multi-turn pod.
         self._session_homes: "OrderedDict[tuple[str, str, str], str]" = OrderedDict()
@@ -529,6 +529,32 @@ class PodExecutor:
             known = ", ".join(sorted(m.name for m in self.pool.all())) or "none"
             raise PodReferenceUnknown(f"spec.provider: {pod.spec.provider!r} is not a provider of this node "
                                       f"(known: {known})")
+        try:
+            record = self.models.resolve(pod.spec.model.digest or pod.spec.model.name)
+        except Exception:
+            return  # an unknown model fails the pod when it runs, with its receipt
+        self._validate_for_model(pod, record)
+
+    def _validate_for_model(self, pod: AgentPod, record: Any) -> None:
+        """What only the model decides, refused at submit rather than failing the turn: token
+        ids outside its vocabulary, and messages its chat template refuses to render."""
+        vocab = record.gguf.vocab_size
+        for index, turn in enumerate(pod.spec.turns):
+            bias = turn.sampling.logit_bias if turn.sampling is not None else {}
+            outside = sorted(int(token) for token in bias if int(token) >= vocab)
+            if outside:
+                raise PodInvalid(f"spec.turns[{index}].sampling.logitBias: token id {outside[0]} is outside "
+                                 f"the vocabulary of {model_name(record)} (0..{vocab - 1})")
+        first = pod.spec.turns[0]
+        if first.prompt is not None:
+            return
+        trial = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent, lambda text: [],
+                               self.template(record), tools=template_tools(pod))
+        try:
+            trial.add_segments(pod.spec.context, self.segments.texts(pod.spec.context, pod.metadata.tenant))
+            trial.add_turn(first.messages)
+        except TemplateError as exc:
+            raise PodInvalid(f"spec.turns[0].messages: {exc}") from None
 
     def before_end(self, pod: AgentPod, phase: PodPhase, reason: str, error_class: str | None = None) -> None:
         """Node hook: the pod ends outside a turn (refused, cancelled, recovered after
@@ -662,25 +688,23 @@ class PodExecutor:
         if tokenizer is None:
             raise PodNotPlaceable(f"spec.model: no provider holds {model_name(record)} yet, so its "
                                   f"prompt cannot be tokenized for a dry run; load it first")
-        # As the request gave them: a description left out is not rendered as null.
-        tools = ([t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in pod.spec.tools]
-                 if pod.spec.tools else None)
         session = SessionContext(record.digest, pod.metadata.tenant, pod.metadata.agent, tokenizer.tokenize,
-                                 self.template(record), tools=tools)
+                                 self.template(record), tools=template_tools(pod))
         session.add_segments(pod.spec.context, texts)
         return session
 
     def template(self, record: Any) -> ChatTemplate:
         """The chat template ``record`` is served with: the store's override, else its GGUF's
         (read once per model), else ChatML."""
-        cached = self._templates.get(record.digest)
+        override = self.models.template_override(record.digest)  # read each time: a change applies to the next pod
+        cached = self._templates.get((record.digest, override))
         if cached is None:
-            cached = model_template(record.path, self.models.template_override(record.digest))
+            cached = model_template(record.path, override)
             stability = cached.stability()
             if not stability.stable:
                 log.warning("model %s: its chat template is not prefix-stable (%s)", model_name(record),
                             stability.detail)
-            self._templates[record.digest] = cached
+            self._templates[(record.digest, override)] = cached
         return cached
 
     def _tokenizer_for(self, record: Any, load: bool = True) -> "Tokenizer | None":
@@ -1051,6 +1075,14 @@ class PodExecutor:
         if turn is None or outcome is None:
             self.node.add_receipt(pod.id, receipt_id)
         return receipt_id
+
+
+def template_tools(pod: AgentPod) -> list[dict[str, Any]] | None:
+    """The pod's tools as its chat template gets them: as the request gave them (a
+    description left out is not rendered as null)."""
+    if not pod.spec.tools:
+        return None
+    return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in pod.spec.tools]
 
 
 def generation_request(tokens: Sequence[int], max_tokens: int, sampling: Any, reuse_limit: int | None,

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from nodeagent.config import load_config
 from nodeagent.contracts.names import as_label
-from nodeagent.contracts.pod import AgentPod, ModelRef, PodPhase
+from nodeagent.contracts.pod import AgentPod, ModelRef, PodPhase, Sampling
 from nodeagent.models.store import ModelStore
 from nodeagent.node import Node, default_executor
 from nodeagent.pods import RESTART_REASON, PodStore
@@ -415,3 +415,25 @@ def test_a_pod_its_receipt_could_not_carry_is_refused_at_the_boundary_naming_the
     document["spec"].update(spec_extra)
     with pytest.raises(ValidationError, match=re.escape(where)):
         AgentPod.model_validate(document)
+
+
+@pytest.mark.llama
+def test_what_only_the_model_decides_is_refused_at_submit_not_in_the_turn(tiny_state):
+    # Before: a logit bias outside the vocabulary, or messages the template refuses, failed the turn (502 on chat).
+    from nodeagent.pods import PodInvalid
+
+    node = Node(load_config(env_for(tiny_state)), executor_factory=default_executor)
+    node.start()
+    try:
+        outside = make_pod()
+        outside.spec.turns[0].sampling = Sampling(logit_bias={"99999999": 5.0})
+        with pytest.raises(PodInvalid, match=r"spec.turns\[0\].sampling.logitBias: token id 99999999"):
+            node.submit_pod(outside)
+        store = node.executor.models
+        record = store.resolve("tiny")
+        store.set_template(record.digest, "{{ raise_exception('Conversation roles must alternate') }}")
+        with pytest.raises(PodInvalid, match=r"spec.turns\[0\].messages: .*roles must alternate"):
+            node.submit_pod(make_pod(name="refused-by-template"))
+        assert node.list_pods() == []  # nothing stored for either
+    finally:
+        node.close()

@@ -78,7 +78,7 @@ def register(subparsers: Any) -> None:
         description="Show the chat template MODEL is served with (its GGUF's own, an override set here, or "
         "ChatML when the model has none) and whether it is prefix-stable (turn k+1's prompt extends turn k's, "
         "which caching needs). --file sets an override (Jinja, checked before it is stored); --clear goes back "
-        "to the GGUF's. A running agent applies a change when the model is next loaded.",
+        "to the GGUF's. A running agent renders the next pod with the change.",
         epilog="examples:\n  agent-machine models template smollm2\n"
                "  agent-machine models template smollm2 --file chatml-with-tools.jinja\n"
                "  agent-machine models template smollm2 --clear",
