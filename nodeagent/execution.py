@@ -653,8 +653,9 @@ class PodExecutor:
                 appended = self._receipt(pod, index, "cancelled", None, queued=queued, record=record,
                                          outcome=outcome)
                 self.node.record_turn(pod.id, outcome.result, appended)
-                self.node.pod_transition(pod.id, PodPhase.cancelled, reason="client disconnected",
-                                         reasons=["the client went away while the answer streamed"])
+                why = "cancelled by request" if self.node.is_cancelled(pod.id) else "client disconnected"
+                self.node.pod_transition(pod.id, PodPhase.cancelled, reason=why,
+                                         reasons=[f"{why} while the answer was being generated"])
                 return
             session.add_reply(outcome.completion_tokens, outcome.result.output)
             previous = outcome.managed.name
@@ -854,9 +855,10 @@ class PodExecutor:
         # From here on the ticket is released whatever happens: a ticket never
         # released would stall every turn placed behind it on this provider.
         try:
-            self.decisions.setdefault(pod.id, []).append(decision)
-            while len(self.decisions) > 256:
-                self.decisions.pop(next(iter(self.decisions)))
+            with self._place_lock:  # several dispatchers record decisions at once
+                self.decisions.setdefault(pod.id, []).append(decision)
+                while len(self.decisions) > 256:
+                    self.decisions.pop(next(iter(self.decisions)))
             if first:
                 self.node.pod_transition(pod.id, PodPhase.placed, reason=decision.reason)
                 self.node.pod_transition(pod.id, PodPhase.running)
@@ -938,7 +940,7 @@ class PodExecutor:
             try:
                 result = provider.generate(generation_request(session.tokens, max_tokens,
                                                               pod.spec.turns[index].sampling, reuse_limit),
-                                           on_text=self.node.text_sink(pod.id))
+                                           on_text=self._sink(pod.id))
             except ProviderError:
                 managed.forget_context()
                 if not _running(provider):  # it died under this turn: bring it back for the next ones
@@ -972,6 +974,19 @@ class PodExecutor:
             output=result.text, decision_id=decision.id,
             finish_reason=result.finish_reason if result.finish_reason != "error" else None)
         return TurnOutcome(turn, decision, managed, started, first_token, finished, list(result.completion_tokens))
+
+    def _sink(self, pod_id: str) -> Callable[[str], bool]:
+        """Where the turn's text goes as it is generated: to a client reading the answer, if
+        one is; either way the generation stops within a token once the pod is cancelled
+        (DELETE, drain) or its reader went away."""
+        stream = self.node.text_sink(pod_id)
+
+        def on_text(piece: str) -> bool:
+            if self.node.is_cancelled(pod_id):
+                return False
+            return stream(piece) if stream is not None else True
+
+        return on_text
 
     def _restore(self, managed: ManagedProvider, match: TierMatch) -> str | None:
         """Restore ``match`` into the provider; the tier served, or None (recompute)."""

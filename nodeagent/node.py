@@ -78,6 +78,10 @@ class Node:
         self._dispatch_paused = threading.Event()
         self._dispatchers: list[threading.Thread] = []
         self._dispatching: dict[str, str] = {}  # dispatcher thread name -> the pod it runs
+        # Pods a dispatcher has taken: only their executor ends them (see cancel_pod).
+        self._claimed: set[str] = set()
+        self._claim_lock = threading.Lock()
+        self._supervise_lock = threading.Lock()  # the watchdog runs from the event loop and the reconcile thread
         self._streams: dict[str, TextStream] = {}  # pod id -> the client reading its answer as it comes
         self._n_dispatchers = dispatchers
         self._executor_factory = executor_factory
@@ -240,10 +244,12 @@ class Node:
         cancel = self._cancels.get(pod_id)
         if cancel is not None:
             cancel.event.set()
-        if pod.status.phase in (PodPhase.pending, PodPhase.admitted):
-            # Not started: end it here. A running pod is ended by its executor
-            # at the next turn boundary (it checks the cancel flag).
-            self._finish(pod_id, PodPhase.cancelled, reason)
+        with self._claim_lock:
+            # A pod a dispatcher has claimed is ended by its executor (it checks the flag
+            # before each turn and stops a generation in progress), so one pod never gets
+            # two endings; one not yet claimed is ended here, before any dispatcher can.
+            if pod_id not in self._claimed:
+                self._finish(pod_id, PodPhase.cancelled, reason)
         return self.get_pod(pod_id)
 
     def text_sink(self, pod_id: str) -> "TextStream | None":
@@ -696,12 +702,21 @@ class Node:
             self._end_stream(pod_id)
 
     def _dispatch(self, pod_id: str) -> None:
+        with self._claim_lock:
+            try:
+                pod = self.get_pod(pod_id)
+            except PodNotFound:
+                return
+            if pod.status.phase in TERMINAL_PHASES:
+                return
+            self._claimed.add(pod_id)
         try:
-            pod = self.get_pod(pod_id)
-        except PodNotFound:
-            return
-        if pod.status.phase in TERMINAL_PHASES:
-            return
+            self._run_claimed(pod_id, pod)
+        finally:
+            with self._claim_lock:
+                self._claimed.discard(pod_id)
+
+    def _run_claimed(self, pod_id: str, pod: AgentPod) -> None:
         try:
             if self.executor is None:
                 self._finish(pod_id, PodPhase.failed, "no executor configured (node started without providers)")
@@ -723,6 +738,11 @@ class Node:
         restarted: list[str] = []
         if not self._accepting:
             return restarted  # draining: dispatchers end on purpose
+        with self._supervise_lock:
+            self._replace_dead_dispatchers(restarted)
+        return restarted
+
+    def _replace_dead_dispatchers(self, restarted: list[str]) -> None:
         for index, thread in enumerate(list(self._dispatchers)):
             if thread.is_alive():
                 continue
@@ -739,7 +759,6 @@ class Node:
                 self._cancels.pop(held, None)
             self._dispatchers[index] = self._start_dispatcher(index)
             restarted.append(thread.name)
-        return restarted
 
 
 def utcnow() -> datetime:
