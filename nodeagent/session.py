@@ -129,7 +129,22 @@ class SessionContext:
                 spans[-1] = (start, self._namespace(scope))  # the narrower scope wins the tie
             else:
                 spans.append((start, self._namespace(scope)))
-        return spans or [(0, self._namespace(CacheScope.private))]
+        spans = spans or [(0, self._namespace(CacheScope.private))]
+        if self.tools:
+            spans = self._tools_private(spans)
+        return spans
+
+    def _tools_private(self, spans: list[tuple[int, Namespace]]) -> list[tuple[int, Namespace]]:
+        """The pod's tool definitions are its own: wherever the template writes them (often
+        inside the first system message), everything from there on is private, or another
+        tenant sending the same public segment could probe for them through the cache."""
+        try:
+            without = self.tokenize(self.template.render(self.messages, add_generation_prompt=True, tools=None))
+            cut = common_prefix(without, self.tokens)
+        except TemplateError:
+            cut = 0
+        kept = [(start, ns) for start, ns in spans if start < cut]
+        return kept + [(cut, self._namespace(CacheScope.private))]
 
     def spans_for(self, n_tokens: int) -> list[tuple[int, Namespace]]:
         """The spans that cover the first ``n_tokens`` (states may cover less than the whole)."""

@@ -85,3 +85,23 @@ def test_models_template_sets_shows_and_clears_an_override(tmp_path, tiny_model_
 
     cleared = json.loads(cli(tmp_path, "models", "template", "tiny", "--clear", "--format", "json").stdout)
     assert cleared["origin"] == "gguf"
+
+
+def test_a_pods_tools_are_private_even_where_the_template_writes_them_into_a_public_segment():
+    """Qwen-style templates put the tool list inside the first system message: a public one."""
+    from nodeagent.contracts.pod import ContextSegment
+    from nodeagent.session import SessionContext
+
+    template = ChatTemplate(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "{% if loop.first and tools %}<tools>{{ tools | tojson }}</tools>{% endif %}\n{% endfor %}<|assistant|>")
+    words = lambda text: [hash(w) % 50000 for w in text.replace("<", " <").split()]  # noqa: E731
+    tools = [{"type": "function", "function": {"name": "secret_tool", "parameters": {"type": "object"}}}]
+    session = SessionContext("sha256:" + "0" * 64, "acme", "coder", words, template, tools=tools)
+    session.add_segments([ContextSegment(role="system", text="a shared public prompt", scope="public")],
+                         ["a shared public prompt"])
+    session.add_turn([{"role": "user", "content": "hello"}])
+    public_end = next(start for start, ns in session.spans if ns.scope != "public")
+    tools_at = len(words("<|system|>a shared public prompt"))  # where <tools> begins
+    assert public_end <= tools_at  # the tool list starts in the private part
+    assert [ns.scope for _, ns in session.spans] == ["public", "private"]
