@@ -640,7 +640,9 @@ class PodExecutor:
                 outcome = self._run_turn(pod, record, session, index, turn.max_tokens, first=index == 0,
                                          session_provider=previous)
             except PolicyRefusedPlacement as refused:
-                if index > 0:  # the policy changed (SIGHUP) under a running pod: it stops here
+                # Running already (a later turn after a SIGHUP, or the provider a load gave was
+                # refused): it stops here as Failed; before that, it is Refused.
+                if index > 0 or self.node.get_pod(pod.id).status.phase is PodPhase.running:
                     return self._fail(pod, f"turn {index}: {refused}", "PolicyRefused", queued, turn=index,
                                       record=record)
                 self._receipt(pod, None, "refused", "PolicyRefused", queued=queued, record=record)
@@ -866,6 +868,13 @@ class PodExecutor:
                 started_load = time.perf_counter()
                 managed = self.pool.load(record)
                 self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
+                # Placement judged a stand-in ("load:<model>"); the provider the load gave
+                # (a new one, or a dead one revived) must pass the same rules by its own name.
+                refused = self._rejections(pod.metadata.tenant, managed.name, managed.kind, pod.spec.provider)
+                if refused:
+                    if all(r.startswith("policy: ") for r in refused):
+                        raise PolicyRefusedPlacement(list(refused))
+                    raise ProviderError(f"no provider can run this turn: {'; '.join(refused)}")
                 with self._place_lock:
                     ticket = self._enqueue(managed, session, uncached, max_tokens)
             return self._execute(pod, session, index, max_tokens, decision, managed, ticket, uncached)
