@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nodeagent.store import migrate
+from nodeagent.store import migrate, transaction
 
 if TYPE_CHECKING:
     from nodeagent.contracts.pod import AgentPod
@@ -126,6 +126,12 @@ class IdempotencyStore:
         if row[0] != key.request_sha256:
             raise IdempotencyConflict(key.key, row[1])
         return str(row[1])
+
+    def release(self, pod_id: str) -> None:
+        """Forget the key that made ``pod_id``: its client went away and cancelled it, so
+        the retry the key exists for must run the request again, not replay a cancellation."""
+        with transaction(self._conn):
+            self._conn.execute("DELETE FROM idempotency_keys WHERE pod_id = ?", (pod_id,))
 
 
 def record(conn: sqlite3.Connection, key: IdempotencyKey, pod_id: str, at: float) -> None:

@@ -576,6 +576,8 @@ class Node:
                 stream.cancel()
             with contextlib.suppress(PodNotFound):
                 self.cancel_pod(pod.id, reason="client disconnected")
+            with self._db_lock:
+                self.idempotency.release(pod.id)  # a retry with its key runs again
             raise
 
     # ------------------------------------------------------------ daemon hooks

@@ -150,3 +150,18 @@ def test_a_client_that_goes_away_cancels_its_generation_with_a_receipt(node, tmp
         [row] = [r for r in reader.rows(newest_first=False) if r.kind == "execution"
                  and reader.view(r)[0].statement.predicate.pod.run_id == f"{pod_id}-t0"]
         assert reader.view(row)[0].statement.predicate.outcome.status == "cancelled"
+
+
+def test_a_retry_after_a_dropped_stream_runs_again_under_the_same_idempotency_key(node):
+    from nodeagent.idempotency import IdempotencyKey
+
+    body = {"model": "smollm2", "messages": STORY, "max_tokens": 200, "temperature": 0, "stream": True}
+    key = IdempotencyKey.for_chat("acme", "retry-1", body)
+    chunks = node.chat_completion(body, idempotency=key)
+    first = next(chunks)
+    chunks.close()  # the connection dropped
+    cut = first["id"].removeprefix("chatcmpl-")
+    assert wait_for(lambda: node.get_pod(cut).status.phase is PodPhase.cancelled, 10)
+    retried = list(node.chat_completion(body, idempotency=key))
+    assert retried[0]["id"] != first["id"]  # a new pod, not the cancelled one replayed
+    assert retried[-1]["choices"][0]["finish_reason"] in ("stop", "length")
