@@ -755,8 +755,9 @@ class PodExecutor:
     def _admit_with_tokens(self, pod: AgentPod, record: Any, prompt_tokens: int) -> list[str]:
         decision = self.node.policy.decide(AdmissionRequest(
             pod=pod, model_name=model_name(record), model_digest=record.digest, prompt_tokens=prompt_tokens))
-        self.node.record_policy(pod.id, decision)
         self._policies[pod.id] = decision
+        if decision.reasons:
+            self.node.record_policy(pod.id, decision)  # refused: kept now; allowed: kept as it starts
         return decision.reasons
 
     def _candidates(self, record: Any, session: SessionContext, pinned: str | None,
@@ -862,8 +863,7 @@ class PodExecutor:
                 while len(self.decisions) > 256:
                     self.decisions.pop(next(iter(self.decisions)))
             if first:
-                self.node.pod_transition(pod.id, PodPhase.placed, reason=decision.reason)
-                self.node.pod_transition(pod.id, PodPhase.running)
+                self.node.pod_started(pod.id, decision.reason, self._policies.get(pod.id))
             if managed is None:  # the chosen candidate must load the model first
                 started_load = time.perf_counter()
                 managed = self.pool.load(record)
@@ -943,9 +943,6 @@ class PodExecutor:
                 tier = self._restore(managed, match) or "none"
                 if tier != "none":
                     reuse_limit = None
-            if self.cache is not None:
-                self.cache.record_lookup(len(session.tokens), t0_tokens=chosen.cached_tokens if tier == "T0" else 0,
-                                         miss=tier == "none")
             try:
                 result = provider.generate(generation_request(session.tokens, max_tokens,
                                                               pod.spec.turns[index].sampling, reuse_limit),
@@ -955,6 +952,9 @@ class PodExecutor:
                 if not _running(provider):  # it died under this turn: bring it back for the next ones
                     self.pool.revive_soon(managed)
                 raise
+            if self.cache is not None:  # counted after the answer: a commit less before the first token
+                self.cache.record_lookup(len(session.tokens), t0_tokens=chosen.cached_tokens if tier == "T0" else 0,
+                                         miss=tier == "none")
             first_token = started + result.ttft_s
             self.rates.observe(managed.name, PREFILL, result.evaluated_tokens, result.ttft_s)
             if len(result.completion_tokens) > 1:

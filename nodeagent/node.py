@@ -208,18 +208,15 @@ class Node:
                 self._replay(idempotency)  # one with the same key may have been stored meanwhile
             if self._in_flight_count() >= limit:
                 raise QueueFull(limit, retry_after_s=self._retry_after())
-            stored = self.pods.create(pod, idempotency=idempotency)
-            decision = self.policy.decide(AdmissionRequest(pod=stored))
-            self.pods.set_policy(stored.id, decision)
-            if decision.allowed:
-                self.pods.transition(stored.id, PodPhase.admitted)
+            decision = self.policy.decide(AdmissionRequest(pod=pod))
+            stored = self.pods.create(pod, idempotency=idempotency, policy=decision)  # Admitted if allowed
         if decision.allowed:
             self._cancels[stored.id] = _Cancel()
             if stream is not None:
                 self._streams[stored.id] = stream  # before it is queued: no piece is missed
             self._queue.put(stored.id)
-        else:
-            self._finish(stored.id, PodPhase.refused, "admission", reasons=decision.reasons)
+            return stored  # as admitted: a dispatcher may already be moving it on
+        self._finish(stored.id, PodPhase.refused, "admission", reasons=decision.reasons)
         return self.get_pod(stored.id)
 
     def _replay(self, key: IdempotencyKey) -> None:
@@ -274,6 +271,11 @@ class Node:
             from nodeagent import metrics
 
             metrics.record_pod_finished(phase.value, max(0.0, time.time() - created))
+
+    def pod_started(self, pod_id: str, reason: str | None, policy=None) -> None:
+        """Placed and Running (with the verdict admission reached on the prompt's tokens) at once."""
+        with self._db_lock:
+            self.pods.start(pod_id, reason, policy)
 
     def pod_phase_counts(self) -> dict[str, int]:
         with self._db_lock:

@@ -123,11 +123,13 @@ class PodStore:
 
     # ------------------------------------------------------------ writes
     def create(self, pod: AgentPod, now: datetime | None = None, *,
-               idempotency: IdempotencyKey | None = None) -> AgentPod:
+               idempotency: IdempotencyKey | None = None, policy: PolicyDecision | None = None) -> AgentPod:
         """Persist a new pod in phase Pending and return it with its id.
 
         ``idempotency``: the request's key, stored in this same transaction, so
-        no crash can leave the pod without it (nodeagent.idempotency)."""
+        no crash can leave the pod without it (nodeagent.idempotency).
+        ``policy``: its admission verdict, kept with it; an allowed pod is
+        Admitted in the same transaction (one commit, not three, before it queues)."""
         at = _now(now)
         pod_id = secrets.token_hex(8)
         stored = pod.model_copy(update={"id": pod_id, "status": None})
@@ -145,6 +147,11 @@ class PodStore:
             )
             if idempotency is not None:
                 record_idempotency_key(self._conn, idempotency, pod_id, at.timestamp())
+            if policy is not None:
+                self._conn.execute("UPDATE pods SET policy = ? WHERE id = ?",
+                                   (json.dumps(policy.to_wire(), separators=(",", ":")), pod_id))
+                if policy.allowed:
+                    self._append_transition(pod_id, P.admitted, at, None, [])
         return self.get(pod_id)
 
     def transition(self, pod_id: str, phase: PodPhase, reason: str | None = None,
@@ -170,6 +177,21 @@ class PodStore:
             if receipt_id is not None:
                 self._conn.execute("INSERT OR IGNORE INTO pod_receipts (pod_id, receipt_id) VALUES (?, ?)",
                                    (pod_id, receipt_id))
+
+    def start(self, pod_id: str, reason: str | None, policy: PolicyDecision | None = None,
+              now: datetime | None = None) -> None:
+        """Placed, then Running, and the admission verdict decided with the prompt's tokens,
+        in one transaction: each commit here is on the way to the first token."""
+        at = _now(now)
+        with self._tx():
+            current = self._phase(pod_id)
+            if P.placed not in ALLOWED[current]:
+                raise InvalidTransition(f"pod {pod_id}: {current.value} -> {P.placed.value} is not allowed")
+            self._append_transition(pod_id, P.placed, at, reason, [])
+            self._append_transition(pod_id, P.running, at, None, [])
+            if policy is not None:
+                self._conn.execute("UPDATE pods SET policy = ? WHERE id = ?",
+                                   (json.dumps(policy.to_wire(), separators=(",", ":")), pod_id))
 
     def set_policy(self, pod_id: str, decision: PolicyDecision) -> None:
         """Keep the admission verdict with the pod (the latest replaces the earlier:
