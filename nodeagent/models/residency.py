@@ -443,7 +443,8 @@ class ResidencyManager:
             resident.in_use += 1
             resident.uses = resident.uses[-63:] + [self.clock()]
             resident.expires_at = None
-            self._persist(resident)
+            # Not persisted here: this is on the way to the first token (an fsync'd commit),
+            # and the record only informs `models ps`; `end` writes the request's effect.
             return resident
 
     def end(self, digest: str, keep_alive_s: float | None = None) -> None:
