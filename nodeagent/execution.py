@@ -176,6 +176,18 @@ class ManagedProvider:
     next_restart_at: float = 0.0
     last_restart_error: str | None = None
     restarts: int = 0
+    # Called with (self, new held context) whenever what the engine holds changes
+    # (KV events publish T0 from here); set by the pool when it is added.
+    context_listeners: list[Callable[["ManagedProvider", HeldContext], None]] = field(default_factory=list)
+
+    def hold(self, context: HeldContext) -> None:
+        """Record what the engine's context holds now, and tell the listeners."""
+        self.held = context
+        for listener in list(self.context_listeners):
+            try:
+                listener(self, context)
+            except Exception:  # an observer never breaks a turn
+                log.exception("context listener failed for provider %s", self.name)
 
     def check_health(self):
         health = self.provider.health()
@@ -193,9 +205,21 @@ class ManagedProvider:
 
     def forget_context(self) -> None:
         """The engine's context is unknown (crash, failed request, restore): reuse nothing of it."""
-        self.held = HeldContext()
+        self.hold(HeldContext())
         if self.queued_requests <= 1:
             self.expected = HeldContext()
+
+
+@dataclass(frozen=True)
+class ProviderStart:
+    """An engine the pool is about to start, as the start gate sees it."""
+
+    model_digest: str
+    model: str  # the model's name (or digest prefix)
+    kind: str  # llama_cpp_python | llama_server | vllm
+    mode: str  # subprocess | podman | quadlet | attach
+    provider: str | None = None  # the declared provider's name, when there is one
+    image: str | None = None  # the container image (podman, quadlet)
 
 
 MAX_TOKENIZERS = 4  # vocab-only tokenizer workers kept running (least recently used go first)
@@ -231,6 +255,22 @@ class ProviderPool:
         # Starts are rare (~0.2 s each); a pod whose tokenizer runs never waits on this.
         self._tokenizer_start_lock = threading.Lock()
         self._load_lock = threading.Lock()  # one model load at a time (see `load`)
+        self._context_listeners: list[Callable[[ManagedProvider, HeldContext], None]] = []
+        # Asked before the pool starts an engine (a load, a declared provider): raises
+        # `StartRefused` to keep it from starting (governance's activation decision).
+        self.start_gate: Callable[[ProviderStart], None] | None = None
+
+    def add_context_listener(self, listener: Callable[[ManagedProvider, HeldContext], None]) -> None:
+        """``listener(managed, held)`` on every change of what a provider's context holds (T0)."""
+        with self._lock:
+            self._context_listeners.append(listener)
+            for managed in self._providers.values():
+                managed.context_listeners.append(listener)
+
+    def check_start(self, start: "ProviderStart") -> None:
+        """Ask the start gate (if any) whether ``start`` may happen; raises `StartRefused`."""
+        if self.start_gate is not None:
+            self.start_gate(start)
 
     def tokenizer(self, record: Any) -> Provider | None:
         """A tokenize-only provider for ``record``'s model, or None when the pool has
@@ -301,6 +341,9 @@ class ProviderPool:
 
     def add(self, managed: ManagedProvider) -> ManagedProvider:
         with self._lock:
+            for listener in self._context_listeners:
+                if listener not in managed.context_listeners:
+                    managed.context_listeners.append(listener)
             self._providers[managed.name] = managed
         return managed
 
@@ -389,6 +432,8 @@ class ProviderPool:
                 return dead[0]
             for stale in dead:
                 self.remove(stale.name)
+            self.check_start(ProviderStart(model_digest=record.digest, model=model_name(record),
+                                           kind=self.loader_kind or "llama_cpp_python", mode="subprocess"))
             provider = self._loader(record, **options)
             for managed in self.all():
                 if managed.provider is provider:
@@ -513,6 +558,9 @@ class PodExecutor:
         self._session_homes: "OrderedDict[tuple[str, str, str], str]" = OrderedDict()
         self.decisions: dict[str, list[Decision]] = {}  # pod id -> one per turn (recent pods)
         self._policies: dict[str, Any] = {}  # pod id -> its latest PolicyDecision, while it runs
+        # Asked before a pod runs (governance's activation decision): returns the reasons it
+        # may not (empty: it may); a pod with reasons ends Refused, with its receipt.
+        self.pod_gate: Callable[[AgentPod, Any], list[str]] | None = None
 
     # ------------------------------------------------------------ node hooks
     @property
@@ -595,6 +643,15 @@ class PodExecutor:
         except Exception as exc:
             return self._fail(pod, f"model {pod.spec.model.name or pod.spec.model.digest}: {exc}",
                               type(exc).__name__, queued, turn=None)
+        if self.pod_gate is not None:
+            try:
+                denied = self.pod_gate(pod, record)
+            except Exception as exc:  # the gate fails closed
+                denied = [f"activation could not be evaluated: {type(exc).__name__}: {exc}"]
+            if denied:
+                self._receipt(pod, None, "refused", "ActivationDenied", queued=queued, record=record)
+                self.node.pod_transition(pod.id, PodPhase.refused, reason="activation", reasons=list(denied))
+                return
         texts = self.segments.texts(pod.spec.context, pod.metadata.tenant)
         try:
             self._run_turns(pod, record, texts, queued)
@@ -961,7 +1018,7 @@ class PodExecutor:
                 self.rates.observe(managed.name, DECODE, len(result.completion_tokens) - 1,
                                    max(result.total_s - result.ttft_s, 1e-9))
             held = tuple(session.tokens) + tuple(result.completion_tokens)
-            managed.held = HeldContext(held, tuple(session.spans_for(len(held))))
+            managed.hold(HeldContext(held, tuple(session.spans_for(len(held)))))
             with self._place_lock:
                 if managed.queued_requests <= 1:  # nothing placed behind it: this is the future too
                     managed.expected = managed.held
@@ -1017,7 +1074,7 @@ class PodExecutor:
             self.rates.observe(managed.name, restore_quantity(restore.served_from), restore.entry.bytes,
                                time.perf_counter() - began)
             del provider_tokens
-            managed.held = HeldContext()  # the turn's generate sets it from what the provider now holds
+            managed.hold(HeldContext())  # the turn's generate sets it from what the provider now holds
             return restore.served_from
 
     def _save(self, managed: ManagedProvider, session: SessionContext) -> None:

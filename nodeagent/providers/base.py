@@ -40,6 +40,14 @@ class StateUnsupported(ProviderError):
     """The provider cannot save or restore state (e.g. vLLM, or no --slot-save-path)."""
 
 
+class StartRefused(ProviderError):
+    """The node's activation decision refuses to start this provider (reasons in the message)."""
+
+    def __init__(self, message: str, reasons: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons or [message])
+
+
 class StateCorrupt(ProviderError):
     """A saved state could not be restored (bad digest, truncated, wrong model)."""
 
