@@ -27,6 +27,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "nodeagent.cli.providers": ("providers",),
     "nodeagent.cli.receipts": ("key", "receipts"),
     "nodeagent.cli.tokens": ("tokens",),
+    "nodeagent.cli.render": ("render",),
 }
 
 EPILOG = """\
