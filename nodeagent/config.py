@@ -67,6 +67,36 @@ class ReconcileConfig(_Section):
     interval_s: float = Field(default=5.0, gt=0)
 
 
+PROVIDER_KINDS = ("llama_cpp_python", "llama_server", "vllm")
+LAUNCH_MODES = ("subprocess", "podman", "quadlet", "attach")
+
+
+class ProviderDeclaration(_Section):
+    """One ``[[providers]]`` table: the engines that serve one model (llama-swap's spirit).
+
+    ``replicas`` engines of ``kind``, each with ``slots`` parallel sequence contexts
+    of ``ctx_per_slot`` tokens; started by ``mode`` (``attach``: already running at
+    ``urls``, one per replica). Checked against the model store and the memory fit
+    when the node starts (`nodeagent.fleet`), with the field named on refusal.
+    """
+
+    model: str  # a model of the store (name[:tag] or digest prefix)
+    kind: str = "llama_server"
+    mode: str = "subprocess"
+    name: str | None = None  # replicas are <name>-<i>; default: <model name>-<kind short>
+    replicas: int = Field(default=1, ge=1, le=64)
+    slots: int = Field(default=1, ge=1, le=256)  # parallel slots per replica (llama-server -np)
+    ctx_per_slot: int = Field(default=4096, ge=64)  # context tokens of each slot
+    threads: int | None = Field(default=None, ge=1)  # per replica
+    gpu_layers: int | None = Field(default=None, ge=-1)  # -1: all
+    device: str | None = None  # llama.cpp --device, e.g. "CUDA0"; vLLM: CUDA_VISIBLE_DEVICES
+    args: list[str] = Field(default_factory=list)  # extra engine arguments
+    load: str = "eager"  # eager: started with the node; on-demand: at the first pod for the model
+    urls: list[str] = Field(default_factory=list)  # attach: one base URL per replica
+    image: str | None = None  # podman / quadlet: the image (default: the catalog's)
+    port: int | None = Field(default=None, ge=1024, le=65535)  # first port; replicas use consecutive ones
+
+
 class Config(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
@@ -75,6 +105,11 @@ class Config(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     receipts: ReceiptsConfig = Field(default_factory=ReceiptsConfig)
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
+    # [[providers]]: declared engines per model; none declared: the default rule (`nodeagent.fleet`).
+    providers: list[ProviderDeclaration] = Field(default_factory=list)
+
+
+LIST_SECTIONS = ("providers",)  # arrays of tables, validated whole (no per-key environment overrides)
 
 
 class ConfigError(ValueError):
@@ -109,7 +144,14 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         raise ConfigError(f"config file {file} does not exist")
 
     sources: dict[str, str] = {}
+    for section_name in LIST_SECTIONS:
+        given = data.get(section_name, [])
+        if not isinstance(given, list) or not all(isinstance(item, dict) for item in given):
+            raise ConfigError(f"config file {file}: {section_name} must be an array of tables ([[{section_name}]])")
+        sources[section_name] = f"file {file}" if section_name in data else "default"
     for section_name, field in Config.model_fields.items():
+        if section_name in LIST_SECTIONS:
+            continue
         section_type = field.annotation
         given = data.get(section_name, {})
         if not isinstance(given, dict):

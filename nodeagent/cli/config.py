@@ -31,7 +31,7 @@ def _show(args: argparse.Namespace) -> int:
     values = loaded.config.model_dump(mode="json")
     rows = [
         (f"{section}.{key}", "-" if value is None else value, loaded.sources[f"{section}.{key}"])
-        for section, keys in values.items() for key, value in keys.items()
+        for section, keys in values.items() if isinstance(keys, dict) for key, value in keys.items()
     ]
     data = {
         "file": str(loaded.file), "fileExists": loaded.file_exists, "paths": loaded.paths.as_dict(),
