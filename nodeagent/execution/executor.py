@@ -28,35 +28,24 @@ engine holds *now* (``reuse_limit``), so the engine recomputes anything else.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
-
-import rfc8785
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from nodeagent.admission import AdmissionRequest
-from nodeagent.contracts.names import as_label
-from nodeagent.contracts.pod import AgentPod, PodPhase, TurnResult, text_digest
+from nodeagent.contracts.pod import AgentPod, PodPhase, TurnResult
+from nodeagent.execution.pool import HeldContext, ManagedProvider, ProviderPool, RunningTurn, is_running, model_name
+from nodeagent.execution.receipts import MachineFacts, machine_facts, receipt_data
+from nodeagent.execution.tokens import PromptTokens, Tokenizer
 from nodeagent.kvcache.blocks import block_keys
-from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
 from nodeagent.kvcache.manager import CacheManager
-from nodeagent.providers.base import GenerationRequest, Provider, ProviderError, ProviderUnavailable, StateCorrupt
-from nodeagent.scheduler.placement import (
-    CandidateState,
-    Decision,
-    LoadGuard,
-    PlacementRequest,
-    TierMatch,
-    common_prefix_tokens,
-    place,
-)
+from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
+from nodeagent.providers.base import GenerationRequest, ProviderError, ProviderUnavailable, StateCorrupt
 from nodeagent.scheduler.cost import queue_wait_s
+from nodeagent.scheduler.placement import CandidateState, Decision, LoadGuard, PlacementRequest, TierMatch, place
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.segments import SegmentStore
 from nodeagent.session import SessionContext
@@ -65,430 +54,6 @@ from nodeagent.templates import ChatTemplate, TemplateError, model_template
 log = logging.getLogger("agent_machine.execution")
 
 
-# ------------------------------------------------------------------ providers
-@dataclass(frozen=True)
-class HeldContext:
-    """Tokens a provider's context holds, and whose they are: ``(first token, Namespace)`` spans."""
-
-    tokens: tuple[int, ...] = ()
-    spans: tuple[tuple[int, Any], ...] = ()
-
-    def visible_prefix(self, owners: Sequence[str]) -> int:
-        """How many leading tokens a pod seeing ``owners`` may reuse.
-
-        Scopes only narrow along a context, so the visible part is a prefix: it
-        ends where the first span owned by someone else begins.
-        """
-        for start, namespace in self.spans:
-            if namespace.owner not in owners:
-                return start
-        return len(self.tokens)
-
-    def reusable(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
-        return min(common_prefix_tokens(self.tokens, prompt), self.visible_prefix(owners))
-
-
-class TurnQueue:
-    """A provider's turns, one at a time, in the order they were placed.
-
-    Placement prices a candidate's queue as FIFO (the work placed before a turn
-    runs before it) and reasons about ``expected``, the context of the last
-    turn placed; both hold only if turns run in placement order, which a plain
-    lock does not promise (measured: a pod placed behind another's prefill, to
-    reuse it, ran first and recomputed it). Tickets are taken under the
-    executor's placement lock; every ticket is released, run or not (releasing
-    twice is harmless), so an abandoned one (a failed load, an error before
-    the turn) never stalls the turns behind it.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._issued = 0  # tickets handed out
-        self._next = 0  # the ticket whose turn it is
-        self._released: set[int] = set()  # released before their turn came
-
-    def ticket(self) -> int:
-        with self._cond:
-            self._issued += 1
-            return self._issued - 1
-
-    def busy(self) -> bool:
-        """A turn is running or waiting for its turn."""
-        with self._cond:
-            return self._next < self._issued
-
-    def wait(self, ticket: int) -> None:
-        """Block until it is ``ticket``'s turn; the caller releases it when done."""
-        with self._cond:
-            while self._next != ticket:
-                self._cond.wait()
-
-    def release(self, ticket: int) -> None:
-        with self._cond:
-            if ticket < self._next or ticket in self._released:
-                return  # already released
-            self._released.add(ticket)
-            while self._next in self._released:
-                self._released.remove(self._next)
-                self._next += 1
-            self._cond.notify_all()
-
-
-@dataclass(frozen=True)
-class RunningTurn:
-    """The turn a provider is running: what it was estimated to take, and since when."""
-
-    ticket: int
-    since: float  # time.monotonic()
-    estimate_s: float | None  # restore + prefill + decode of max tokens; None: a rate was unknown
-    prefill_tokens: int
-    decode_tokens: int
-
-    def remaining_s(self, now: float) -> float | None:
-        return None if self.estimate_s is None else max(0.0, self.estimate_s - (now - self.since))
-
-
-@dataclass
-class ManagedProvider:
-    """A provider as the executor sees it: one request at a time, with its queue and live context."""
-
-    provider: Provider
-    model_digest: str
-    launch_mode: str = "subprocess"  # the embedded worker is our own subprocess
-    version: str = "unknown"
-    turns: TurnQueue = field(default_factory=TurnQueue)
-    # ``held``: what the engine's context holds now (after its last request);
-    # the isolation bound of every generation is computed from it.
-    # ``expected``: what it will hold once its queue drains (the prompt of the
-    # last request placed on it); placement reasons about that, so a prefix
-    # still being computed counts as a hit for whoever queues behind it.
-    held: HeldContext = field(default_factory=HeldContext)
-    expected: HeldContext = field(default_factory=HeldContext)
-    queued_requests: int = 0
-    queued_prefill_tokens: int = 0
-    queued_decode_tokens: int = 0  # the queue counts include the running turn's
-    running: RunningTurn | None = None
-    # Live sessions it holds: pod id -> context tokens (the load guard's measure).
-    sessions: dict[str, int] = field(default_factory=dict)
-    last_healthy_at: float | None = None  # time.time() of the last passing health check
-    # Restarts (`ProviderPool.revive`): failures in a row, when the next try is due, why the last failed.
-    restart_failures: int = 0
-    next_restart_at: float = 0.0
-    last_restart_error: str | None = None
-    restarts: int = 0
-    # Called with (self, new held context) whenever what the engine holds changes
-    # (KV events publish T0 from here); set by the pool when it is added.
-    context_listeners: list[Callable[["ManagedProvider", HeldContext], None]] = field(default_factory=list)
-
-    def hold(self, context: HeldContext) -> None:
-        """Record what the engine's context holds now, and tell the listeners."""
-        self.held = context
-        for listener in list(self.context_listeners):
-            try:
-                listener(self, context)
-            except Exception:  # an observer never breaks a turn
-                log.exception("context listener failed for provider %s", self.name)
-
-    def check_health(self):
-        health = self.provider.health()
-        if health.ok:
-            self.last_healthy_at = time.time()
-        return health
-
-    @property
-    def name(self) -> str:
-        return self.provider.name
-
-    @property
-    def kind(self) -> str:
-        return self.provider.kind
-
-    def forget_context(self) -> None:
-        """The engine's context is unknown (crash, failed request, restore): reuse nothing of it."""
-        self.hold(HeldContext())
-        if self.queued_requests <= 1:
-            self.expected = HeldContext()
-
-
-@dataclass(frozen=True)
-class ProviderStart:
-    """An engine the pool is about to start, as the start gate sees it."""
-
-    model_digest: str
-    model: str  # the model's name (or digest prefix)
-    kind: str  # llama_cpp_python | llama_server | vllm
-    mode: str  # subprocess | podman | quadlet | attach
-    provider: str | None = None  # the declared provider's name, when there is one
-    image: str | None = None  # the container image (podman, quadlet)
-
-
-MAX_TOKENIZERS = 4  # vocab-only tokenizer workers kept running (least recently used go first)
-RESTART_BACKOFF_S = 1.0  # first wait after a failed restart of a dead provider; doubles per failure
-
-
-class ProviderPool:
-    """The providers that can serve pods, by name.
-
-    Static providers are added explicitly (benchmarks, configured replicas);
-    with a `loader` the pool asks it for one when a model has no provider (the
-    node's loader goes through the residency manager, which evicts by expected
-    cost and refuses over-commit with a clear error).
-    """
-
-    def __init__(self, loader: Callable[[Any], Provider] | None = None, residency: Any | None = None,
-                 loader_kind: str | None = "llama_cpp_python", *,
-                 tokenizer: Callable[[Any], Provider] | None = None,
-                 tokenizer_kinds: Iterable[str] = ()) -> None:
-        self._providers: dict[str, ManagedProvider] = {}
-        self._lock = threading.Lock()
-        self._loader = loader
-        self.residency = residency
-        # The provider kind the loader makes: a cold start may restore saved states of it.
-        self.loader_kind = loader_kind if loader is not None else None
-        # Optional: starts a tokenize-only provider for a model, whose ids equal
-        # those of every provider kind in `tokenizer_kinds` (see `tokenizer`).
-        self._start_tokenizer = tokenizer
-        self._tokenizer_kinds = frozenset(tokenizer_kinds)
-        # digest -> its tokenizer (None: failed to start), least recently used first
-        self._tokenizers: "OrderedDict[str, Provider | None]" = OrderedDict()
-        self._tokenizer_lock = threading.Lock()  # guards `_tokenizers`
-        # Starts are rare (~0.2 s each); a pod whose tokenizer runs never waits on this.
-        self._tokenizer_start_lock = threading.Lock()
-        self._load_lock = threading.Lock()  # one model load at a time (see `load`)
-        self._context_listeners: list[Callable[[ManagedProvider, HeldContext], None]] = []
-        # Asked before the pool starts an engine (a load, a declared provider): raises
-        # `StartRefused` to keep it from starting (governance's activation decision).
-        self.start_gate: Callable[[ProviderStart], None] | None = None
-
-    def add_context_listener(self, listener: Callable[[ManagedProvider, HeldContext], None]) -> None:
-        """``listener(managed, held)`` on every change of what a provider's context holds (T0)."""
-        with self._lock:
-            self._context_listeners.append(listener)
-            for managed in self._providers.values():
-                managed.context_listeners.append(listener)
-
-    def check_start(self, start: "ProviderStart") -> None:
-        """Ask the start gate (if any) whether ``start`` may happen; raises `StartRefused`."""
-        if self.start_gate is not None:
-            self.start_gate(start)
-
-    def tokenizer(self, record: Any) -> Provider | None:
-        """A tokenize-only provider for ``record``'s model, or None when the pool has
-        none or the model's providers (or, with none loaded, the loader's kind)
-        tokenize differently. Started on first use; one that died is started
-        again; one that fails to start is not retried (the providers tokenize)."""
-        if self._start_tokenizer is None:
-            return None
-        kinds = {m.kind for m in self.for_model(record.digest)} or {self.loader_kind}
-        if not kinds <= self._tokenizer_kinds:
-            return None
-        known, tokenizer = self._known_tokenizer(record.digest)
-        if known:
-            return tokenizer
-        with self._tokenizer_start_lock:
-            known, tokenizer = self._known_tokenizer(record.digest)  # started while we waited?
-            if known:
-                return tokenizer
-            with self._tokenizer_lock:
-                dead = self._tokenizers.pop(record.digest, None)
-            retired = [dead] if dead is not None else []  # reap it before starting another
-            try:
-                tokenizer = self._start_tokenizer(record)
-            except Exception as exc:
-                log.warning("no tokenizer for %s (%s: %s); tokenizing with its providers",
-                            model_name(record), type(exc).__name__, exc)
-                tokenizer = None
-            with self._tokenizer_lock:
-                self._tokenizers[record.digest] = tokenizer
-                running = [d for d, t in self._tokenizers.items() if t is not None]
-                retired += [self._tokenizers.pop(d) for d in running[:max(0, len(running) - MAX_TOKENIZERS)]]
-        for old in retired:  # each costs ~40 MB: keep the recently used models' only
-            with contextlib.suppress(Exception):
-                old.stop()
-        return tokenizer
-
-    def _known_tokenizer(self, digest: str) -> tuple[bool, Provider | None]:
-        """(True, tokenizer) when ``digest``'s is running, (True, None) when it failed
-        to start; (False, None) when it must be started (never was, or died)."""
-        with self._tokenizer_lock:
-            tokenizer = self._tokenizers.get(digest)
-            if tokenizer is None:
-                return digest in self._tokenizers, None
-            if not _running(tokenizer):
-                return False, None
-            self._tokenizers.move_to_end(digest)
-            return True, tokenizer
-
-    def close_tokenizers(self) -> None:
-        with self._tokenizer_lock:
-            started, self._tokenizers = list(self._tokenizers.values()), {}
-        for tokenizer in started:
-            if tokenizer is not None:
-                with contextlib.suppress(Exception):
-                    tokenizer.stop()
-
-    def using(self, digest: str, keep_alive: str | None = None):
-        """While a request runs, the residency manager must not evict its model; a
-        request's keep-alive (Ollama's semantics) applies from when it ends."""
-        if self.residency is None or digest not in self.residency.loaded_digests():
-            return contextlib.nullcontext()
-        if keep_alive is None:
-            return self.residency.use(digest)
-        from nodeagent.config import parse_duration
-
-        seconds = parse_duration(keep_alive)
-        return self.residency.use(digest, keep_alive_s=-1.0 if seconds is None else seconds)
-
-    def add(self, managed: ManagedProvider) -> ManagedProvider:
-        with self._lock:
-            for listener in self._context_listeners:
-                if listener not in managed.context_listeners:
-                    managed.context_listeners.append(listener)
-            self._providers[managed.name] = managed
-        return managed
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            self._providers.pop(name, None)
-
-    def all(self) -> list[ManagedProvider]:
-        with self._lock:
-            return list(self._providers.values())
-
-    def for_model(self, digest: str) -> list[ManagedProvider]:
-        """The running providers of a model: a provider that died leaves placement at once."""
-        return [m for m in self.all() if m.model_digest == digest and _running(m.provider)]
-
-    def revive(self, managed: ManagedProvider, *, interval_s: float = RESTART_BACKOFF_S) -> bool:
-        """Start a provider that died again, now; True if this call restarted it.
-
-        A dead provider is out of placement (`for_model`) the moment its death
-        is seen; this brings it back without waiting for a health interval.
-        Serialised with loads (one engine start at a time), so concurrent callers
-        restart it once. After a failed start, later calls back off
-        (``interval_s`` x 2^failures, at most 5 minutes) and raise
-        `ProviderUnavailable` naming the last error and when the next try is due.
-        """
-        with self._load_lock:
-            return self._revive_locked(managed, interval_s)
-
-    def _revive_locked(self, managed: ManagedProvider, interval_s: float) -> bool:
-        if _running(managed.provider):
-            return False
-        now = time.time()
-        if now < managed.next_restart_at:
-            raise ProviderUnavailable(
-                f"provider {managed.name} is down: {managed.restart_failures} restart(s) failed, the last with "
-                f"{managed.last_restart_error}; next attempt in {managed.next_restart_at - now:.0f}s")
-        managed.forget_context()
-        from nodeagent import metrics
-
-        metrics.record_provider_restart(managed.name)
-        try:
-            with contextlib.suppress(Exception):
-                managed.provider.stop()  # reap what is left of the dead engine
-            managed.provider.start()
-        except Exception as exc:
-            managed.restart_failures += 1
-            managed.next_restart_at = now + min(300.0, interval_s * 2 ** managed.restart_failures)
-            managed.last_restart_error = f"{type(exc).__name__}: {exc}"
-            log.error("provider %s died and could not be restarted (%s)", managed.name, managed.last_restart_error)
-            raise ProviderUnavailable(f"provider {managed.name} died and could not be restarted: "
-                                      f"{managed.last_restart_error}") from exc
-        managed.restart_failures, managed.next_restart_at, managed.last_restart_error = 0, 0.0, None
-        managed.restarts += 1
-        managed.check_health()
-        log.warning("provider %s had died; restarted it", managed.name)
-        return True
-
-    def revive_soon(self, managed: ManagedProvider) -> None:
-        """`revive` on a thread of its own: the turn that found the provider dead
-        reports its failure without waiting for the restart."""
-        def run() -> None:
-            try:
-                self.revive(managed)
-            except ProviderError:
-                pass  # logged, and backed off: the next turn or the reconcile loop tries again
-
-        threading.Thread(target=run, name=f"revive-{managed.name}", daemon=True).start()
-
-    def load(self, record: Any, **options: Any) -> ManagedProvider:
-        """Load ``record`` through the loader (``options``: keep_alive_s, pin for the residency manager)."""
-        if self._loader is None:
-            raise ProviderError(f"no provider holds model {model_name(record)} and this node cannot load models")
-        # Pods are placed before their model loads, so several may choose to load the
-        # same cold model at once: the first loads it, the others get its provider
-        # (one ManagedProvider per engine, or queues and contexts would split).
-        with self._load_lock:
-            existing = self.for_model(record.digest)
-            if existing:
-                return existing[0]
-            # Its provider died: start that one again (the residency manager still
-            # holds it as loaded, and would hand the dead engine back).
-            # One the residency manager unloaded on purpose is dropped instead.
-            dead = [m for m in self.all() if m.model_digest == record.digest]
-            if dead and (self.residency is None or record.digest in self.residency.loaded_digests()):
-                self._revive_locked(dead[0], RESTART_BACKOFF_S)
-                return dead[0]
-            for stale in dead:
-                self.remove(stale.name)
-            self.check_start(ProviderStart(model_digest=record.digest, model=model_name(record),
-                                           kind=self.loader_kind or "llama_cpp_python", mode="subprocess"))
-            provider = self._loader(record, **options)
-            for managed in self.all():
-                if managed.provider is provider:
-                    return managed
-            return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
-
-
-def _running(provider: Provider) -> bool:
-    running = getattr(provider, "running", None)
-    return True if running is None else bool(running)
-
-
-def _version_of(provider: Provider) -> str:
-    if provider.kind == "llama_cpp_python":
-        try:
-            from importlib.metadata import version
-
-            return f"llama-cpp-python {version('llama-cpp-python')}"
-        except Exception:
-            return "llama-cpp-python"
-    return getattr(provider, "version", None) or provider.kind
-
-
-# ------------------------------------------------------------------ receipts
-@dataclass(frozen=True)
-class MachineFacts:
-    identity_hash: str
-    host: str
-    agent_version: str
-    profile_digest: str
-
-
-def machine_facts(profile: Any) -> MachineFacts:
-    from nodeagent import __version__
-    from nodeagent.probe import profile_digest
-
-    host = profile.host.hostname or "unknown-host"
-    identity = profile.host.machine_id_hash or hashlib.sha256(f"agent-machine/no-machine-id/{host}".encode()).hexdigest()
-    return MachineFacts(identity, host, __version__, profile_digest(profile))
-
-
-def request_digest(pod: AgentPod, turn: int | None) -> str:
-    body = {"metadata": pod.metadata.to_wire(), "spec": pod.spec.to_wire(), "turn": turn}
-    return "sha256:" + hashlib.sha256(rfc8785.dumps(body)).hexdigest()
-
-
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
-def _us(seconds: float | None) -> int:
-    return 0 if seconds is None else max(0, int(round(seconds * 1e6)))
-
-
-# ------------------------------------------------------------------ executor
 REPLACE_ATTEMPTS = 3  # placements of one turn whose provider died before it ran
 
 
@@ -504,23 +69,7 @@ class PolicyRefusedPlacement(ProviderError):
         self.reasons = reasons
 
 
-TOKEN_CACHE_MIN_CHARS = 256  # shorter pieces (turn messages) are cheap and rarely repeat
-TOKEN_CACHE_ENTRIES = 1024
 SESSION_HOMES = 4096
-
-
-@dataclass(frozen=True)
-class Tokenizer:
-    executor: "PodExecutor"
-    record: Any  # the model's store record
-
-    def tokenize(self, text: str) -> list[int]:
-        """Rendered prompt text -> ids: special tokens parsed, no BOS added (the template writes it)."""
-        return self.executor.tokenize(self.record, text)
-
-    def tokenize_prompt(self, text: str) -> list[int]:
-        """A text-completion prompt -> ids: BOS as the model wants it, special tokens parsed."""
-        return self.executor.tokenize(self.record, text, add_bos=True)
 
 
 @dataclass
@@ -551,7 +100,7 @@ class PodExecutor:
         self.segments = SegmentStore(node.db, node._db_lock)
         self._machine = machine
         self._place_lock = threading.Lock()  # placement + queue accounting are one step
-        self._token_cache: "OrderedDict[tuple[str, bool, str], tuple[int, ...]]" = OrderedDict()
+        self.tokens = PromptTokens(pool)
         self._templates: dict[tuple[str, str | None], ChatTemplate] = {}  # (model digest, override) -> template
         # (tenant, agent, session) -> provider of its last turn: a session sent one
         # turn per pod (as agent loops do) keeps its affinity like a multi-turn pod.
@@ -768,46 +317,10 @@ class PodExecutor:
         return cached
 
     def _tokenizer_for(self, record: Any, load: bool = True) -> "Tokenizer | None":
-        """How this pod's pieces get tokenized: by the pool's tokenize-only provider when
-        it has one for the model (never busy, and the model need not be loaded), else
-        by whichever provider of the model is idle now (a busy one would make this pod
-        wait behind another pod's prefill), loading the model when none holds it and
-        ``load`` allows. Long pieces are remembered (segments repeat across pods)."""
-        if self.pool.tokenizer(record) is None and not self.pool.for_model(record.digest):
-            if not load:
-                return None
-            self.pool.load(record)
-        return Tokenizer(self, record)
+        return self.tokens.tokenizer_for(record, load=load)
 
     def tokenize(self, record: Any, text: str, add_bos: bool = False) -> list[int]:
-        """Ids of prompt text (special tokens parsed; BOS only with ``add_bos``: a chat
-        template writes its own), by the model's tokenize-only worker when it has one,
-        else by an idle provider of the model."""
-        digest = record.digest
-        key = (digest, add_bos, text)
-        cached = self._token_cache.get(key)
-        if cached is not None:
-            self._token_cache.move_to_end(key)
-            return list(cached)
-        tokens: list[int] | None = None
-        tokenizer = self.pool.tokenizer(record)
-        if tokenizer is not None:
-            try:
-                tokens = tokenizer.tokenize(text, add_bos=add_bos, special=True)
-            except ProviderError as exc:  # it died mid-call: started again next time
-                log.warning("tokenizer %s failed (%s); tokenizing with a provider", tokenizer.name, exc)
-        if tokens is None:
-            candidates = self.pool.for_model(digest)
-            if not candidates:
-                raise ProviderError(f"no provider holds model {digest[:19]} to tokenize with")
-            idle = [m for m in candidates if not m.turns.busy()]
-            provider = (idle[0] if idle else min(candidates, key=lambda m: m.queued_requests)).provider
-            tokens = provider.tokenize(text, add_bos=add_bos, special=True)
-        if len(text) >= TOKEN_CACHE_MIN_CHARS:
-            self._token_cache[key] = tuple(tokens)
-            while len(self._token_cache) > TOKEN_CACHE_ENTRIES:
-                self._token_cache.popitem(last=False)
-        return tokens
+        return self.tokens.tokenize(record, text, add_bos=add_bos)
 
     def _admit_with_tokens(self, pod: AgentPod, record: Any, prompt_tokens: int) -> list[str]:
         decision = self.node.policy.decide(AdmissionRequest(
@@ -956,7 +469,7 @@ class PodExecutor:
         managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
         return managed.turns.ticket()
 
-    def _start_running(self, managed: ManagedProvider, ticket: int, decision: Decision, uncached: int,
+    def _startis_running(self, managed: ManagedProvider, ticket: int, decision: Decision, uncached: int,
                        max_tokens: int) -> None:
         """The turn holds its provider: placement now sees its time left (`RunningTurn`);
         `_run_turn` clears it before releasing the ticket."""
@@ -986,9 +499,9 @@ class PodExecutor:
         # applies from when the turn ends.
         with self.pool.using(managed.model_digest, pod.spec.policy.keep_alive):
             managed.turns.wait(ticket)
-            if not _running(provider):
+            if not is_running(provider):
                 raise _ProviderGone(f"provider {managed.name} died while the turn waited for it")
-            self._start_running(managed, ticket, decision, uncached, max_tokens)
+            self._startis_running(managed, ticket, decision, uncached, max_tokens)
             started = time.time()
             # Reuse of the live context is bounded by what the engine really holds
             # now and this pod may see (scopes); a restored state it may see whole.
@@ -1006,7 +519,7 @@ class PodExecutor:
                                            on_text=self._sink(pod.id))
             except ProviderError:
                 managed.forget_context()
-                if not _running(provider):  # it died under this turn: bring it back for the next ones
+                if not is_running(provider):  # it died under this turn: bring it back for the next ones
                     self.pool.revive_soon(managed)
                 raise
             if self.cache is not None:  # counted after the answer: a commit less before the first token
@@ -1105,48 +618,9 @@ class PodExecutor:
             return None
         from nodeagent.contracts.receipt import ReceiptInput
 
-        facts = self.machine
-        now = time.time()
-        data: dict[str, Any] = {
-            "machine": {"identityHash": facts.identity_hash, "host": facts.host,
-                        "agentVersion": facts.agent_version, "profileDigest": facts.profile_digest},
-            # Names go through as_label: a receipt records what ran, whatever a
-            # name holds (an older agent stored names the pod contract now refuses).
-            "pod": {"name": as_label(pod.metadata.name),
-                    "runId": as_label(f"{pod.id}-t{turn}" if turn is not None else pod.id),
-                    "tenant": as_label(pod.metadata.tenant), "agent": as_label(pod.metadata.agent),
-                    "session": as_label(pod.metadata.session), "requestDigest": request_digest(pod, turn)},
-            "model": {"name": as_label(model_name(record) if record is not None
-                                       else (pod.spec.model.name or pod.spec.model.digest)),
-                      "digest": record.digest if record is not None else None},
-            "timing": {"queuedAt": _utc(min(queued, now)), "finishedAt": _utc(now)},
-            "outcome": {"status": status, "errorClass": as_label(error_class) if error_class else None},
-        }
         policy = self._policies.get(pod.id) or (pod.status.policy if pod.status else None)
-        if policy is not None:
-            data["policy"] = {"source": as_label(policy.policy_source), "digest": policy.policy_digest,
-                              "verdict": "allowed" if policy.allowed else "refused",
-                              "reasons": [as_label(r) for r in policy.reasons[:16]]}
-        if outcome is not None:
-            chosen = outcome.decision.chosen
-            terms = chosen.terms
-            data["provider"] = {"kind": as_label(outcome.managed.kind), "version": as_label(outcome.managed.version),
-                                "launchMode": outcome.managed.launch_mode}
-            data["placement"] = {
-                "decisionId": outcome.decision.id,
-                "chosen": {"candidateId": as_label(chosen.state.provider), "provider": as_label(chosen.state.provider),
-                           "terms": {"queueWaitUs": _us(terms.queue_wait_s), "loadUs": _us(terms.load_s),
-                                     "restoreUs": _us(terms.restore_s), "prefillUs": _us(terms.prefill_s),
-                                     "ttftUs": _us(terms.total)}},
-                "alternatives": len(outcome.decision.assessments) - 1,
-            }
-            result = outcome.result
-            data["cache"] = {"tierHit": result.cache_tier, "cachedTokens": result.cached_tokens,
-                             "evaluatedTokens": result.evaluated_tokens}
-            data["timing"].update(startedAt=_utc(outcome.started), firstTokenAt=_utc(outcome.first_token),
-                                  finishedAt=_utc(outcome.finished), queuedAt=_utc(min(queued, outcome.started)))
-            data["usage"] = {"promptTokens": result.prompt_tokens, "completionTokens": result.completion_tokens}
-            data["outputDigest"] = text_digest(result.output)
+        data = receipt_data(self.machine, pod, turn, status, error_class, queued=queued, record=record,
+                            outcome=outcome, policy=policy)
         from nodeagent import metrics
 
         began = time.perf_counter()
@@ -1177,12 +651,6 @@ def generation_request(tokens: Sequence[int], max_tokens: int, sampling: Any, re
         top_p=sampling.top_p, min_p=sampling.min_p, repeat_penalty=sampling.repeat_penalty,
         frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty,
         logit_bias={int(token): bias for token, bias in sampling.logit_bias.items()}, grammar=sampling.grammar)
-
-
-def model_name(record: Any) -> str:
-    """How a stored model is named to people: its first NAME:TAG, else its short digest."""
-    names = getattr(record, "names", None) or []
-    return names[0] if names else record.digest[:19]
 
 
 def _owners(session: SessionContext) -> list[str]:
