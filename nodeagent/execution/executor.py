@@ -469,7 +469,7 @@ class PodExecutor:
         managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
         return managed.turns.ticket()
 
-    def _startis_running(self, managed: ManagedProvider, ticket: int, decision: Decision, uncached: int,
+    def _start_running(self, managed: ManagedProvider, ticket: int, decision: Decision, uncached: int,
                        max_tokens: int) -> None:
         """The turn holds its provider: placement now sees its time left (`RunningTurn`);
         `_run_turn` clears it before releasing the ticket."""
@@ -501,7 +501,7 @@ class PodExecutor:
             managed.turns.wait(ticket)
             if not is_running(provider):
                 raise _ProviderGone(f"provider {managed.name} died while the turn waited for it")
-            self._startis_running(managed, ticket, decision, uncached, max_tokens)
+            self._start_running(managed, ticket, decision, uncached, max_tokens)
             started = time.time()
             # Reuse of the live context is bounded by what the engine really holds
             # now and this pod may see (scopes); a restored state it may see whole.
