@@ -120,9 +120,11 @@ class Node:
         return recovered
 
     def _load_recorded_intents(self) -> None:
-        """Load the models `agent-machine models load` recorded while no agent ran."""
+        """Start the declared eager providers, then load the models `agent-machine models load`
+        recorded while no agent ran."""
         from nodeagent.models.residency import intents
 
+        self.start_eager_providers()
         with self._db_lock:
             wanted = intents(self.db)
         for intent in wanted:
@@ -131,6 +133,27 @@ class Node:
                 self.load_model(intent["digest"], keep_alive_s=keep, pin=bool(intent.get("pinned")) or None)
             except Exception as exc:  # one bad intent must not stop the others or the agent
                 log.warning("recorded load of %s failed: %s", intent.get("digest"), exc)
+
+    def start_eager_providers(self) -> list[str]:
+        """Load every declared ``load = "eager"`` model that is not loaded (pinned: a declared
+        always-on fleet is not evicted); a failed start backs off. Returns those started."""
+        fleet = getattr(self.executor, "fleet", None)
+        residency = getattr(getattr(self.executor, "pool", None), "residency", None)
+        if fleet is None or residency is None:
+            return []
+        started = []
+        now = time.time()
+        for model in fleet.eager_due(set(residency.loaded_digests()), now):
+            try:
+                self.executor.pool.load(model.record, pin=True)
+            except Exception as exc:  # one bad provider must not stop the others or the agent
+                delay = fleet.start_failed(model, now, self.config.reconcile.interval_s)
+                log.error("declared provider %s did not start: %s: %s (next try in %.0fs)", model.name,
+                          type(exc).__name__, exc, delay)
+                continue
+            fleet.started(model)
+            started.append(model.name)
+        return started
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Stop accepting pods, let in-flight pods finish within ``timeout_s``, cancel the rest."""
@@ -344,6 +367,7 @@ class Node:
 
     # ------------------------------------------------------------ providers, cache, placement
     def list_providers(self) -> list:
+        """Every context the node places turns on, one row each (a llama-server slot is one)."""
         from nodeagent.contracts.provider import ProviderStatus
 
         pool = getattr(self.executor, "pool", None)
@@ -353,14 +377,25 @@ class Node:
         for managed in pool.all():
             health = managed.check_health()
             running = getattr(managed.provider, "running", health.ok)
+            held = managed.held
+            replica = getattr(managed.provider, "replica", None)
             rows.append(ProviderStatus(
                 name=managed.name, provider=managed.kind, mode=managed.launch_mode,
                 state="running" if running and health.ok else ("unhealthy" if running else "stopped"),
                 pid=getattr(managed.provider, "pid", None), health=health.detail,
                 model_digest=managed.model_digest, checked_at=utcnow(),
                 last_healthy_at=_utc_or_none(managed.last_healthy_at),
-                reason=None if health.ok else health.detail))
+                reason=None if health.ok else health.detail,
+                endpoint=getattr(getattr(replica, "server", None), "base_url", None),
+                replica=managed.group or managed.name, slot=getattr(managed.provider, "slot", 0),
+                held_tokens=len(held.tokens), owner=held.spans[-1][1].owner if held.spans else None,
+                busy=managed.turns.busy(), queued=managed.queued_requests))
         return rows
+
+    def fleet_view(self) -> dict:
+        """Which rule made the fleet, and each declared (or defaulted) model's replicas."""
+        fleet = getattr(self.executor, "fleet", None)
+        return fleet.describe() if fleet is not None else {"rule": "no executor", "declared": [], "adopted": []}
 
     def cache_summary(self):
         executor = self._need_executor()
@@ -630,16 +665,37 @@ class Node:
                     report["restarted"].append(managed.name)
             except ProviderError:
                 report["restarted"].append(managed.name)  # attempted; backed off, logged
+        report["started"] = self.start_eager_providers()
         receipts = getattr(executor, "receipts", None)
         if receipts is not None:
             report["checkpoint"] = receipts.maybe_checkpoint()
         return report
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file and the admission policy."""
-        self.loaded = load_config()
-        self.config = self.loaded.config
-        self.policy = Policy.load(self.config.policy.path)
+        """SIGHUP: re-read the config file, the admission policy and the fleet's declarations.
+
+        Everything is checked before anything changes: a bad config (or a declaration
+        the fleet refuses) raises, and the running configuration and fleet stay as they are."""
+        loaded = load_config()
+        policy = Policy.load(loaded.config.policy.path)
+        fleet = getattr(self.executor, "fleet", None)
+        plan = None
+        if fleet is not None:
+            from nodeagent.fleet import FleetPlan, plan_fleet
+
+            pool = self.executor.pool
+            budgets = pool.residency.budgets.values() if pool.residency is not None else ()
+            checked = plan_fleet(loaded.config.providers, self.executor.models,
+                                 budget_bytes=sum(b.budget_bytes for b in budgets) or None,
+                                 llama_server=fleet.llama_server, source=str(loaded.file))
+            rule = checked.rule + fleet.plan.rule[fleet.plan.rule.find(";"):] if ";" in fleet.plan.rule else checked.rule
+            plan = FleetPlan(rule=rule, models=checked.models, default=fleet.plan.default)
+        self.loaded, self.config, self.policy = loaded, loaded.config, policy
+        if plan is not None:
+            changed = fleet.replan(plan)
+            if changed:
+                log.warning("declarations changed for running provider(s) %s: they keep running as declared "
+                            "before until unloaded (`agent-machine models unload`)", ", ".join(changed))
 
     def status_line(self) -> str:
         with self._db_lock:
@@ -774,9 +830,10 @@ def _utc_or_none(ts: float | None) -> datetime | None:
 
 
 def default_executor(node: Node):
-    """The embedded default: models from the store, loaded by the residency manager
-    into llama-cpp-python workers, KV states in the T1/T2 tiers, receipts signed
-    with the machine key."""
+    """The node's executor: models from the store, served by the declared fleet (or the
+    default rule: the embedded llama-cpp-python worker, or llama-server slots), loaded
+    through the residency manager, KV states in the T1/T2 tiers, receipts signed with
+    the machine key."""
     from nodeagent.config import parse_duration
     from nodeagent.execution import PodExecutor, ProviderPool
     from nodeagent.kvcache.manager import CacheManager
@@ -793,19 +850,23 @@ def default_executor(node: Node):
     if cfg.models.reserve_bytes is not None:
         budgets = budgets_from_devices(profile.devices,
                                        reserve_bytes={b.pool: cfg.models.reserve_bytes for b in budgets})
+    pool = ProviderPool(residency=None, tokenizer=start_tokenizer, tokenizer_kinds=LLAMA_CPP_TOKENIZER_KINDS)
+    fleet = build_fleet(node, models, pool, profile, budgets)
     residency = ResidencyManager(
         budgets,
-        residency_loader(n_threads=cfg.models.threads),
+        fleet.loader(residency_loader(n_threads=cfg.models.threads)),
         max_loaded=cfg.models.max_loaded,
         default_keep_alive_s=_keep_alive(parse_duration(cfg.models.keep_alive)),
         conn=connect(node.paths.db_file),
     )
 
     def load(record, keep_alive_s=None, pin=None):
+        options = {"n_ctx": cfg.models.context, **fleet.load_request_options(record)}
         request = LoadRequest(digest=record.digest, name=record.names[0] if record.names else None,
-                              path=record.path, meta=models.meta(record), n_ctx=cfg.models.context)
+                              path=record.path, meta=models.meta(record), **options)
         return residency.load(request, keep_alive_s=keep_alive_s, pin=pin).handle
 
+    pool.attach_loader(load, residency, kind_of=fleet.kind_of)
     cache = CacheManager.open(
         node.paths.db_file, t1_dir=cfg.cache.ram_dir, t2_dir=state / "kvcache",
         t1_budget=cfg.cache.ram_budget_bytes, t2_budget=cfg.cache.disk_budget_bytes,
@@ -814,12 +875,51 @@ def default_executor(node: Node):
     receipts = open_machine_log(state, key_file=cfg.receipts.key_file,
                                 checkpoint_every=cfg.receipts.checkpoint_every,
                                 checkpoint_seconds=cfg.receipts.checkpoint_seconds)
-    pool = ProviderPool(loader=load, residency=residency, tokenizer=start_tokenizer,
-                        tokenizer_kinds=LLAMA_CPP_TOKENIZER_KINDS)
     executor = PodExecutor(node, pool=pool, models=models,
                            cache=cache, receipts=receipts, block_tokens=cfg.cache.block_tokens)
+    executor.fleet = fleet
     calibrate_restore_rates(executor)
     return executor
+
+
+def build_fleet(node: Node, models, pool, profile, budgets):
+    """The fleet the config declares (checked: a bad declaration raises `FleetError`
+    naming its field), or the default rule; providers `providers up` started for a
+    model of the store are adopted."""
+    from nodeagent.fleet import Fleet, FleetPlan, cpu_count, default_rule, plan_fleet
+    from nodeagent.launch.manage import LaunchContext, launched_providers
+    from nodeagent.launch.registry import Registry
+
+    cfg = node.config
+    has_gpu = any(d.kind == "gpu" for d in profile.devices)
+    cpus = cpu_count()
+    needs_server = any(d.kind == "llama_server" and d.mode == "subprocess" for d in cfg.providers)
+    llama_server = _llama_server_binary() if (needs_server or has_gpu or cpus >= 4) else None
+    budget = sum(b.budget_bytes for b in budgets) or None
+    source = str(node.loaded.file)
+    plan = plan_fleet(cfg.providers, models, budget_bytes=budget, llama_server=llama_server, source=source)
+    default, default_text = default_rule(cpus=cpus, has_gpu=has_gpu, llama_server=llama_server,
+                                         context=cfg.models.context, threads=cfg.models.threads)
+    plan = FleetPlan(rule=f"{plan.rule}; {default_text}", models=plan.models, default=default)
+    launch = LaunchContext(Registry(node.paths.state_dir / "fleet"))
+    fleet = Fleet(plan, pool, state_dir=node.paths.state_dir, launch=launch, threads=cfg.models.threads,
+                  llama_server=llama_server)
+    try:
+        adopted = fleet.adopt(launched_providers(Registry.default()), models)
+        if adopted:
+            log.info("adopted providers started with `providers up`: %s", ", ".join(adopted))
+    except Exception as exc:  # the operator's providers are a bonus; never a reason not to start
+        log.warning("could not look for providers started with `providers up`: %s", exc)
+    return fleet
+
+
+def _llama_server_binary():
+    from nodeagent.providers.llama_server import locate_llama_server
+
+    path, why = locate_llama_server(build=False, timeout_s=30)
+    if path is None:
+        log.info("no llama-server binary: %s", why)
+    return path
 
 
 def calibrate_restore_rates(executor) -> None:

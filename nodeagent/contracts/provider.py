@@ -173,3 +173,11 @@ class ProviderStatus(Resource):
     checked_at: datetime
     last_healthy_at: datetime | None = None  # the last health check that passed
     reason: str | None = None  # why not running, in words a person can act on
+    # A sequence context the node places turns on (the embedded worker, or one slot
+    # of a llama-server replica): which, what it holds, and whether it is busy.
+    replica: str | None = None  # the engine it is a slot of (llama-server), else itself
+    slot: int | None = None
+    held_tokens: int | None = None  # tokens of KV its context holds (T0)
+    owner: str | None = None  # the narrowest cache scope in that context: public, <tenant>, <tenant>/<agent>
+    busy: bool | None = None  # a turn runs or waits on it
+    queued: int | None = None  # turns placed on it, the running one included

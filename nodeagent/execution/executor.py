@@ -55,6 +55,13 @@ log = logging.getLogger("agent_machine.execution")
 
 
 REPLACE_ATTEMPTS = 3  # placements of one turn whose provider died before it ran
+# Slots of one engine (a llama-server replica) run batched: a free slot has no
+# queue, but its prefill and decode share the engine with the busy slots'. The
+# siblings' queued work counts in a slot's queue term at these weights: prefill
+# is compute-bound (a batch of N prompts takes ~N times one, measured in
+# bench/README.md "## fleet"), batched decode costs less than N single steps.
+SLOT_PREFILL_CONTENTION = 1.0
+SLOT_DECODE_CONTENTION = 0.5
 
 
 class _ProviderGone(ProviderError):
@@ -95,7 +102,9 @@ class PodExecutor:
         self.cache = cache
         self.receipts = receipts
         self.rates = rates or RateRegistry()
-        self.guard = guard or LoadGuard()
+        # The token load guard is off: users feel latency, not balance, and the queue
+        # term prices balance (issue #14's sweep; bench/README.md "## routing").
+        self.guard = guard or LoadGuard(enabled=False)
         self.block_tokens = block_tokens
         self.segments = SegmentStore(node.db, node._db_lock)
         self._machine = machine
@@ -110,6 +119,7 @@ class PodExecutor:
         # Asked before a pod runs (governance's activation decision): returns the reasons it
         # may not (empty: it may); a pod with reasons ends Refused, with its receipt.
         self.pod_gate: Callable[[AgentPod, Any], list[str]] | None = None
+        self.fleet: Any = None  # nodeagent.fleet.Fleet: the engines the node starts for each model
 
     # ------------------------------------------------------------ node hooks
     @property
@@ -336,6 +346,7 @@ class PodExecutor:
         owners = _owners(session)
         states, by_name = [], {}
         now = time.monotonic()
+        shared = _engine_work(managed)
         for m in managed:
             t0 = m.expected.reusable(session.tokens, owners)
             rejected = self._rejections(tenant, m.name, m.kind, pinned)
@@ -344,6 +355,10 @@ class PodExecutor:
             left = running.remaining_s(now) if running is not None else None
             if left is not None:  # the running turn counts by its time left, not its whole size
                 prefill, decode, remaining = prefill - running.prefill_tokens, decode - running.decode_tokens, left
+            if m.group is not None:  # its engine's other slots run batched with it: their work slows it
+                engine_prefill, engine_decode = shared.get(m.group, (0, 0))
+                prefill += int(SLOT_PREFILL_CONTENTION * (engine_prefill - m.queued_prefill_tokens))
+                decode += int(SLOT_DECODE_CONTENTION * (engine_decode - m.queued_decode_tokens))
             states.append(CandidateState(
                 provider=m.name, model_hot=True, t0_cached_tokens=t0,
                 state_format=m.kind if self.cache is not None else None,
@@ -353,7 +368,7 @@ class PodExecutor:
             by_name[m.name] = m
         if not managed:
             name = f"load:{model_name(record)}"
-            kind = self.pool.loader_kind
+            kind = self.pool.load_kind(record.digest)
             states.append(CandidateState(provider=name, model_hot=False, model_bytes=int(record.size_bytes),
                                          state_format=kind if self.cache is not None else None,
                                          rejected=self._rejections(tenant, name, kind, None)))
@@ -373,7 +388,7 @@ class PodExecutor:
         keys = block_keys(session.tokens, session.spans, block_tokens=self.block_tokens)
         matches: tuple[TierMatch, ...] = ()
         if self.cache is not None and pod.spec.policy.cache_reuse:
-            kinds = {m.kind for m in self.pool.for_model(record.digest)} or {self.pool.loader_kind}
+            kinds = {m.kind for m in self.pool.for_model(record.digest)} or {self.pool.load_kind(record.digest)}
             kinds.discard(None)
             found = []
             for kind in kinds:
@@ -437,7 +452,7 @@ class PodExecutor:
             if managed is None:  # the chosen candidate must load the model first
                 started_load = time.perf_counter()
                 managed = self.pool.load(record)
-                self.rates.observe(managed.name, LOAD, record.size_bytes, time.perf_counter() - started_load)
+                self._observe(managed, LOAD, record.size_bytes, time.perf_counter() - started_load)
                 # Placement judged a stand-in ("load:<model>"); the provider the load gave
                 # (a new one, or a dead one revived) must pass the same rules by its own name.
                 refused = self._rejections(pod.metadata.tenant, managed.name, managed.kind, pod.spec.provider)
@@ -468,6 +483,30 @@ class PodExecutor:
         managed.queued_decode_tokens += max_tokens
         managed.expected = HeldContext(tuple(session.tokens), tuple(session.spans))
         return managed.turns.ticket()
+
+    def _observe(self, managed: ManagedProvider, quantity: str, amount: float, seconds: float, *,
+                 busy_siblings: int = 0) -> None:
+        """Fold an observed rate into ``managed``'s estimate and its peers': the other slots
+        of its engine and of the engines started alike (same model, kind and version), so a
+        slot or replica that has not run yet is priced from its twins, not from the
+        slowest rate known.
+
+        Rates are kept as one sequence alone on its engine would see them: a turn that
+        ran beside ``busy_siblings`` other slots shared the engine, and placement adds
+        the siblings' work to a slot's queue term by the same weights
+        (`SLOT_PREFILL_CONTENTION`, `SLOT_DECODE_CONTENTION`), so the observation is
+        scaled back up by them before it is folded in."""
+        weight = {PREFILL: SLOT_PREFILL_CONTENTION, DECODE: SLOT_DECODE_CONTENTION}.get(quantity, 0.0)
+        seconds = seconds / (1.0 + weight * busy_siblings)
+        for peer in self.pool.peers(managed):
+            self.rates.observe(peer.name, quantity, amount, seconds)
+
+    def _busy_siblings(self, managed: ManagedProvider) -> int:
+        """The other slots of ``managed``'s engine running a turn now."""
+        if managed.group is None:
+            return 0
+        return sum(1 for m in self.pool.all()
+                   if m.group == managed.group and m is not managed and m.running is not None)
 
     def _start_running(self, managed: ManagedProvider, ticket: int, decision: Decision, uncached: int,
                        max_tokens: int) -> None:
@@ -513,6 +552,7 @@ class PodExecutor:
                 tier = self._restore(managed, match) or "none"
                 if tier != "none":
                     reuse_limit = None
+            busy = self._busy_siblings(managed)
             try:
                 result = provider.generate(generation_request(session.tokens, max_tokens,
                                                               pod.spec.turns[index].sampling, reuse_limit),
@@ -526,10 +566,10 @@ class PodExecutor:
                 self.cache.record_lookup(len(session.tokens), t0_tokens=chosen.cached_tokens if tier == "T0" else 0,
                                          miss=tier == "none")
             first_token = started + result.ttft_s
-            self.rates.observe(managed.name, PREFILL, result.evaluated_tokens, result.ttft_s)
+            self._observe(managed, PREFILL, result.evaluated_tokens, result.ttft_s, busy_siblings=busy)
             if len(result.completion_tokens) > 1:
-                self.rates.observe(managed.name, DECODE, len(result.completion_tokens) - 1,
-                                   max(result.total_s - result.ttft_s, 1e-9))
+                self._observe(managed, DECODE, len(result.completion_tokens) - 1,
+                              max(result.total_s - result.ttft_s, 1e-9), busy_siblings=busy)
             held = tuple(session.tokens) + tuple(result.completion_tokens)
             managed.hold(HeldContext(held, tuple(session.spans_for(len(held)))))
             with self._place_lock:
@@ -584,7 +624,7 @@ class PodExecutor:
                 self.cache.report_corrupt(match.entry_id, reason=str(exc))
                 managed.forget_context()
                 return None
-            self.rates.observe(managed.name, restore_quantity(restore.served_from), restore.entry.bytes,
+            self._observe(managed, restore_quantity(restore.served_from), restore.entry.bytes,
                                time.perf_counter() - began)
             del provider_tokens
             managed.hold(HeldContext())  # the turn's generate sets it from what the provider now holds
@@ -651,6 +691,16 @@ def generation_request(tokens: Sequence[int], max_tokens: int, sampling: Any, re
         top_p=sampling.top_p, min_p=sampling.min_p, repeat_penalty=sampling.repeat_penalty,
         frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty,
         logit_bias={int(token): bias for token, bias in sampling.logit_bias.items()}, grammar=sampling.grammar)
+
+
+def _engine_work(managed: Sequence[ManagedProvider]) -> dict[str, tuple[int, int]]:
+    """Queued (prefill, decode) tokens per engine, summed over its slots."""
+    work: dict[str, tuple[int, int]] = {}
+    for m in managed:
+        if m.group is not None:
+            prefill, decode = work.get(m.group, (0, 0))
+            work[m.group] = (prefill + m.queued_prefill_tokens, decode + m.queued_decode_tokens)
+    return work
 
 
 def _owners(session: SessionContext) -> list[str]:

@@ -113,6 +113,9 @@ class ManagedProvider:
     model_digest: str
     launch_mode: str = "subprocess"  # the embedded worker is our own subprocess
     version: str = "unknown"
+    # The engine it is a sequence context of (a llama-server replica's slots share one);
+    # None: an engine of its own. One restart empties every context of its group.
+    group: str | None = None
     turns: TurnQueue = field(default_factory=TurnQueue)
     # ``held``: what the engine's context holds now (after its last request);
     # the isolation bound of every generation is computed from it.
@@ -202,6 +205,7 @@ class ProviderPool:
         self.residency = residency
         # The provider kind the loader makes: a cold start may restore saved states of it.
         self.loader_kind = loader_kind if loader is not None else None
+        self._kind_of: Callable[[str], str | None] | None = None
         # Optional: starts a tokenize-only provider for a model, whose ids equal
         # those of every provider kind in `tokenizer_kinds` (see `tokenizer`).
         self._start_tokenizer = tokenizer
@@ -216,6 +220,18 @@ class ProviderPool:
         # Asked before the pool starts an engine (a load, a declared provider): raises
         # `StartRefused` to keep it from starting (governance's activation decision).
         self.start_gate: Callable[[ProviderStart], None] | None = None
+
+    def attach_loader(self, loader: Callable[..., Any], residency: Any, *,
+                      kind_of: Callable[[str], str | None]) -> None:
+        """Set the loader after construction (the node's loader needs the pool it loads into);
+        ``kind_of(digest)`` is the provider kind a load of that model starts."""
+        self._loader, self.residency, self._kind_of = loader, residency, kind_of
+
+    def load_kind(self, digest: str) -> str | None:
+        """The provider kind loading ``digest`` would start (None: this pool cannot load)."""
+        if self._loader is None:
+            return None
+        return self._kind_of(digest) if self._kind_of is not None else self.loader_kind
 
     def add_context_listener(self, listener: Callable[[ManagedProvider, HeldContext], None]) -> None:
         """``listener(managed, held)`` on every change of what a provider's context holds (T0)."""
@@ -236,7 +252,7 @@ class ProviderPool:
         again; one that fails to start is not retried (the providers tokenize)."""
         if self._start_tokenizer is None:
             return None
-        kinds = {m.kind for m in self.for_model(record.digest)} or {self.loader_kind}
+        kinds = {m.kind for m in self.for_model(record.digest)} or {self.load_kind(record.digest)}
         if not kinds <= self._tokenizer_kinds:
             return None
         known, tokenizer = self._known_tokenizer(record.digest)
@@ -312,6 +328,15 @@ class ProviderPool:
         with self._lock:
             return list(self._providers.values())
 
+    def peers(self, managed: ManagedProvider) -> list[ManagedProvider]:
+        """``managed`` and the contexts that run alike: same model, kind and version (the
+        slots of its engine, and its twin replicas); itself only when it has none."""
+        if managed.group is None:
+            return [managed]
+        twins = [m for m in self.all() if m.group is not None and m.model_digest == managed.model_digest
+                 and m.kind == managed.kind and m.version == managed.version]
+        return twins if managed in twins else [managed, *twins]
+
     def for_model(self, digest: str) -> list[ManagedProvider]:
         """The running providers of a model: a provider that died leaves placement at once."""
         return [m for m in self.all() if m.model_digest == digest and is_running(m.provider)]
@@ -354,6 +379,10 @@ class ProviderPool:
                                       f"{managed.last_restart_error}") from exc
         managed.restart_failures, managed.next_restart_at, managed.last_restart_error = 0, 0.0, None
         managed.restarts += 1
+        if managed.group is not None:
+            for sibling in self.all():
+                if sibling.group == managed.group and sibling is not managed:
+                    sibling.forget_context()
         managed.check_health()
         log.warning("provider %s had died; restarted it", managed.name)
         return True
@@ -389,12 +418,13 @@ class ProviderPool:
                 return dead[0]
             for stale in dead:
                 self.remove(stale.name)
-            self.check_start(ProviderStart(model_digest=record.digest, model=model_name(record),
-                                           kind=self.loader_kind or "llama_cpp_python", mode="subprocess"))
             provider = self._loader(record, **options)
             for managed in self.all():
                 if managed.provider is provider:
                     return managed
+            started = self.for_model(record.digest)  # a declared fleet adds its own (one per slot)
+            if started:
+                return started[0]
             return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
 
 

@@ -187,6 +187,7 @@ class LoadRequest:
     kv_type: str = "f16"
     n_gpu_layers: int = 0
     gpu_device: str | None = None  # a device id from the budgets when n_gpu_layers > 0
+    replicas: int = 1  # engines loading it (a declared fleet): each holds its own weights and KV
 
 
 class Handle(Protocol):
@@ -305,7 +306,7 @@ class ResidencyManager:
         """What loading ``request`` takes; raises `OverCommit` if it cannot fit."""
         with self._lock:
             fit = self.fit_for(request)
-            need = self._pool_bytes(fit)
+            need = {pool: size * request.replicas for pool, size in self._pool_bytes(fit).items()}
             current = self.resident.get(request.digest)
             if current is not None and current.fit.n_ctx == fit.n_ctx and current.request.n_gpu_layers == request.n_gpu_layers:
                 return LoadPlan(request, fit, need, [], already_loaded=True)

@@ -376,14 +376,20 @@ class LlamaServerProvider:
     def _generate_streaming(self, request: GenerationRequest, on_text: TextSink) -> GenerationResult:
         """Stream from the slot; a False from ``on_text`` closes the response, which makes
         llama-server stop the task and free the slot."""
-        if not feed(self.stream(request), on_text):
-            return self.last_stream
+        box: list[GenerationResult] = []  # this call's own result: other slots stream at the same time
+        if not feed(self._stream(request, box), on_text):
+            return box[0]
         tokens = self._prompt_tokens(request)
         self._context.pop(request.slot, None)  # what the slot kept after the cut is unknown
         return GenerationResult(text="", completion_tokens=[], prompt_tokens=len(tokens), cached_tokens=0,
                                 evaluated_tokens=len(tokens), ttft_s=0.0, total_s=0.0, finish_reason="cancelled")
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
+        box: list[GenerationResult] = []
+        yield from self._stream(request, box)
+        self.last_stream = box[0]
+
+    def _stream(self, request: GenerationRequest, box: list[GenerationResult]) -> Iterator[str]:
         tokens = self._prompt_tokens(request)
         body = self._completion_body(request, tokens, stream=True)
         started = time.monotonic()
@@ -410,10 +416,17 @@ class LlamaServerProvider:
                         yield piece
         except httpx.ConnectError:
             raise ProviderUnavailable(f"{self.name}: {self.base_url} refused the connection") from None
-        self.last_stream = self._finish(request, tokens, final, completion, "".join(pieces), started, first)
+        except httpx.RemoteProtocolError:
+            raise ProviderCrashed(f"{self.name}: the server closed the connection mid-answer (crashed? see its log)"
+                                  ) from None
+        box.append(self._finish(request, tokens, final, completion, "".join(pieces), started, first))
 
     def context_tokens(self, slot: int = 0) -> list[int]:
         return list(self._context.get(slot, []))
+
+    def forget_contexts(self) -> None:
+        """The server (re)started or was attached: no slot's context is known."""
+        self._context.clear()
 
     # ------------------------------------------------------------ slots
     def slots(self) -> list[dict[str, Any]]:
