@@ -159,7 +159,7 @@ class ProviderStatus(Resource):
     kind: Literal["ProviderStatus"] = "ProviderStatus"
     name: str
     provider: str
-    mode: LaunchMode
+    mode: LaunchMode | Literal["attach"]  # attach: a server the node did not start (declared or adopted)
     state: ProviderState
     endpoint: str | None = None  # base URL on loopback
     pid: int | None = None  # subprocess mode

@@ -128,7 +128,7 @@ class ModelInfo(Contract):
     digest: Digest | None = Field(default=None, description="sha256 of the model file; null if never resolved")
 
 
-LaunchMode = Literal["embedded", "subprocess", "podman", "quadlet", "kube"]
+LaunchMode = Literal["embedded", "subprocess", "podman", "quadlet", "kube", "attach"]
 CONTAINER_LAUNCH_MODES = frozenset({"podman", "quadlet", "kube"})
 
 
