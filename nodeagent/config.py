@@ -67,6 +67,23 @@ class ReconcileConfig(_Section):
     interval_s: float = Field(default=5.0, gt=0)
 
 
+class ClusterConfig(_Section):
+    """``[cluster]``: how the node shows itself to a Kubernetes fleet (docs/api.md, "Cluster").
+
+    ``kv_events`` is the one line that turns on vLLM-format KV events: the ZMQ PUB
+    endpoint ("" = off). Bound, unless ``kv_events_connect`` (then it connects, as
+    a vLLM pod does to llm-d's central indexer). ``nfd_dir``: a features.d
+    directory the daemon keeps the node's feature file current in ("" = off).
+    """
+
+    kv_events: str = ""  # e.g. "tcp://127.0.0.1:5557"; "" = no KV events
+    kv_events_replay: str = ""  # ROUTER for missed batches; "" = the PUB port + 1 (tcp), none otherwise
+    kv_events_connect: bool = False  # connect the PUB socket instead of binding it
+    kv_events_pod: str = ""  # "<pod-ip>:<port>" in the topic kv@<pod>@<model>; "" = $POD_IP (or host):API port
+    nfd_dir: str = ""  # e.g. "/etc/kubernetes/node-feature-discovery/features.d"; "" = off
+    nfd_expiry_s: float = Field(default=3600.0, gt=0)  # the file's # +expiry-time, from each write
+
+
 PROVIDER_KINDS = ("llama_cpp_python", "llama_server", "vllm")
 LAUNCH_MODES = ("subprocess", "podman", "quadlet", "attach")
 
@@ -105,6 +122,7 @@ class Config(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     receipts: ReceiptsConfig = Field(default_factory=ReceiptsConfig)
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     # [[providers]]: declared engines per model; none declared: the default rule (`nodeagent.fleet`).
     providers: list[ProviderDeclaration] = Field(default_factory=list)
 

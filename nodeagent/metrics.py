@@ -37,13 +37,27 @@ agent_machine_cache_misses_total                   counter    scrape: NodeSnapsh
 agent_machine_cache_hit_tokens_total{tier}         counter    scrape: NodeSnapshot.cache_hit_tokens
 =================================================  =========  =========================================
 
-plus ``agent_machine_build_info`` and the standard ``process_*`` families.
+plus ``agent_machine_build_info`` and the standard ``process_*`` families, and
+the families the Gateway API Inference Extension's model-server protocol asks
+of a backend, per model, under vLLM's names (a stock Endpoint Picker reads
+them by default; `ModelServerCollector`, read at scrape time from the executor):
+
+=================================================  =========  =========================================
+vllm:num_requests_waiting{model_name}              gauge      pods of the model admitted, not on an engine
+vllm:num_requests_running{model_name}              gauge      the model's contexts running a turn now
+vllm:kv_cache_usage_perc{model_name}               gauge      held tokens / context tokens of its contexts, 0..1
+vllm:gpu_cache_usage_perc{model_name}              gauge      the same, under the name vLLM used before v0.10
+vllm:lora_requests_info{running_lora_adapters,..}  gauge      no adapters (the EPP's LoRA affinity sees none)
+vllm:cache_config_info{block_size,num_gpu_blocks}  gauge      the KV block size and blocks the contexts hold
+=================================================  =========  =========================================
 Label values are bounded sets (provider and model names come from the node's
 own configuration, never from request text), so cardinality stays small.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
@@ -258,6 +272,149 @@ class NodeStateCollector:
         if snap.cache_misses is not None:
             yield CounterMetricFamily(f"{PREFIX}_cache_misses", "Prefix lookups no tier could serve",
                                       value=snap.cache_misses)
+
+
+# ---------------------------------------------------------------- GAIE's model-server protocol
+@dataclass
+class ModelServerSample:
+    """One model's load as an inference gateway's endpoint picker reads it."""
+
+    model: str
+    waiting: int = 0
+    running: int = 0
+    held_tokens: int = 0
+    capacity_tokens: int = 0
+    contexts: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return min(1.0, self.held_tokens / self.capacity_tokens) if self.capacity_tokens else 0.0
+
+
+class ModelServerCollector:
+    """The GAIE model-server protocol's families (proposal 003-model-server-protocol), named as
+    vLLM names them because the Endpoint Picker's defaults are vLLM's
+    (``--total-queued-requests-metric vllm:num_requests_waiting``,
+    ``--total-running-requests-metric vllm:num_requests_running``, ``--kv-cache-usage-percentage-metric
+    vllm:kv_cache_usage_perc`` (``vllm:gpu_cache_usage_perc`` before), ``--lora-info-metric
+    vllm:lora_requests_info``). One series per model (label ``model_name``, as vLLM's): a node
+    serving several models is read per model by a selector in the flag, e.g.
+    ``vllm:num_requests_waiting{model_name="smollm2"}``.
+    """
+
+    def __init__(self, samples: Callable[[], tuple[list[ModelServerSample], int]]) -> None:
+        self._samples = samples
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        samples, block_size = self._samples()
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests of the model waiting for an engine "
+                                    "(GAIE model-server protocol: queued requests)", labels=["model_name"])
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests of the model running on an engine now",
+                                    labels=["model_name"])
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of the model's KV context tokens in use "
+                                  "(0..1: held tokens over the context of its slots)", labels=["model_name"])
+        usage_old = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc under vLLM's name "
+                                      "before v0.10", labels=["model_name"])
+        blocks = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration (value 1)",
+                                   labels=["model_name", "block_size", "num_gpu_blocks"])
+        for sample in samples:
+            waiting.add_metric([sample.model], sample.waiting)
+            running.add_metric([sample.model], sample.running)
+            usage.add_metric([sample.model], sample.kv_usage)
+            usage_old.add_metric([sample.model], sample.kv_usage)
+            blocks.add_metric([sample.model, str(block_size), str(sample.capacity_tokens // max(1, block_size))], 1)
+        yield from (waiting, running, usage, usage_old, blocks)
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters running and waiting (none: this node "
+                                 "serves base models); value: unix time", labels=["running_lora_adapters",
+                                                                                  "waiting_lora_adapters", "max_lora"])
+        lora.add_metric(["", "", "0"], time.time())
+        yield lora
+
+
+_MODEL_SERVERS: "weakref.ref[Any] | None" = None
+
+
+def watch_model_servers(executor: Any, config: Any) -> None:
+    """Serve the GAIE families for ``executor`` from the event registry (the newest node of the
+    process wins: a daemon has one; tests make many)."""
+    global _MODEL_SERVERS
+    first = _MODEL_SERVERS is None
+    _MODEL_SERVERS = weakref.ref(executor)
+    context = config.models.context
+    if first:
+        REGISTRY.register(ModelServerCollector(lambda: _current_samples(context)))  # type: ignore[arg-type]
+
+
+def _current_samples(default_context: int) -> tuple[list[ModelServerSample], int]:
+    executor = _MODEL_SERVERS() if _MODEL_SERVERS is not None else None
+    if executor is None:
+        return [], 0
+    try:
+        return model_server_samples(executor, default_context), executor.block_tokens
+    except Exception as exc:  # noqa: BLE001 - a scrape reports what it can
+        import logging
+
+        logging.getLogger("agent_machine.metrics").warning("metrics: model servers unavailable: %s: %s",
+                                                           type(exc).__name__, exc)
+        return [], 0
+
+
+def model_server_samples(executor: Any, default_context: int) -> list[ModelServerSample]:
+    """Per model: requests waiting (admitted pods of the model not on an engine now), running
+    (contexts running a turn), and held / capacity tokens of its contexts (a context's
+    capacity: the declared ``ctx_per_slot``, else ``[models] context``)."""
+    from nodeagent.contracts.pod import PodPhase
+    from nodeagent.execution import model_name
+
+    names: dict[str, str] = {}  # digest -> name
+    resolved: dict[str, str | None] = {}  # a pod's model text -> digest
+
+    def name_of(digest: str) -> str:
+        if digest not in names:
+            try:
+                names[digest] = model_name(executor.models.get(digest))
+            except Exception:
+                names[digest] = digest[:19]
+        return names[digest]
+
+    samples: dict[str, ModelServerSample] = {}
+    for managed in executor.pool.all():
+        sample = samples.setdefault(managed.model_digest, ModelServerSample(name_of(managed.model_digest)))
+        sample.contexts += 1
+        sample.running += 1 if managed.running is not None else 0
+        sample.held_tokens += len(managed.held.tokens)
+        sample.capacity_tokens += _context_tokens(executor, managed.model_digest, default_context)
+    in_flight: dict[str, int] = {}
+    for phase in (PodPhase.pending, PodPhase.admitted, PodPhase.placed, PodPhase.running):
+        for pod in executor.node.list_pods(phase=phase, limit=100_000):
+            text = pod.spec.model.digest or pod.spec.model.name
+            if text not in resolved:
+                try:
+                    resolved[text] = executor.models.resolve(text).digest
+                except Exception:
+                    resolved[text] = None  # a model this node does not have: its pod fails, never queues
+            digest = resolved[text]
+            if digest is not None:
+                in_flight[digest] = in_flight.get(digest, 0) + 1
+    for digest, count in in_flight.items():
+        sample = samples.setdefault(digest, ModelServerSample(name_of(digest)))
+        sample.waiting = max(0, count - sample.running)
+    return sorted(samples.values(), key=lambda s: s.model)
+
+
+def _context_tokens(executor: Any, digest: str, default_context: int) -> int:
+    fleet = getattr(executor, "fleet", None)  # the declared fleet: absent on a bare executor
+    if fleet is not None:
+        try:
+            options = fleet.load_request_options(executor.models.get(digest))
+        except Exception:
+            options = {}
+        if options.get("n_ctx"):
+            return int(options["n_ctx"]) // max(1, int(options.get("n_parallel") or 1))
+    return default_context
 
 
 def render(snapshot: Callable[[], NodeSnapshot] | None = None) -> tuple[bytes, str]:

@@ -879,6 +879,9 @@ def default_executor(node: Node):
                            cache=cache, receipts=receipts, block_tokens=cfg.cache.block_tokens)
     executor.fleet = fleet
     calibrate_restore_rates(executor)
+    from nodeagent import kvevents, metrics  # [cluster] kv_events (None when off); GAIE's /metrics families
+    executor.kv_events = kvevents.install_from_config(executor, cfg)
+    metrics.watch_model_servers(executor, cfg)
     return executor
 
 

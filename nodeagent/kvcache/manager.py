@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 from nodeagent.contracts.cache import CacheEntry, CacheStats, TierUsage
 from nodeagent.kvcache.blocks import BLOCK_TOKENS, Namespace, block_keys
@@ -86,6 +86,26 @@ class Restore:
     path: Path
     entry: CacheEntry
     served_from: str  # tier the bytes came from (before any promotion)
+
+
+@dataclass(frozen=True)
+class TierChange:
+    """A saved state entered a tier, left the cache, or moved between T1 and T2.
+
+    Observers (`CacheManager.add_observer`) see one after the index committed it;
+    KV events publish T1/T2 block changes from these (`nodeagent.kvevents`).
+    ``tokens`` are known only when the state is stored (the index keeps keys,
+    not tokens).
+    """
+
+    action: Literal["stored", "removed", "moved"]
+    entry_id: str
+    model_digest: str
+    tier: str  # where it is now (stored, moved) or was (removed)
+    keys: tuple[bytes, ...]  # every full block's key, shallowest first
+    block_tokens: int
+    tokens: tuple[int, ...] | None = None  # stored: the tokens the state covers
+    from_tier: str | None = None  # moved: the tier it left
 
 
 @dataclass
@@ -139,7 +159,25 @@ class CacheManager:
         self._lock = threading.RLock()
         self._in_use: dict[str, int] = {}
         self._after_commit: list[Callable[[], None]] = []
+        self._observers: list[Callable[[TierChange], None]] = []
         self.recovered = self.recover()
+
+    def add_observer(self, observer: Callable[[TierChange], None]) -> None:
+        """``observer(change)`` after every committed store, drop, demotion or promotion.
+
+        Called with the manager's lock held, so observers must only record the
+        change (the KV event publisher queues it); one that raises is logged and
+        never fails the cache operation.
+        """
+        with self._lock:
+            self._observers.append(observer)
+
+    def _notify(self, change: TierChange) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(change)
+            except Exception:  # an observer never breaks a save or an eviction
+                log.exception("KV cache observer failed on %s of %s", change.action, change.entry_id)
 
     @classmethod
     def open(
@@ -333,9 +371,13 @@ class CacheManager:
                     # Shorter states of the same deepest block are now redundant.
                     for older in self.index.find_same(keys[-1], state_format, last.owner):
                         if older.id != entry_id and older.n_tokens < len(tokens) and not self._busy(older):
+                            older_keys = self._keys_if_observed(older.id)
                             self.index.delete(older.id)
                             counters.add("superseded")
                             self._after_commit.append(lambda o=older: self.stores[o.tier].remove(o.id))
+                            if older_keys is not None:
+                                self._after_commit.append(lambda o=older, k=older_keys: self._notify(
+                                    TierChange("removed", o.id, o.model_digest, o.tier, k, o.block_tokens)))
                     counters.add("stored")
                     counters.add("stored_bytes", size)
                     self.index.add_counters(counters.pending)
@@ -343,6 +385,9 @@ class CacheManager:
                 self.stores[target].remove(entry_id)
                 raise
             counters.pending.clear()
+            if self._observers:
+                self._notify(TierChange("stored", entry_id, row.model_digest, target, tuple(keys), self.block_tokens,
+                                        tokens=tuple(tokens[:len(keys) * self.block_tokens])))
             self._run_after_commit()
             return self._entry(self.index.get(entry_id))
 
@@ -508,6 +553,7 @@ class CacheManager:
             self.index.move(row.id, "T2", str(t2.path(row.id)), priority)
         self.stores["T1"].remove(row.id)
         counters.add("demotions")
+        self._notify_moved(row, "T1", "T2")
         return True
 
     def _promote(self, row: EntryRow, counters: _Counters) -> EntryRow:
@@ -520,13 +566,27 @@ class CacheManager:
             self.index.move(row.id, "T1", str(t1.path(row.id)), priority)
         self.stores["T2"].remove(row.id)
         counters.add("promotions")
+        self._notify_moved(row, "T2", "T1")
         return self.index.get(row.id) or row
 
     def _drop(self, row: EntryRow, counters: _Counters, *, reason: str) -> None:
+        keys = self._keys_if_observed(row.id)
         with self._tx():
             self.index.delete(row.id)
         self.stores[row.tier].remove(row.id)
         counters.add("corrupt" if reason == "corrupt" else "evictions")
+        if keys is not None:
+            self._notify(TierChange("removed", row.id, row.model_digest, row.tier, keys, row.block_tokens))
+
+    def _keys_if_observed(self, entry_id: str) -> tuple[bytes, ...] | None:
+        """An entry's block keys, read only when someone observes changes (one index read)."""
+        return tuple(self.index.entry_keys(entry_id)) if self._observers else None
+
+    def _notify_moved(self, row: EntryRow, from_tier: str, to_tier: str) -> None:
+        keys = self._keys_if_observed(row.id)
+        if keys is not None:
+            self._notify(TierChange("moved", row.id, row.model_digest, to_tier, keys, row.block_tokens,
+                                    from_tier=from_tier))
 
     def _discard_staged(self, path: Path) -> None:
         # Only files we handed out (in a tier directory) are ours to delete.

@@ -1,0 +1,229 @@
+"""KV events in vLLM's format: the ledger, the wire, the ZMQ protocol, and a real two-turn session."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import msgpack
+import pytest
+
+from nodeagent.kvcache.blocks import Namespace, block_keys
+from nodeagent.kvevents import (
+    AllBlocksCleared,
+    BlockLedger,
+    BlockRemoved,
+    BlockStored,
+    DecodeError,
+    EventBatch,
+    Subscriber,
+    ZmqPublisher,
+    decode_batch,
+    encode_batch,
+    topic_for,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+K = [bytes([i]) * 32 for i in range(8)]
+
+
+def test_two_holders_of_one_prefix_store_it_once_and_remove_it_with_the_last():
+    ledger = BlockLedger(block_size=2)
+    first = ledger.hold("m", "GPU", "slot-0", K[:3], list(range(6)))
+    assert first == [BlockStored(tuple(K[:3]), None, (0, 1, 2, 3, 4, 5), 2, "GPU")]
+    # Another slot takes the same two first blocks and one of its own: only its own is new.
+    second = ledger.hold("m", "GPU", "slot-1", [K[0], K[1], K[5]], [0, 1, 2, 3, 9, 9])
+    assert second == [BlockStored((K[5],), K[1], (9, 9), 2, "GPU")]
+    assert ledger.release("m", "GPU", "slot-0") == [BlockRemoved((K[2],), "GPU")]
+    assert ledger.release("m", "GPU", "slot-1") == [BlockRemoved((K[0], K[1], K[5]), "GPU")]
+
+
+def test_a_context_that_grows_stores_only_its_new_tail_chained_to_its_last_block():
+    ledger = BlockLedger(block_size=2)
+    ledger.hold("m", "GPU", "p", K[:2], [1, 2, 3, 4])
+    grown = ledger.hold("m", "GPU", "p", K[:4], [1, 2, 3, 4, 5, 6, 7, 8])
+    assert grown == [BlockStored((K[2], K[3]), K[1], (5, 6, 7, 8), 2, "GPU")]
+
+
+def test_media_are_counted_apart():
+    ledger = BlockLedger(block_size=2)
+    ledger.hold("m", "GPU", "p", K[:1], [1, 2])
+    assert ledger.hold("m", "CPU", "entry", K[:1], [1, 2]) == [BlockStored((K[0],), None, (1, 2), 2, "CPU")]
+
+
+def test_batches_encode_as_vllm_tagged_arrays_and_decode_back():
+    batch = EventBatch(12.5, (BlockStored((K[0], K[1]), None, (1, 2, 3, 4), 2, "GPU"),
+                              BlockRemoved((K[0],), "CPU"), AllBlocksCleared()))
+    raw = msgpack.unpackb(encode_batch(batch), raw=False)
+    assert raw == [12.5, [["BlockStored", [K[0], K[1]], None, [1, 2, 3, 4], 2, None, "GPU", None],
+                          ["BlockRemoved", [K[0]], "CPU"], ["AllBlocksCleared"]]]
+    assert decode_batch(encode_batch(batch)) == batch
+
+
+@pytest.mark.parametrize("payload,named", [
+    (msgpack.packb([1.0, [["BlockStored", [b"x"], None, ["a"], 16]]]), "events[0].token_ids"),
+    (msgpack.packb([1.0, [["BlockStored", [b"x"], None, [1], 0]]]), "events[0].block_size"),
+    (msgpack.packb([1.0, [["Mystery"]]]), "unknown event type"),
+    (msgpack.packb({"ts": 1}), "EventBatch"),
+])
+def test_a_malformed_batch_is_refused_naming_what_is_wrong(payload, named):
+    with pytest.raises(DecodeError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        decode_batch(payload)
+
+
+def test_publisher_sends_topic_seq_payload_and_replays_from_a_sequence_number():
+    port, replay = free_port(), free_port()
+    publisher = ZmqPublisher(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay}")
+    sub = Subscriber(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay}", topic="kv@")
+    try:
+        time.sleep(0.3)  # PUB/SUB: a subscription takes a moment to reach the publisher
+        topic = topic_for("10.0.0.7:8377", "smollm2")
+        assert topic == "kv@10.0.0.7:8377@smollm2"
+        for i in range(3):
+            publisher.publish(topic, EventBatch(float(i), (AllBlocksCleared(),)))
+        got = sub.poll(3.0, until=lambda r: len(r) == 3)
+        assert [(r.topic, r.seq) for r in got] == [(topic, 0), (topic, 1), (topic, 2)]
+        replayed = sub.replay(1)
+        assert [seq for seq, _ in replayed] == [1, 2] and replayed[0][1].ts == 1.0
+    finally:
+        sub.close()
+        publisher.close()
+
+
+def test_a_taken_endpoint_is_refused_naming_it():
+    from nodeagent.kvevents import KVEventsUnavailable
+
+    port = free_port()
+    first = ZmqPublisher(f"tcp://127.0.0.1:{port}")
+    try:
+        with pytest.raises(KVEventsUnavailable, match=f"tcp://127.0.0.1:{port}"):
+            ZmqPublisher(f"tcp://127.0.0.1:{port}")
+    finally:
+        first.close()
+
+
+# ---------------------------------------------------------------- a real node
+SYSTEM = " ".join(f"Rule {i}: answer tersely and cite the source of every claim." for i in range(10))
+
+
+@pytest.fixture()
+def node_with_events(tmp_path, tiny_model_path):
+    from nodeagent.config import load_config
+    from nodeagent.models.store import ModelStore
+    from nodeagent.node import Node, default_executor
+
+    port, replay = free_port(), free_port()
+    env = {"HOME": str(tmp_path), "AGENT_MACHINE_STATE_DIR": str(tmp_path / "state"),
+           "AGENT_MACHINE_CONFIG_DIR": str(tmp_path / "cfg"), "AGENT_MACHINE_CACHE_DIR": str(tmp_path / "cache"),
+           "AGENT_MACHINE_RUNTIME_DIR": str(tmp_path / "run"), "AGENT_MACHINE_CACHE_RAM_DIR": str(tmp_path / "t1"),
+           "AGENT_MACHINE_MODELS_THREADS": "2", "AGENT_MACHINE_CACHE_BLOCK_TOKENS": "16",
+           "AGENT_MACHINE_CLUSTER_KV_EVENTS": f"tcp://127.0.0.1:{port}",
+           "AGENT_MACHINE_CLUSTER_KV_EVENTS_REPLAY": f"tcp://127.0.0.1:{replay}",
+           "AGENT_MACHINE_CLUSTER_KV_EVENTS_POD": "10.1.2.3:8377"}
+    ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    sub = Subscriber(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay}")
+    node = Node(load_config(env), executor_factory=default_executor)
+    node.start()
+    time.sleep(0.3)
+    try:
+        yield node, sub
+    finally:
+        node.close()
+        node.executor.kv_events.close()
+        sub.close()
+
+
+def run(node, pod):
+    from nodeagent.contracts.pod import TERMINAL_PHASES
+
+    pod_id = node.submit_pod(pod).id
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = node.get_pod(pod_id)
+        if got.status.phase in TERMINAL_PHASES:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"pod {pod_id} did not finish")
+
+
+def stored(received, medium):
+    return [e for r in received for e in r.batch.events if isinstance(e, BlockStored) and e.medium == medium]
+
+
+def removed(received, medium):
+    return [h for r in received for e in r.batch.events if isinstance(e, BlockRemoved) and e.medium == medium
+            for h in e.block_hashes]
+
+
+@pytest.mark.llama
+def test_a_two_turn_session_publishes_chained_blocks_then_tier_moves_and_evictions(node_with_events):
+    from pod_factory import make_pod
+
+    node, sub = node_with_events
+    executor = node.executor
+    digest = executor.models.resolve("tiny").digest
+    pod = run(node, make_pod(name="s1", system=SYSTEM, turns=["first question", "and a second one"], max_tokens=6))
+    assert pod.status.phase.value == "Succeeded"
+    executor.kv_events.flush()
+    got = sub.poll(3.0, until=lambda r: len(stored(r, "CPU")) >= 2)
+    assert {r.topic for r in got} == {"kv@10.1.2.3:8377@tiny:latest"}  # the id /v1/models lists
+    assert [r.seq for r in got] == list(range(got[0].seq, got[0].seq + len(got)))  # no batch lost
+
+    # T0: every BlockStored chains to a block announced before it, and its tokens rebuild
+    # exactly what the provider holds; the second turn extends the first turn's chain.
+    t0 = stored(got, "GPU")
+    assert len(t0) >= 2 and t0[0].parent_block_hash is None
+    chain: dict[bytes, tuple[int, ...]] = {}  # block hash -> all tokens up to and including it
+    for event in t0:
+        assert len(event.token_ids) == 16 * len(event.block_hashes) and event.block_size == 16
+        prefix = () if event.parent_block_hash is None else chain[event.parent_block_hash]
+        for i, block_hash in enumerate(event.block_hashes):
+            prefix = prefix + event.token_ids[16 * i:16 * (i + 1)]
+            chain[block_hash] = prefix
+    managed = executor.pool.all()[0]
+    held = managed.held
+    last = block_keys(held.tokens, list(held.spans), block_tokens=16)
+    assert chain[last[-1]] == tuple(held.tokens[:16 * len(last)])
+    assert t0[-1].parent_block_hash in chain  # turn 2's tail hangs off turn 1's blocks
+    # The hashes are the node's own keys: a consumer can recompute them from the tokens.
+    namespace = Namespace(digest, "private", "acme", "coder")
+    assert block_keys(chain[last[-1]], namespace, block_tokens=16) == last
+
+    # T1: the saved states, as medium CPU, chained the same way.
+    t1 = stored(got, "CPU")
+    assert all(e.parent_block_hash is None or e.parent_block_hash in chain for e in t1)
+
+    # Demoting every saved state to disk: CPU blocks removed, the same blocks stored as STORAGE.
+    before = len(got)
+    executor.cache.shrink("T1", 0)
+    executor.kv_events.flush()
+    got = sub.poll(3.0, until=lambda r: len(r) > before and removed(r[before:], "CPU"))
+    moved_out = set(removed(got[before:], "CPU"))
+    moved_in = {h for e in stored(got[before:], "STORAGE") for h in e.block_hashes}
+    assert moved_out and moved_out == moved_in
+    # Evicting them from disk: BlockRemoved with medium STORAGE.
+    before = len(got)
+    for entry in executor.cache.entries():
+        executor.cache.evict(entry.id, force=True)
+    executor.kv_events.flush()
+    got = sub.poll(3.0, until=lambda r: set(removed(r[before:], "STORAGE")) >= moved_in)
+    assert set(removed(got[before:], "STORAGE")) == moved_in
+
+    # Another tenant's pod takes the one context: the first session's private T0 blocks are removed.
+    before = len(got)
+    run(node, make_pod(name="other", tenant="globex", system="Something else entirely.", max_tokens=2))
+    executor.kv_events.flush()
+    got = sub.poll(3.0, until=lambda r: len(r) > before and removed(r[before:], "GPU"))
+    assert set(last) <= set(removed(got[before:], "GPU"))
+
+    # A subscriber that missed everything asks the replay endpoint from sequence 0: it gets the
+    # start's AllBlocksCleared (sent before this subscription had reached the publisher) and the rest.
+    replayed = dict(sub.replay(0))
+    assert replayed[0].events == (AllBlocksCleared(),)
+    assert all(replayed[r.seq] == r.batch for r in got)
