@@ -37,6 +37,15 @@ def _show(args: argparse.Namespace) -> int:
         "file": str(loaded.file), "fileExists": loaded.file_exists, "paths": loaded.paths.as_dict(),
         "values": values, "sources": dict(loaded.sources),
     }
+    from nodeagent.fleet import DEFAULT_RULE
+
+    data["fleetRule"] = DEFAULT_RULE
     header = f"config file: {loaded.file}{'' if loaded.file_exists else ' (absent: defaults apply)'}\n"
-    emit(data, args.format, lambda _: header + render_table(("setting", "value", "from"), rows))
+    providers = [(i, p.model, p.kind, p.mode, p.replicas, p.slots, p.ctx_per_slot, p.load, p.name or "-")
+                 for i, p in enumerate(loaded.config.providers)]
+    fleet = ("\n[[providers]] (" + loaded.sources["providers"] + ")\n" + render_table(
+        ("#", "model", "kind", "mode", "replicas", "slots", "ctx/slot", "load", "name"), providers)
+        if providers else "\n[[providers]]: none declared")
+    fleet += f"\nfleet rule: {DEFAULT_RULE}"
+    emit(data, args.format, lambda _: header + render_table(("setting", "value", "from"), rows) + fleet)
     return 0

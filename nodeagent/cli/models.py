@@ -501,6 +501,26 @@ def _ps(args: argparse.Namespace) -> int:
          until(r), r.provider or "-", r.state + (" pinned" if r.pinned else ""))
         for r in rows
     ]
-    emit(rows, args.format, lambda _: render_table(
-        ("name", "digest", "size", "processor", "context", "until", "provider", "state"), table_rows))
+    if args.format == "json":  # the fleet, for machines: GET /v1/fleet
+        emit(rows, "json", str)
+        return 0
+    fleet = _via_daemon("get", "/v1/fleet")
+
+    def view(_: Any) -> str:
+        text = render_table(("name", "digest", "size", "processor", "context", "until", "provider", "state"),
+                            table_rows)
+        if fleet is None:
+            return text + "\nfleet: the agent is not running (`agent-machine config show` lists the declarations)"
+        text += f"\nfleet: {fleet['rule']}"
+        declared = [(d["name"], d["model"], d["kind"], d["mode"], f"{len(d['running'])}/{d['replicas']}",
+                     d["slots"], d["ctxPerSlot"], d["load"] + ("" if d.get("declared", True) else " (default)"))
+                    for d in fleet["declared"]]
+        if declared:
+            text += "\n" + render_table(("provider", "model", "kind", "mode", "running", "slots", "ctx/slot", "load"),
+                                        declared)
+        if fleet["adopted"]:
+            text += "\nadopted (started with `providers up`): " + ", ".join(fleet["adopted"])
+        return text
+
+    emit(rows, "table", view)
     return 0
