@@ -381,6 +381,9 @@ def model_server_samples(executor: Any, default_context: int) -> list[ModelServe
         return names[digest]
 
     samples: dict[str, ModelServerSample] = {}
+    for record in executor.models.list():  # a cold model is served too (it loads): zeros, not absent
+        names.setdefault(record.digest, model_name(record))
+        samples[record.digest] = ModelServerSample(names[record.digest])
     for managed in executor.pool.all():
         sample = samples.setdefault(managed.model_digest, ModelServerSample(name_of(managed.model_digest)))
         sample.contexts += 1
