@@ -392,8 +392,10 @@ class Daemon:
 
     async def _reconcile(self) -> None:
         last_status = ""
+        await asyncio.to_thread(self._keep_features)
         while True:
             await asyncio.sleep(float(self.node.config.reconcile.interval_s))
+            await asyncio.to_thread(self._keep_features)
             step = getattr(self.node, "reconcile_once", None)
             if step is not None:
                 began = time.monotonic()
@@ -407,6 +409,21 @@ class Daemon:
             if status != last_status:
                 self.notifier.status(status)
                 last_status = status
+
+    def _keep_features(self) -> None:
+        """``[cluster] nfd_dir``: keep the node's NFD feature file there current (`nodeagent.probe.nfd`)."""
+        cluster = getattr(getattr(self.node, "config", None), "cluster", None)
+        if cluster is None or not cluster.nfd_dir:
+            return
+        from nodeagent.probe.nfd import FeatureFileKeeper
+
+        keeper = getattr(self, "_features", None)
+        if keeper is None or str(keeper.directory) != cluster.nfd_dir or keeper.expiry_s != cluster.nfd_expiry_s:
+            keeper = self._features = FeatureFileKeeper(cluster.nfd_dir, cluster.nfd_expiry_s)
+        try:
+            keeper.update(self.node)
+        except Exception:  # noqa: BLE001 - labels are a courtesy; the node serves without them
+            log.exception("could not write the NFD feature file into %s", cluster.nfd_dir)
 
 
 def _takes_argument(function: Callable[..., Any]) -> bool:

@@ -20,6 +20,9 @@ examples:
   agent-machine probe --root tests/fixtures/machines/h100x8
                                                a captured machine (root/ + capture.json replay)
   agent-machine probe --root /mnt/other        files below /mnt/other; no commands are run
+  agent-machine probe --nfd                    a Node Feature Discovery feature file (features.d)
+  agent-machine probe --nfd --out /etc/kubernetes/node-feature-discovery/features.d
+                                               written there (dot-file, then renamed)
 
 Sections report status ok, absent (not on this machine) or error (there, but
 probing failed), each with a reason. Recommended backends come in order, with
@@ -51,6 +54,13 @@ def register(subparsers: Any) -> None:
     probe.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
                        help="read /proc, /sys, /etc below DIR instead of /; a directory with capture.json "
                        "and root/ is replayed as a captured machine")
+    probe.add_argument("--nfd", action="store_true",
+                       help="print a Node Feature Discovery feature file (agent-machine.io/ labels, with "
+                       "an expiry; hot models when an agent answers) instead of the profile")
+    probe.add_argument("--expiry", type=float, default=3600.0, metavar="SECONDS",
+                       help="with --nfd: the file's # +expiry-time, this many seconds from now (default 3600)")
+    probe.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="with --nfd: write the file into DIR (a features.d directory) instead of printing it")
     probe.set_defaults(func=_probe)
 
     doctor = subparsers.add_parser(
@@ -71,15 +81,48 @@ def _probe(args: argparse.Namespace) -> int:
     from nodeagent.probe import probe
     from nodeagent.probe.replay import CaptureError
 
+    if (args.out is not None) and not args.nfd:
+        raise CliError("--out needs --nfd (it is where the feature file goes)", exit_code=2)
+    if args.expiry <= 0:
+        raise CliError(f"--expiry must be positive seconds, got {args.expiry:g}", exit_code=2)
     try:
         profile = probe(args.root)
     except CaptureError as exc:
         raise CliError(f"--root {exc}", exit_code=2) from exc
+    if args.nfd:
+        return _nfd(args, profile)
     if args.format == "json":
         sys.stdout.write(json.dumps(profile.to_wire(), indent=2))
         sys.stdout.write("\n")
     else:
         print(render_profile(profile))
+    return 0
+
+
+def _nfd(args: argparse.Namespace, profile: "MachineProfile") -> int:
+    from nodeagent.probe import nfd
+
+    hot: list[str] = []
+    if args.root == Path("/"):  # this machine: a running agent tells which models are hot
+        from nodeagent.client import AgentClient, AgentNotRunning, ApiError
+
+        try:
+            with AgentClient.from_env() as client:
+                rows = client.get("/v1/store/models").get("residency") or []
+            hot = [r.get("name") or r.get("digest", "")[:19] for r in rows if r.get("state") == "hot"]
+        except (AgentNotRunning, ApiError, OSError, ValueError, AttributeError):
+            hot = []  # no agent (or an old one): the file says nothing of hot models
+    text = nfd.feature_file(profile, hot_models=hot, expiry_s=args.expiry)
+    if args.out is not None:
+        try:
+            print(nfd.write(args.out, text))
+        except OSError as exc:
+            raise CliError(f"--out {args.out}: {exc.strerror or exc}") from exc
+        return 0
+    if args.format == "json":
+        sys.stdout.write(json.dumps({"file": text, "lines": text.splitlines()}, indent=2) + "\n")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
