@@ -110,6 +110,9 @@ class ProviderDeclaration(_Section):
     args: list[str] = Field(default_factory=list)  # extra engine arguments
     load: str = "eager"  # eager: started with the node; on-demand: at the first pod for the model
     urls: list[str] = Field(default_factory=list)  # attach: one base URL per replica
+    # attach: the directory the attached server's --slot-save-path names, on this host
+    # (lets the node save and restore its slots; without it they are T0 only)
+    slot_save_dir: str | None = None
     image: str | None = None  # podman / quadlet: the image (default: the catalog's)
     port: int | None = Field(default=None, ge=1024, le=65535)  # first port; replicas use consecutive ones
 

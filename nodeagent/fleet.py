@@ -71,8 +71,9 @@ class FleetPlan:
     # else this declaration (its ``model`` is filled in per model).
     default: ProviderDeclaration | None = None
 
-    def for_digest(self, digest: str) -> ModelFleet | None:
-        return next((m for m in self.models if m.record.digest == digest), None)
+    def for_digest(self, digest: str) -> list[ModelFleet]:
+        """The declarations of a model (several may serve one: e.g. replicas in different modes)."""
+        return [m for m in self.models if m.record.digest == digest]
 
 
 def _short(kind: str) -> str:
@@ -105,10 +106,11 @@ def plan_fleet(declarations: Sequence[ProviderDeclaration], store: Any, *, budge
         except Exception as exc:
             raise FleetError(f"{_field(index, 'model')}: {decl.model!r} is not in the model store ({exc}); "
                              f"import it with `agent-machine models import`") from None
-        if record.digest in digests:
-            raise FleetError(f"{_field(index, 'model')}: {decl.model!r} is declared already by "
-                             f"providers[{digests[record.digest]}]; one declaration per model")
-        digests[record.digest] = index
+        earlier = digests.setdefault(record.digest, index)
+        if earlier != index and declarations[earlier].kind != decl.kind:
+            raise FleetError(f"{_field(index, 'kind')}: {decl.model!r} is served by {declarations[earlier].kind} "
+                             f"already (providers[{earlier}]); one model's providers share one kind, so their "
+                             f"saved states and tokenization agree")
         if decl.kind == "llama_cpp_python":
             if decl.mode != "subprocess":
                 raise FleetError(f"{_field(index, 'mode')}: the embedded llama_cpp_python worker runs as a subprocess "
@@ -119,12 +121,17 @@ def plan_fleet(declarations: Sequence[ProviderDeclaration], store: Any, *, budge
         if decl.mode == "attach" and len(decl.urls) != decl.replicas:
             raise FleetError(f"{_field(index, 'urls')}: mode attach needs one URL per replica "
                              f"({decl.replicas} replica(s), {len(decl.urls)} URL(s))")
+        if decl.mode != "attach" and decl.slot_save_dir:
+            raise FleetError(f"{_field(index, 'slot_save_dir')}: only mode attach takes it (the node chooses "
+                             f"the slot directory of the servers it starts)")
         if decl.mode != "attach" and decl.urls:
             raise FleetError(f"{_field(index, 'urls')}: only mode attach takes URLs (mode is {decl.mode!r})")
         if decl.kind == "llama_server" and decl.mode == "subprocess" and llama_server is None:
             raise FleetError(f"{_field(index, 'mode')}: no llama-server binary found for a subprocess "
                              f"(set AGENT_MACHINE_LLAMA_SERVER, or run scripts/build-llama-server.sh)")
         name = decl.name or f"{model_name(record).split(':')[0]}-{_short(decl.kind)}"
+        if decl.name is None and earlier != index:  # a second declaration of the model: told apart by its mode
+            name = f"{name}-{decl.mode}"
         name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower()).strip("-.") or "provider"
         if name in names:
             raise FleetError(f"{_field(index, 'name')}: {name!r} is used by another declaration")
@@ -210,59 +217,73 @@ class Fleet:
     def loader(self, fallback: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """A residency `Loader`: a declared model starts its fleet, any other ``fallback``."""
         def load(request: Any) -> Any:
-            model = self.model_for(request.digest)
-            if model is None:
+            models = self.models_for(request.digest)
+            if not models:
                 self.pool.check_start(ProviderStart(model_digest=request.digest, model=request.name or request.digest,
                                                     kind="llama_cpp_python", mode="subprocess"))
                 return fallback(request)
-            self.start_model(model)
-            return FleetHandle(model.name, self, request.digest)
+            self.start_models(models)
+            return FleetHandle(models[0].name, self, request.digest)
 
         return load
 
-    def model_for(self, digest: str, record: Any = None) -> ModelFleet | None:
-        """The declared fleet of a model, else the default rule's (None: the embedded worker)."""
-        model = self.plan.for_digest(digest)
-        if model is not None or self.plan.default is None:
-            return model
+    def models_for(self, digest: str, record: Any = None) -> list[ModelFleet]:
+        """The declared fleet of a model, else the default rule's ([]: the embedded worker)."""
+        models = self.plan.for_digest(digest)
+        if models or self.plan.default is None:
+            return models
         model = self._defaults.get(digest)
         if model is None and record is not None:
             name = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name(record).split(":")[0].lower())
             decl = self.plan.default.model_copy(update={"model": record.digest})
             model = ModelFleet(-1, decl, record, f"{name.strip('-.') or 'model'}-ls", 0)
             self._defaults[digest] = model
-        return model
+        return [model] if model is not None else []
 
     def kind_of(self, digest: str) -> str:
         """The provider kind a load of ``digest`` starts."""
-        model = self.model_for(digest)
-        if model is not None:
-            return model.declaration.kind
+        models = self.models_for(digest)
+        if models:
+            return models[0].declaration.kind
         return "llama_server" if self.plan.default is not None else "llama_cpp_python"
 
     def load_request_options(self, record: Any) -> dict[str, Any]:
         """LoadRequest fields for ``record`` when declared: slots, context, replicas, GPU layers."""
-        model = self.model_for(record.digest, record)
-        if model is None:
-            return {}
-        decl = model.declaration
-        return {"n_ctx": decl.slots * decl.ctx_per_slot, "n_parallel": decl.slots, "replicas": decl.replicas,
+        models = [m for m in self.models_for(record.digest, record) if m.declaration.mode != "attach"]
+        if not models:  # attached servers hold their memory outside this node's budget
+            return {"replicas": 0} if self.models_for(record.digest, record) else {}
+        # One LoadRequest stands for every replica: the largest one's fit, times all of them.
+        decl = max((m.declaration for m in models), key=lambda d: d.slots * d.ctx_per_slot)
+        return {"n_ctx": decl.slots * decl.ctx_per_slot, "n_parallel": decl.slots,
+                "replicas": sum(m.declaration.replicas for m in models),
                 "n_gpu_layers": max(0, decl.gpu_layers or 0)}
 
     # ---------------------------------------------------------------- start / stop
-    def start_model(self, model: ModelFleet) -> None:
+    def start_models(self, models: Sequence[ModelFleet]) -> None:
+        """Start every replica of one model's declarations; on a failure, stop what started."""
         with self._lock:
-            if model.record.digest in self._running:
-                return
-            running = _Running(model)
+            started: list[_Running] = []
             try:
-                for index, name in enumerate(model.replica_names):
-                    running.replicas.append(self._start_replica(model, index, name))
+                for model in models:
+                    if model.name in self._running:
+                        continue
+                    running = _Running(model)
+                    started.append(running)
+                    for index, name in enumerate(model.replica_names):
+                        running.replicas.append(self._start_replica(model, index, name))
             except Exception:
-                for replica in running.replicas:
-                    self._stop_replica(replica)
+                for running in started:
+                    for replica in running.replicas:
+                        self._stop_replica(replica)
+                    self._remove_slots(running)
                 raise
-            self._running[model.record.digest] = running
+            for running in started:
+                self._running[running.model.name] = running
+
+    def replicas(self, digest: str) -> list[Any]:
+        """The running replicas of a model, every declaration's."""
+        return [r for running in self._running.values() if running.model.record.digest == digest
+                for r in running.replicas]
 
     def _start_replica(self, model: ModelFleet, index: int, name: str) -> Any:
         decl = model.declaration
@@ -281,7 +302,7 @@ class Fleet:
 
         decl = model.declaration
         if decl.mode == "attach":
-            server = LlamaServerProvider(name, decl.urls[index])
+            server = LlamaServerProvider(name, decl.urls[index], slot_save_dir=decl.slot_save_dir)
         else:
             spec = self._spec(model, index, name)
             server = LlamaServerProvider.from_spec(spec, launcher=self.launch.launcher(decl.mode))
@@ -352,6 +373,8 @@ class Fleet:
             params=params, slot_save_dir=slot_dir if decl.kind == "llama_server" else None,
             executable=str(self.llama_server) if decl.mode == "subprocess" and self.llama_server else None,
             image=decl.image, extra_args=extra,
+            # A declared image may be FROM scratch (no curl): the node polls /health itself.
+            **({"health_command": None} if decl.image else {}),
         )
 
     def _llama_server_version(self, decl: ProviderDeclaration) -> str:
@@ -363,13 +386,17 @@ class Fleet:
 
     def stop_model(self, digest: str) -> None:
         with self._lock:
-            running = self._running.pop(digest, None)
-        if running is None:
-            return
-        for replica in running.replicas:
-            self._stop_replica(replica)
+            stopping = [self._running.pop(name) for name, running in list(self._running.items())
+                        if running.model.record.digest == digest]
+        for running in stopping:
+            for replica in running.replicas:
+                self._stop_replica(replica)
+            self._remove_slots(running)
+
+    def _remove_slots(self, running: _Running) -> None:
+        names = {r.name for r in running.replicas}
         for managed in self.pool.all():
-            if managed.model_digest == digest and managed.group in {r.name for r in running.replicas}:
+            if managed.group in names:
                 self.pool.remove(managed.name)
 
     @staticmethod
@@ -383,7 +410,7 @@ class Fleet:
             server.close()
 
     def close(self) -> None:
-        for digest in list(self._running):
+        for digest in {running.model.record.digest for running in list(self._running.values())}:
             self.stop_model(digest)
 
     # ---------------------------------------------------------------- adoption
@@ -428,8 +455,12 @@ class Fleet:
     # ---------------------------------------------------------------- eager models
     def eager_due(self, loaded: set[str], now: float) -> list[ModelFleet]:
         """Declared ``load = "eager"`` models that are not loaded and whose retry is due."""
-        return [m for m in self.plan.models if m.declaration.load == "eager" and m.record.digest not in loaded
-                and now >= self._retry_at.get(m.record.digest, 0.0)]
+        due: dict[str, ModelFleet] = {}
+        for m in self.plan.models:
+            if m.declaration.load == "eager" and m.record.digest not in loaded \
+                    and now >= self._retry_at.get(m.record.digest, 0.0):
+                due.setdefault(m.record.digest, m)
+        return list(due.values())
 
     def start_failed(self, model: ModelFleet, now: float, interval_s: float) -> float:
         """Back off after a failed eager start (interval x 2^failures, at most 5 minutes); the delay."""
@@ -447,8 +478,8 @@ class Fleet:
         """A reloaded config's plan (already checked): it applies to models loaded from now
         on; returns the running models whose declaration changed (they keep running as
         they are until unloaded)."""
-        changed = [m.name for m in plan.models if m.record.digest in self._running
-                   and self._running[m.record.digest].model.declaration != m.declaration]
+        changed = [m.name for m in plan.models if m.name in self._running
+                   and self._running[m.name].model.declaration != m.declaration]
         self.plan = plan
         self._defaults.clear()
         return changed
@@ -459,7 +490,7 @@ class Fleet:
         rows = []
         for model in list(self.plan.models) + list(self._defaults.values()):
             decl = model.declaration
-            running = self._running.get(model.record.digest)
+            running = self._running.get(model.name)
             rows.append({
                 "name": model.name, "model": model_name(model.record), "digest": model.record.digest,
                 "kind": decl.kind, "mode": decl.mode, "replicas": decl.replicas, "slots": decl.slots,

@@ -9,6 +9,7 @@ found, restarted, and every turn still ends with a receipt.
 from __future__ import annotations
 
 import os
+import subprocess
 import signal
 import threading
 import time
@@ -78,10 +79,16 @@ def test_slots_times_context_over_the_memory_budget_is_refused_naming_slots(stor
         plan_fleet([declaration], store, budget_bytes=64 << 20, llama_server=llama_server)
 
 
-def test_a_model_declared_twice_and_a_missing_binary_are_refused(store):
-    twice = [ProviderDeclaration(model="tiny"), ProviderDeclaration(model="tiny", name="other")]
-    with pytest.raises(FleetError, match=r"providers\[1\]\.model: 'tiny' is declared already by providers\[0\]"):
-        plan_fleet(twice, store, budget_bytes=None, llama_server=Path("/bin/true"))
+def test_one_model_may_have_several_declarations_of_one_kind(store):
+    plan = plan_fleet([ProviderDeclaration(model="tiny"), ProviderDeclaration(model="tiny", mode="podman")],
+                      store, budget_bytes=None, llama_server=Path("/bin/true"))
+    assert [m.name for m in plan.for_digest(plan.models[0].record.digest)] == ["tiny-ls", "tiny-ls-podman"]
+    mixed = [ProviderDeclaration(model="tiny"), ProviderDeclaration(model="tiny", kind="llama_cpp_python")]
+    with pytest.raises(FleetError, match=r"providers\[1\]\.kind: 'tiny' is served by llama_server already"):
+        plan_fleet(mixed, store, budget_bytes=None, llama_server=Path("/bin/true"))
+
+
+def test_a_missing_binary_is_refused(store):
     with pytest.raises(FleetError, match=r"providers\[0\]\.mode: no llama-server binary"):
         plan_fleet([ProviderDeclaration(model="tiny")], store, budget_bytes=None, llama_server=None)
 
@@ -188,7 +195,7 @@ def test_a_replica_killed_mid_run_is_restarted_and_every_turn_ends_with_a_receip
         loop.start()
         pods = [node.submit_pod(p) for p in session_pods(8, "tiny", turns=3)]
         assert wait_for(lambda: any(node.get_pod(p.id).status.turns for p in pods), timeout=60)
-        victim = node.executor.fleet._running[node.executor.pool.all()[0].model_digest].replicas[0]
+        victim = node.executor.fleet.replicas(node.executor.pool.all()[0].model_digest)[0]
         record = node.executor.fleet.launch.registry.load(victim.name)
         os.kill(record.pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -277,3 +284,63 @@ def test_serve_refuses_a_bad_declaration_at_start_naming_the_field(tmp_path, tin
     with pytest.raises(FleetError, match=r"providers\[0\]\.slots: the embedded worker has one context"):
         node.start()
     node.close()
+
+
+@pytest.mark.llama
+@pytest.mark.podman
+@pytest.mark.slow
+def test_one_model_over_a_subprocess_a_podman_container_and_an_attached_server(tmp_path, smollm2_path,
+                                                                              llama_server):
+    """examples/fleet.toml's sessions over three replicas in three modes: the project's
+    FROM-scratch llama-server image in Podman, a subprocess, and a server the node attaches to."""
+    from nodeagent.launch.podman import PodmanError, PodmanHostConfig, build_local_image, podman_version
+    from nodeagent.launch.registry import Registry
+    from nodeagent.launch.subprocess import SubprocessLauncher, free_port
+    from nodeagent.providers.catalog import load_catalog, resolve_spec
+
+    host = PodmanHostConfig.detect()
+    try:
+        podman_version(host)
+    except PodmanError as exc:
+        pytest.skip(f"podman: {exc}")
+    image = "localhost/agent-machine-test/llama-server:fleet"
+    build_local_image(llama_server, image, host)
+    store = ModelStore(tmp_path / "state")
+    record = store.import_model(smollm2_path, "smollm2")
+    outside = SubprocessLauncher(Registry(tmp_path / "outside"))
+    spec = resolve_spec(load_catalog().get("llama-server"), name="outside", mode="subprocess",
+                        model_path=record.path, port=free_port(), params={"parallel": 2, "ctx_size": 2048},
+                        executable=str(llama_server), extra_args=["--threads", "1"],
+                        slot_save_dir=tmp_path / "outside-slots")
+    outside.up(spec)
+    config = tmp_path / "mixed.toml"
+    config.write_text(
+        '[reconcile]\ninterval_s = 0.5\n\n'
+        '[[providers]]\nmodel = "smollm2"\nslots = 2\nctx_per_slot = 1024\nthreads = 1\n\n'
+        f'[[providers]]\nmodel = "smollm2"\nmode = "podman"\nimage = "{image}"\nslots = 2\nctx_per_slot = 1024\n'
+        'threads = 1\n\n'
+        f'[[providers]]\nmodel = "smollm2"\nmode = "attach"\nslots = 2\nurls = ["{spec.base_url}"]\n'
+        f'slot_save_dir = "{tmp_path / "outside-slots"}"\n')
+    node = Node(load_config(env_for(tmp_path, config)), executor_factory=default_executor, dispatchers=8)
+    node.start()
+    try:
+        pods = [node.submit_pod(p) for p in session_pods(8, "smollm2")]
+        assert wait_for(lambda: all(node.get_pod(p.id).status.phase in TERMINAL for p in pods), timeout=600)
+        modes = {row.name: row.mode for row in node.list_providers()}
+        assert set(modes.values()) == {"subprocess", "podman", "attach"}, modes
+        used = set()
+        for pod in pods:
+            got = node.get_pod(pod.id)
+            assert got.status.phase is PodPhase.succeeded, got.status.reasons
+            for turn, decision in zip(got.status.turns[1:], node.pod_decisions(pod.id)[1:]):
+                chosen = next(c for c in decision.candidates if c.provider == decision.chosen)
+                assert chosen.cache_source in ("T0", "T1", "T2") and turn.cached_tokens > 0, decision.reason
+            used |= {modes[t.provider] for t in got.status.turns}
+        assert used == {"subprocess", "podman", "attach"}
+    finally:
+        node.close()
+        outside.down("outside", missing_ok=True)
+        subprocess.run([host.podman, "rmi", "-f", image], capture_output=True, timeout=120)
+    leftover = subprocess.run([host.podman, "ps", "-a", "--filter", "name=smollm2-ls-podman", "--format",
+                               "{{.Names}}"], capture_output=True, text=True, timeout=60)
+    assert leftover.stdout.strip() == ""  # the node's container is gone with the node

@@ -111,6 +111,15 @@ def read_slot_file_tokens(path: str | os.PathLike[str]) -> list[int]:
     return packed[3:3 + packed[2]]
 
 
+def _shared_prefix(held, tokens) -> int:
+    shared = 0
+    for a, b in zip(held, tokens):
+        if a != b:
+            break
+        shared += 1
+    return shared
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -314,7 +323,11 @@ class LlamaServerProvider:
             "n_predict": request.max_tokens,
             "temperature": request.temperature,
             "id_slot": request.slot,
-            "cache_prompt": True,
+            # The server reuses any common prefix the slot holds; the node's isolation bound
+            # (``reuse_limit``: another tenant's private context) may allow less. Then the
+            # prompt is evaluated whole (an erase needs --slot-save-path; this does not).
+            "cache_prompt": request.reuse_limit is None
+            or _shared_prefix(self._context.get(request.slot, ()), tokens) <= request.reuse_limit,
             "return_tokens": True,
             "stream": stream,
         }

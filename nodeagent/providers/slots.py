@@ -12,10 +12,10 @@ attached to one already running), its liveness, and a short-lived health
 answer so that N slots asking cost one HTTP call. `SlotProvider` maps the
 Provider protocol's slot 0 onto its own slot of the replica.
 
-Isolation: the server reuses whatever common prefix the slot holds; it has no
-notion of the node's ``reuse_limit``. When the node allows reusing fewer tokens
-than the slot and the prompt share (another tenant's private context), the slot
-is erased first, so the prompt is evaluated from scratch.
+Isolation: the server reuses whatever common prefix the slot holds; when the
+node allows reusing fewer tokens than the slot and the prompt share (another
+tenant's private context), `LlamaServerProvider` sends the request with
+``cache_prompt`` off, so the prompt is evaluated whole.
 """
 
 from __future__ import annotations
@@ -139,16 +139,7 @@ class SlotProvider:
 
     def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> GenerationResult:
         request = dataclasses.replace(request, slot=self.slot)
-        server = self.replica.server
-        if request.reuse_limit is not None and request.prompt_tokens is not None:
-            held = server.context_tokens(self.slot)
-            shared = 0
-            for a, b in zip(held, request.prompt_tokens):
-                if a != b:
-                    break
-                shared += 1
-            if shared > request.reuse_limit:
-                self._alive_call(lambda: server.erase(self.slot))  # the server would reuse what this pod may not see
+        server = self.replica.server  # it honours reuse_limit (cache_prompt off when the slot holds more)
         return self._alive_call(lambda: server.generate(request, on_text=on_text))
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
