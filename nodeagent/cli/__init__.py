@@ -28,6 +28,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "nodeagent.cli.receipts": ("key", "receipts"),
     "nodeagent.cli.tokens": ("tokens",),
     "nodeagent.cli.render": ("render",),
+    "nodeagent.cli.fleet": ("fleet",),
 }
 
 EPILOG = """\
