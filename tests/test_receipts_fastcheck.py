@@ -107,7 +107,7 @@ SEMANTIC = [
     lambda p, d: p.update(placement=None),
     lambda p, d: p["provider"] is not None and p["provider"].update(imageDigest="sha256:" + "e" * 64),
     lambda p, d: p["provider"] is not None and p["provider"].update(
-        launchMode=d.draw(st.sampled_from(["embedded", "subprocess", "podman", "quadlet", "kube"]), label="mode")),
+        launchMode=d.draw(st.sampled_from(["embedded", "subprocess", "podman", "quadlet", "kube", "attach"]), label="mode")),
     lambda p, d: p["outcome"].update(status=d.draw(st.sampled_from(["succeeded", "failed", "cancelled", "refused"]),
                                                    label="status")),
     lambda p, d: p["outcome"].update(errorClass=d.draw(st.sampled_from([None, "ProviderCrashed"]), label="error")),
@@ -390,6 +390,6 @@ def _fields(model, prefix=""):
 def test_the_contract_has_exactly_the_fields_and_constraints_the_fast_check_knows():
     assert dict(_fields(ExecutionStatement)) == EXPECTED_FIELDS, \
         "the contract changed: update nodeagent/receipts/fastcheck.py and this table together"
-    assert set(fastcheck._LAUNCH_MODES) == {"embedded", "subprocess", "podman", "quadlet", "kube"}
+    assert set(fastcheck._LAUNCH_MODES) == {"embedded", "subprocess", "podman", "quadlet", "kube", "attach"}
     assert set(fastcheck._TIERS) == {"T0", "T1", "T2", "none"}
     assert set(fastcheck._STATUSES) == {"succeeded", "failed", "cancelled", "refused"}
