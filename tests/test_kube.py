@@ -76,6 +76,7 @@ CASES = [
     {"accelerator": "vulkan"},
     {"accelerator": "asahi", "kv_events": False},
     {"accelerator": "cpu", "target": "podman"},
+    {"accelerator": "cpu", "model_files": {"tiny": "/srv/models/tiny.gguf"}},
 ]
 
 

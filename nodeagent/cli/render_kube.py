@@ -16,8 +16,11 @@ examples:
   agent-machine render kube --accelerator nvidia --gpus 2 --out deploy/
   agent-machine render kube --accelerator nvidia --device-mode cdi
   agent-machine render kube --token-file token --epp-name my-epp
-  agent-machine render kube --target podman --model smollm2=/models/SmolLM2.gguf --out pod/
+  agent-machine render kube --model smollm2=/srv/models/SmolLM2.gguf --out deploy/
+                                                     nodes import the GGUF at that path before the agent starts
+  agent-machine render kube --target podman --model smollm2=/srv/models/SmolLM2.gguf --out pod/
       then: podman kube play pod/all.yaml ... podman kube down pod/all.yaml
+      (Podman keeps the named volumes: podman volume rm agent-machine-state agent-machine-models ...)
   agent-machine render kube --format json            the manifests as a JSON list
 
 kubernetes: Namespace, Secret (the API token), ConfigMap (config.toml), DaemonSet (the agent and
@@ -60,7 +63,8 @@ def register(group: Any) -> None:
                       help="the API token to put in the Secret (default: a new random one)")
     kube.add_argument("--no-kv-events", action="store_true", help="leave KV events off in the rendered config")
     kube.add_argument("--model", action="append", default=[], metavar="NAME=GGUF",
-                      help="--target podman: import this host file into the pod's store as NAME (repeatable)")
+                      help="import this file (a path on every node) into the pod's store as NAME before the "
+                      "agent starts, so its providers find it (repeatable)")
     kube.set_defaults(func=_kube)
 
 
@@ -87,8 +91,6 @@ def _options(args: argparse.Namespace) -> Any:
         if not Path(path).is_file():
             raise CliError(f"--model {item!r}: {path} is not a file", exit_code=2)
         models[name] = str(Path(path).resolve())
-    if models and args.target != "podman":
-        raise CliError("--model is for --target podman (a cluster's nodes import their own models)", exit_code=2)
     return KubeOptions(
         name=args.name, namespace=args.namespace, image=args.image or "localhost/agent-machine:latest",
         target=args.target, accelerator=args.accelerator or _probed_accelerator(), gpus=args.gpus,

@@ -55,6 +55,7 @@ KV_REPLAY_PORT = 5558
 PROVIDER_BASE_PORT = 8080
 STATE_DIR = "/var/lib/agent-machine"
 CONFIG_DIR = "/etc/agent-machine"
+TOKEN_DIR = "/etc/agent-machine-token"
 RUNTIME_DIR = "/run/agent-machine"
 CACHE_DIR = "/var/cache/agent-machine"
 T1_HOST_DIR = "/dev/shm/agent-machine"
@@ -176,7 +177,7 @@ def _dns_label(text: str) -> str:
 def agent_config(options: KubeOptions, declarations: Sequence[Any], workloads: Sequence[ProviderWorkload]) -> str:
     """The agent's config.toml inside the pod: its declared providers become ``attach`` to their containers."""
     lines = ["# agent-machine config rendered by `agent-machine render kube`; the pod mounts it read-only.",
-             "[api]", f'tcp = "0.0.0.0:{API_PORT}"', f'token_file = "{CONFIG_DIR}/token/token"', "",
+             "[api]", f'tcp = "0.0.0.0:{API_PORT}"', f'token_file = "{_token_file(options)}"', "",
              "[cache]", f'ram_dir = "{T1_DIR}"', "",
              "[cluster]"]
     if options.kv_events:
@@ -201,6 +202,11 @@ def agent_config(options: KubeOptions, declarations: Sequence[Any], workloads: S
         if decl.name:
             lines.append(f"name = {json.dumps(decl.name)}")
     return "\n".join(lines) + "\n"
+
+
+def _token_file(options: KubeOptions) -> str:
+    # Podman 4.3's kube play crashes on Secret volumes: there the token is a key of the ConfigMap.
+    return f"{CONFIG_DIR}/token" if options.target == "podman" else f"{TOKEN_DIR}/token"
 
 
 # ---------------------------------------------------------------- the pod
@@ -240,13 +246,15 @@ def _volumes(options: KubeOptions) -> tuple[list[dict[str, Any]], list[dict[str,
             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": options.storage_class,
                      "resources": {"requests": {"storage": size}}}}}}
 
+    # The config directory is mounted whole (Podman 4.3 ignores subPath on ConfigMap volumes); the
+    # token file must not be readable by others (the agent refuses it otherwise).
     volumes = [
-        {"name": "config", "configMap": {"name": f"{options.name}-config"}},
+        {"name": "config", "configMap": {"name": f"{options.name}-config", "defaultMode": 0o400}},
         claim("models", options.models_size), claim("cache", options.cache_size),
         claim("scratch", options.scratch_size),
     ]
     mounts = [
-        {"name": "config", "mountPath": f"{CONFIG_DIR}/config.toml", "subPath": "config.toml", "readOnly": True},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "models", "mountPath": f"{STATE_DIR}/models"},
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "scratch", "mountPath": SCRATCH_DIR},
@@ -255,16 +263,17 @@ def _volumes(options: KubeOptions) -> tuple[list[dict[str, Any]], list[dict[str,
         volumes += [{"name": "token", "secret": {"secretName": f"{options.name}-token", "defaultMode": 0o400}},
                     host("state", STATE_DIR), host("kv-ram", T1_HOST_DIR), host("run", RUNTIME_DIR),
                     host("features", FEATURES_DIR)]
-        mounts += [{"name": "token", "mountPath": f"{CONFIG_DIR}/token", "readOnly": True},
+        mounts += [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
                    {"name": "state", "mountPath": STATE_DIR}, {"name": "kv-ram", "mountPath": T1_DIR},
                    {"name": "run", "mountPath": RUNTIME_DIR}, {"name": "features", "mountPath": FEATURES_DIR}]
-    else:
+    else:  # Podman names an emptyDir's volume after it: prefixed, so two pods never share one
         volumes += [{"name": "state", "persistentVolumeClaim": {"claimName": f"{options.name}-state"}},
-                    {"name": "tmp", "emptyDir": {}}]
-        mounts += [{"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": T1_DIR}]
-        for index, (model, path) in enumerate(sorted(options.model_files.items())):
-            volumes.append(host(f"gguf-{index}", path, "File"))
-            mounts.append({"name": f"gguf-{index}", "mountPath": f"/import/{_dns_label(model)}.gguf", "readOnly": True})
+                    {"name": f"{options.name}-kv-ram", "emptyDir": {}}, {"name": f"{options.name}-run", "emptyDir": {}}]
+        mounts += [{"name": "state", "mountPath": STATE_DIR}, {"name": f"{options.name}-kv-ram", "mountPath": T1_DIR},
+                   {"name": f"{options.name}-run", "mountPath": RUNTIME_DIR}]
+    for index, (model, path) in enumerate(sorted(options.model_files.items())):
+        volumes.append(host(f"gguf-{index}", path, "File"))
+        mounts.append({"name": f"gguf-{index}", "mountPath": f"/import/{_dns_label(model)}.gguf", "readOnly": True})
     return volumes, mounts
 
 
@@ -313,7 +322,8 @@ def _provider_container(options: KubeOptions, workload: ProviderWorkload) -> dic
 
 
 def _import_container(options: KubeOptions, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """podman: an init container that imports each host GGUF into the store (idempotent: same digest)."""
+    """An init container per ``--model``: imports the host GGUF into the pod's store (idempotent: same
+    digest), so the provider containers find it by its digest."""
     out = []
     for index, model in enumerate(sorted(options.model_files)):
         out.append({"name": f"import-{index}", "image": options.image,
@@ -336,10 +346,10 @@ def _pod_spec(options: KubeOptions, workloads: Sequence[ProviderWorkload]) -> di
         spec["priorityClassName"] = "system-node-critical"
         spec["tolerations"] = [{"operator": "Exists", "effect": "NoSchedule"}]
     else:
-        init = _import_container(options, mounts)
-        if init:
-            spec["initContainers"] = init
         spec["restartPolicy"] = "Never"
+    init = _import_container(options, mounts)
+    if init:
+        spec["initContainers"] = init
     return spec
 
 
@@ -357,8 +367,12 @@ def render(config: Any, options: KubeOptions, *, pin: Any = None, digest_of: Any
                                    digest_of=digest_of or _no_store)
     image = pin(options.image) if pin is not None else options.image
     options = KubeOptions(**{**options.__dict__, "image": image})
+    token = options.token or secrets.token_urlsafe(32)
+    data = {"config.toml": agent_config(options, config.providers, workloads)}
+    if options.target == "podman":
+        data["token"] = token
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(options, f"{options.name}-config"),
-                  "data": {"config.toml": agent_config(options, config.providers, workloads)}}
+                  "data": data}
     pod_template = {"metadata": {"labels": _labels(options), "annotations": {
         "agent-machine.io/providers": ",".join(w.name for w in workloads) or "embedded", **_cdi_annotations(options)}},
         "spec": _pod_spec(options, workloads)}
@@ -373,7 +387,6 @@ def render(config: Any, options: KubeOptions, *, pin: Any = None, digest_of: Any
                                                                "annotations": pod_template["metadata"]["annotations"]},
                "spec": pod_template["spec"]}
         return [config_map, *claims, pod]
-    token = options.token or secrets.token_urlsafe(32)
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(options, options.namespace,
                                                                              namespaced=False)}
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(options, f"{options.name}-token"),
