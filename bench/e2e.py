@@ -1,6 +1,7 @@
 """Benchmark 4: real end to end. Our node vs round-robin vs sglang-router, same trace, same hardware.
 
     python -m bench.e2e --rounds 2               # the run recorded in bench/README.md (~10 min)
+    python -m bench.e2e --engine llama-server --rounds 3   # over real llama-server fleets (bench/e2e_fleet.py)
     python -m bench.e2e                          # one round of the three arms (~5 min)
     python -m bench.e2e --pods 8 --arms ours,round_robin   # quicker look
     python -m bench.e2e --model bench/out/tiny.gguf --pods 2 --turns 2,2   # smoke (seconds)
@@ -665,6 +666,16 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--engine" in argv:  # the fleet form: real llama-server processes in every arm (bench/e2e_fleet.py)
+        at = argv.index("--engine")
+        engine = argv[at + 1] if at + 1 < len(argv) else ""
+        if engine != "llama-server":
+            raise SystemExit(f"--engine: {engine!r}; the one other engine is llama-server "
+                             f"(the default runs embedded llama-cpp-python workers)")
+        from bench.e2e_fleet import main as fleet_main
+
+        return fleet_main(argv[:at] + argv[at + 2:])
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TraceParams()
