@@ -75,7 +75,7 @@ CASES = [
     {"accelerator": "amd"},
     {"accelerator": "vulkan"},
     {"accelerator": "asahi", "kv_events": False},
-    {"accelerator": "cpu", "target": "podman"},
+    {"accelerator": "cpu", "target": "podman", "token_path": "/srv/agent-machine/token"},
     {"accelerator": "cpu", "model_files": {"tiny": "/srv/models/tiny.gguf"}},
 ]
 

@@ -83,6 +83,9 @@ def _options(args: argparse.Namespace) -> Any:
             raise CliError(f"--token-file {args.token_file}: {exc.strerror or exc}", exit_code=2) from exc
         if len(token) < 16:
             raise CliError(f"--token-file {args.token_file}: a token needs at least 16 characters", exit_code=2)
+        if args.target == "podman" and args.token_file.stat().st_mode & 0o077:
+            raise CliError(f"--token-file {args.token_file}: readable by group or others; the pod mounts it as "
+                           f"it is and the agent refuses it: chmod 600 {args.token_file}", exit_code=2)
     models: dict[str, str] = {}
     for item in args.model:
         name, sep, path = item.partition("=")
@@ -91,12 +94,22 @@ def _options(args: argparse.Namespace) -> Any:
         if not Path(path).is_file():
             raise CliError(f"--model {item!r}: {path} is not a file", exit_code=2)
         models[name] = str(Path(path).resolve())
+    token_path = str(args.token_file.resolve()) if args.token_file is not None else None
+    if args.target == "podman" and token_path is None and args.out is not None:
+        import secrets
+
+        from nodeagent.fsutil import atomic_write_text
+
+        token_path = str((args.out / "token").resolve())  # a new one, 0600, bind-mounted into the pod
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(token_path, secrets.token_urlsafe(32) + "\n")
     return KubeOptions(
         name=args.name, namespace=args.namespace, image=args.image or "localhost/agent-machine:latest",
         target=args.target, accelerator=args.accelerator or _probed_accelerator(), gpus=args.gpus,
         device_mode=args.device_mode, dri_resource=args.dri_resource, storage_class=args.storage_class,
         models_size=args.models_size, cache_size=args.cache_size, scratch_size=args.scratch_size,
-        epp_name=args.epp_name, epp_port=args.epp_port, token=token, kv_events=not args.no_kv_events,
+        epp_name=args.epp_name, epp_port=args.epp_port, token=token, token_path=token_path,
+        kv_events=not args.no_kv_events,
         model_files=models)
 
 

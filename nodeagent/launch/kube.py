@@ -101,6 +101,7 @@ class KubeOptions:
     epp_name: str = "agent-machine-epp"
     epp_port: int = 9002
     token: str | None = None  # None: a fresh one
+    token_path: str | None = None  # podman: the host file holding the token (bind-mounted; it keeps its 0600)
     kv_events: bool = True
     model_files: dict[str, str] = field(default_factory=dict)  # podman: model name -> host GGUF to import
 
@@ -199,14 +200,15 @@ def agent_config(options: KubeOptions, declarations: Sequence[Any], workloads: S
         urls = [f"http://127.0.0.1:{w.port}" for w in mine] if mine else list(decl.urls)
         lines += ['mode = "attach"', f"replicas = {decl.replicas}", f"slots = {decl.slots}",
                   f"ctx_per_slot = {decl.ctx_per_slot}", f"urls = {json.dumps(urls)}"]
+        if mine and decl.kind == "llama_server":  # the directory the agent and its containers share
+            lines.append(f'slot_save_dir = "{SLOT_DIR}"')
         if decl.name:
             lines.append(f"name = {json.dumps(decl.name)}")
     return "\n".join(lines) + "\n"
 
 
 def _token_file(options: KubeOptions) -> str:
-    # Podman 4.3's kube play crashes on Secret volumes: there the token is a key of the ConfigMap.
-    return f"{CONFIG_DIR}/token" if options.target == "podman" else f"{TOKEN_DIR}/token"
+    return f"{TOKEN_DIR}/token"
 
 
 # ---------------------------------------------------------------- the pod
@@ -246,15 +248,18 @@ def _volumes(options: KubeOptions) -> tuple[list[dict[str, Any]], list[dict[str,
             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": options.storage_class,
                      "resources": {"requests": {"storage": size}}}}}}
 
-    # The config directory is mounted whole (Podman 4.3 ignores subPath on ConfigMap volumes); the
-    # token file must not be readable by others (the agent refuses it otherwise).
+    # The config directory is mounted whole (Podman 4.3 ignores subPath on ConfigMap volumes).
     volumes = [
-        {"name": "config", "configMap": {"name": f"{options.name}-config", "defaultMode": 0o400}},
+        {"name": "config", "configMap": {"name": f"{options.name}-config"}},
         claim("models", options.models_size), claim("cache", options.cache_size),
         claim("scratch", options.scratch_size),
+        # llama-server writes and reads slot states here; the agent moves them to and from its tiers
+        host("slots", f"{STATE_DIR}/slots") if options.target == "kubernetes"
+        else {"name": f"{options.name}-slots", "emptyDir": {}},
     ]
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": _slots_volume(options), "mountPath": SLOT_DIR},
         {"name": "models", "mountPath": f"{STATE_DIR}/models"},
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "scratch", "mountPath": SCRATCH_DIR},
@@ -266,15 +271,26 @@ def _volumes(options: KubeOptions) -> tuple[list[dict[str, Any]], list[dict[str,
         mounts += [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
                    {"name": "state", "mountPath": STATE_DIR}, {"name": "kv-ram", "mountPath": T1_DIR},
                    {"name": "run", "mountPath": RUNTIME_DIR}, {"name": "features", "mountPath": FEATURES_DIR}]
-    else:  # Podman names an emptyDir's volume after it: prefixed, so two pods never share one
-        volumes += [{"name": "state", "persistentVolumeClaim": {"claimName": f"{options.name}-state"}},
+    else:
+        # The token must not be readable by others (the agent refuses it). Podman 4.3 crashes on Secret
+        # volumes and ignores a ConfigMap's defaultMode, so it is the host's own 0600 file, bind-mounted.
+        # Podman names an emptyDir's volume after it: prefixed, so two pods never share one.
+        if not options.token_path:
+            raise KubeRenderError("--target podman needs the token in a file: --token-file FILE (or --out DIR, "
+                                  "where a new one is written)")
+        volumes += [host("token", options.token_path, "File"),{"name": "state", "persistentVolumeClaim": {"claimName": f"{options.name}-state"}},
                     {"name": f"{options.name}-kv-ram", "emptyDir": {}}, {"name": f"{options.name}-run", "emptyDir": {}}]
-        mounts += [{"name": "state", "mountPath": STATE_DIR}, {"name": f"{options.name}-kv-ram", "mountPath": T1_DIR},
+        mounts += [{"name": "token", "mountPath": f"{TOKEN_DIR}/token", "readOnly": True},
+                   {"name": "state", "mountPath": STATE_DIR}, {"name": f"{options.name}-kv-ram", "mountPath": T1_DIR},
                    {"name": f"{options.name}-run", "mountPath": RUNTIME_DIR}]
     for index, (model, path) in enumerate(sorted(options.model_files.items())):
         volumes.append(host(f"gguf-{index}", path, "File"))
         mounts.append({"name": f"gguf-{index}", "mountPath": f"/import/{_dns_label(model)}.gguf", "readOnly": True})
     return volumes, mounts
+
+
+def _slots_volume(options: KubeOptions) -> str:
+    return "slots" if options.target == "kubernetes" else f"{options.name}-slots"
 
 
 def _agent_container(options: KubeOptions, mounts: list[dict[str, Any]], own_devices: bool) -> dict[str, Any]:
@@ -308,8 +324,7 @@ def _provider_container(options: KubeOptions, workload: ProviderWorkload) -> dic
         "name": workload.name, "image": workload.image, "args": workload.args,
         "ports": [{"name": f"p{workload.port}", "containerPort": workload.port, "protocol": "TCP"}],
         "volumeMounts": [{"name": "models", "mountPath": f"{STATE_DIR}/models", "readOnly": True},
-                         {"name": "state", "mountPath": STATE_DIR if options.target == "podman" else SLOT_DIR,
-                          **({} if options.target == "podman" else {"subPath": "slots"})}],
+                         {"name": _slots_volume(options), "mountPath": SLOT_DIR}],
         "securityContext": _security(),
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
     }
@@ -367,10 +382,7 @@ def render(config: Any, options: KubeOptions, *, pin: Any = None, digest_of: Any
                                    digest_of=digest_of or _no_store)
     image = pin(options.image) if pin is not None else options.image
     options = KubeOptions(**{**options.__dict__, "image": image})
-    token = options.token or secrets.token_urlsafe(32)
     data = {"config.toml": agent_config(options, config.providers, workloads)}
-    if options.target == "podman":
-        data["token"] = token
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(options, f"{options.name}-config"),
                   "data": data}
     pod_template = {"metadata": {"labels": _labels(options), "annotations": {
@@ -387,6 +399,7 @@ def render(config: Any, options: KubeOptions, *, pin: Any = None, digest_of: Any
                                                                "annotations": pod_template["metadata"]["annotations"]},
                "spec": pod_template["spec"]}
         return [config_map, *claims, pod]
+    token = options.token or secrets.token_urlsafe(32)
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(options, options.namespace,
                                                                              namespaced=False)}
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(options, f"{options.name}-token"),
