@@ -260,6 +260,11 @@ class BlockLedger:
     def held(self, model: str, medium: str) -> set[bytes]:
         return set(self._counts.get((model, medium), ()))
 
+    def holders(self, medium: str) -> list[tuple[str, str]]:
+        """(model, holder) of everyone holding blocks in ``medium``."""
+        return [(model, holder) for (model, where), holdings in self._holdings.items() if where == medium
+                for holder in holdings]
+
     def _stored(self, medium: str, new: _Holding, counts: Counter[bytes], old: _Holding | None) -> list[Event]:
         """BlockStored for each run of the new holding's blocks that just got their first holder."""
         previously = set(old.keys) if old is not None else set()
@@ -397,10 +402,16 @@ class KVEventSource:
     still queued are coalesced: only what it holds last is published.
     """
 
+    SWEEP_S = 1.0  # how often contexts that left the pool are looked for
+
     def __init__(self, publisher: Any, *, pod: str, block_size: int,
-                 model_name: Callable[[str], str], models: Iterable[str] = ()) -> None:
+                 model_name: Callable[[str], str], models: Iterable[str] = (),
+                 live_contexts: Callable[[], Iterable[str]] | None = None) -> None:
         self.publisher, self.pod, self.block_size = publisher, pod, block_size
         self._model_name = model_name
+        # A provider taken out of the pool (its model unloaded) says nothing on the way out:
+        # a sweep releases the T0 blocks of contexts no longer in ``live_contexts()``.
+        self._live_contexts = live_contexts
         self.ledger = BlockLedger(block_size)
         self._queue: "queue.Queue[_Update | None]" = queue.Queue()
         self._closed = False
@@ -437,7 +448,11 @@ class KVEventSource:
 
     def _run(self) -> None:
         while True:
-            update = self._queue.get()
+            try:
+                update = self._queue.get(timeout=self.SWEEP_S)
+            except queue.Empty:
+                self._sweep()
+                continue
             pending = [update]
             while update is not None:  # take what else is waiting, to coalesce a context's changes
                 try:
@@ -471,6 +486,21 @@ class KVEventSource:
                 by_model.setdefault(digest, []).extend(events)
         for digest, events in by_model.items():
             self._publish(digest, events)
+
+    def _sweep(self) -> None:
+        if self._live_contexts is None:
+            return
+        try:
+            live = set(self._live_contexts())
+            by_model: dict[str, list[Event]] = {}
+            for model, holder in self.ledger.holders(MEDIUM["T0"]):
+                if holder not in live:
+                    by_model.setdefault(model, []).extend(self.ledger.release(model, MEDIUM["T0"], holder))
+            for digest, events in by_model.items():
+                if events:
+                    self._publish(digest, events)
+        except Exception:
+            log.exception("KV events: the sweep of departed contexts failed")
 
     def _t0_blocks(self, held: Any) -> tuple[list[bytes], tuple[int, ...]]:
         if not held.tokens or not held.spans:
@@ -545,8 +575,10 @@ def install_from_config(executor: Any, config: Any) -> KVEventSource | None:
         known = [record.digest for record in executor.models.list()]
     except Exception:
         known = []
+    pool = executor.pool
     source = KVEventSource(publisher, pod=cluster.kv_events_pod or default_pod(config.api.tcp),
-                           block_size=executor.block_tokens, model_name=model_name, models=known)
+                           block_size=executor.block_tokens, model_name=model_name, models=known,
+                           live_contexts=lambda: [managed.name for managed in pool.all()])
     executor.pool.add_context_listener(source.on_context)
     if executor.cache is not None:
         executor.cache.add_observer(source.on_tier_change)

@@ -334,7 +334,7 @@ class ModelServerCollector:
         yield lora
 
 
-_MODEL_SERVERS: "weakref.ref[Any] | None" = None
+_MODEL_SERVERS: "tuple[weakref.ref[Any], int] | None" = None  # (the executor, [models] context)
 
 
 def watch_model_servers(executor: Any, config: Any) -> None:
@@ -342,14 +342,13 @@ def watch_model_servers(executor: Any, config: Any) -> None:
     process wins: a daemon has one; tests make many)."""
     global _MODEL_SERVERS
     first = _MODEL_SERVERS is None
-    _MODEL_SERVERS = weakref.ref(executor)
-    context = config.models.context
+    _MODEL_SERVERS = (weakref.ref(executor), config.models.context)
     if first:
-        REGISTRY.register(ModelServerCollector(lambda: _current_samples(context)))  # type: ignore[arg-type]
+        REGISTRY.register(ModelServerCollector(_current_samples))  # type: ignore[arg-type]
 
 
-def _current_samples(default_context: int) -> tuple[list[ModelServerSample], int]:
-    executor = _MODEL_SERVERS() if _MODEL_SERVERS is not None else None
+def _current_samples() -> tuple[list[ModelServerSample], int]:
+    executor, default_context = (_MODEL_SERVERS[0](), _MODEL_SERVERS[1]) if _MODEL_SERVERS else (None, 0)
     if executor is None:
         return [], 0
     try:

@@ -222,6 +222,15 @@ def test_a_two_turn_session_publishes_chained_blocks_then_tier_moves_and_evictio
     got = sub.poll(3.0, until=lambda r: len(r) > before and removed(r[before:], "GPU"))
     assert set(last) <= set(removed(got[before:], "GPU"))
 
+    # Unloading the model takes its provider out of the pool without a word: the sweep removes its T0 blocks.
+    managed = executor.pool.all()[0]
+    still = set(block_keys(managed.held.tokens, list(managed.held.spans), block_tokens=16))
+    assert still
+    before = len(got)
+    assert node.unload_model("tiny", force=True)
+    got = sub.poll(5.0, until=lambda r: set(removed(r[before:], "GPU")) >= still)
+    assert set(removed(got[before:], "GPU")) >= still and executor.pool.all() == []
+
     # A subscriber that missed everything asks the replay endpoint from sequence 0: it gets the
     # start's AllBlocksCleared (sent before this subscription had reached the publisher) and the rest.
     replayed = dict(sub.replay(0))
