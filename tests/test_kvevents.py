@@ -236,3 +236,64 @@ def test_a_two_turn_session_publishes_chained_blocks_then_tier_moves_and_evictio
     replayed = dict(sub.replay(0))
     assert replayed[0].events == (AllBlocksCleared(),)
     assert all(replayed[r.seq] == r.batch for r in got)
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_llama_server_slots_are_contexts_of_their_own_and_a_shared_prefix_is_announced_once(tmp_path,
+                                                                                         tiny_model_path):
+    """Two sessions with one public system prompt on two slots of one llama-server replica: each slot's
+    T0 changes are its own, the shared public blocks are stored once and stay while either slot holds them."""
+    from nodeagent.config import load_config
+    from nodeagent.models.store import ModelStore
+    from nodeagent.node import Node, default_executor
+    from nodeagent.providers.llama_server import locate_llama_server
+    from pod_factory import make_pod, wait_for
+
+    binary, how = locate_llama_server(build=True)
+    assert binary is not None, how
+    port, replay = free_port(), free_port()
+    config = tmp_path / "fleet.toml"
+    config.write_text('[[providers]]\nmodel = "tiny"\nslots = 2\nctx_per_slot = 1024\nthreads = 1\nload = "eager"\n')
+    env = {"HOME": str(tmp_path), "AGENT_MACHINE_STATE_DIR": str(tmp_path / "state"),
+           "AGENT_MACHINE_CONFIG_DIR": str(tmp_path / "cfg"), "AGENT_MACHINE_CACHE_DIR": str(tmp_path / "cache"),
+           "AGENT_MACHINE_RUNTIME_DIR": str(tmp_path / "run"), "AGENT_MACHINE_CACHE_RAM_DIR": str(tmp_path / "t1"),
+           "AGENT_MACHINE_CONFIG": str(config), "AGENT_MACHINE_CACHE_BLOCK_TOKENS": "16",
+           "AGENT_MACHINE_CLUSTER_KV_EVENTS": f"tcp://127.0.0.1:{port}",
+           "AGENT_MACHINE_CLUSTER_KV_EVENTS_REPLAY": f"tcp://127.0.0.1:{replay}",
+           "AGENT_MACHINE_CLUSTER_KV_EVENTS_POD": "10.1.2.4:8377"}
+    ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    sub = Subscriber(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay}")
+    node = Node(load_config(env), executor_factory=default_executor, dispatchers=2)
+    node.start()
+    try:
+        assert wait_for(lambda: len(node.executor.pool.all()) == 2, timeout=120)
+        assert sorted(m.name for m in node.executor.pool.all()) == ["tiny-ls-0/slot-0", "tiny-ls-0/slot-1"]
+        shared = "Public rules for every tenant: " + "cite sources, answer briefly, never guess. " * 6
+        pods = [node.submit_pod(make_pod(name=f"p{i}", tenant=f"t{i}", agent="a", system=shared, scope="public",
+                                         turns=[f"question number {i}"], max_tokens=4,
+                                         provider=f"tiny-ls-0/slot-{i}"))  # one session per slot
+                for i in range(2)]
+        assert wait_for(lambda: all(node.get_pod(p.id).status.phase.value == "Succeeded" for p in pods), timeout=120)
+        slots = {m.name: m for m in node.executor.pool.all()}
+        held = {name: block_keys(m.held.tokens, list(m.held.spans), block_tokens=16) for name, m in slots.items()}
+        assert all(held.values()), "both slots hold a context"
+        node.executor.kv_events.flush()
+        got = sub.poll(5.0, until=lambda r: {h for e in stored(r, "GPU") for h in e.block_hashes}
+                       >= set(held["tiny-ls-0/slot-0"]) | set(held["tiny-ls-0/slot-1"]))
+        announced = [h for e in stored(got, "GPU") for h in e.block_hashes]
+        common = set(held["tiny-ls-0/slot-0"]) & set(held["tiny-ls-0/slot-1"])
+        assert common, "the public system prompt gives both slots the same first blocks"
+        assert all(announced.count(h) == 1 for h in common)  # stored once for the node, not once per slot
+        # One slot forgets its context (as after a crash): its own blocks go, the shared ones stay.
+        before = len(got)
+        slots["tiny-ls-0/slot-0"].forget_context()
+        node.executor.kv_events.flush()
+        own = set(held["tiny-ls-0/slot-0"]) - common
+        got = sub.poll(5.0, until=lambda r: set(removed(r[before:], "GPU")) >= own)
+        gone = set(removed(got[before:], "GPU"))
+        assert gone == own and not (gone & common)
+    finally:
+        node.close()
+        node.executor.kv_events.close()
+        sub.close()
