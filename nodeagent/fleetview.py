@@ -133,11 +133,16 @@ class NodeView:
     cache: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> usedBytes, budgetBytes, entries
     drift: list[str] = field(default_factory=list)
     clock_skew_s: float | None = None
+    declared: list[str] = field(default_factory=list)  # its declared providers, "model kind RxS"
 
     def to_wire(self) -> dict[str, Any]:
-        return {("heartbeatAgeS" if k == "heartbeat_age_s" else "hotModels" if k == "hot_models"
-                 else "inFlight" if k == "in_flight" else "clockSkewS" if k == "clock_skew_s" else k): v
-                for k, v in asdict(self).items()}
+        return {_camel(k): v for k, v in asdict(self).items()}
+
+
+def _camel(name: str) -> str:
+    """heartbeat_age_s -> heartbeatAgeS: the wire spelling every contract of the agent uses."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
 class SeenStore:
@@ -196,6 +201,7 @@ def _view(node: NodeRef, seen: SeenStore, clock: Callable[[], float]) -> NodeVie
             models = client.get("/v1/store/models")
             cache = _optional(client, "/v1/cache")
             pods = _optional(client, "/v1/pods", params={"limit": 1000})
+            fleet = _optional(client, "/v1/fleet")
     except (AgentNotRunning, ApiError, FleetFileError, OSError, ValueError) as exc:
         last = seen.get(node.url)
         age = None if last is None else max(0.0, clock() - last)
@@ -213,7 +219,9 @@ def _view(node: NodeRef, seen: SeenStore, clock: Callable[[], float]) -> NodeVie
                           if r.get("state") == "hot"),
         cache={t["tier"]: {"usedBytes": t.get("usedBytes", 0), "budgetBytes": t.get("budgetBytes", 0),
                            "entries": t.get("entries", 0)} for t in (cache or {}).get("tiers", [])},
-        clock_skew_s=skew)
+        clock_skew_s=skew,
+        declared=sorted(f"{d.get('model')} {d.get('kind')} {d.get('replicas')}x{d.get('slots')}"
+                        for d in (fleet or {}).get("declared", []) if d.get("declared")))
 
 
 def _optional(client: Any, path: str, **kwargs: Any) -> Any:
@@ -241,13 +249,20 @@ def _short_error(exc: Exception) -> str:
 
 
 def _mark_drift(views: list[NodeView]) -> None:
-    """What sets a node apart from the fleet: another agent version than most run, a clock more
-    than 2 s off ours (its start time plus its uptime, against the middle of our request)."""
+    """What sets a node apart from the fleet: another agent version than most run, other declared
+    providers than most have, a clock more than 2 s off ours (its start time plus its uptime,
+    against the middle of our request)."""
     versions = Counter(v.version for v in views if v.version)
     common = versions.most_common(1)[0][0] if versions else None
+    answered = [v for v in views if v.state != "stopped"]
+    declarations = Counter(tuple(v.declared) for v in answered)
+    usual = declarations.most_common(1)[0][0] if declarations else ()
     for view in views:
         if view.version and common and view.version != common:
             view.drift.append(f"version {view.version} (most: {common})")
+        if view in answered and tuple(view.declared) != usual:
+            view.drift.append(f"providers [{'; '.join(view.declared) or 'default rule'}] "
+                              f"(most: [{'; '.join(usual) or 'default rule'}])")
         if view.clock_skew_s is not None and abs(view.clock_skew_s) > 2:
             view.drift.append(f"clock {view.clock_skew_s:+.0f}s")
 
@@ -272,9 +287,7 @@ class ScoreRow:
     error: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"rank": self.rank, "node": self.node, "provider": self.provider, "ttftS": self.ttft_s,
-                "cachedTokens": self.cached_tokens, "promptTokens": self.prompt_tokens,
-                "cacheSource": self.cache_source, "reason": self.reason, "error": self.error}
+        return {_camel(k): v for k, v in asdict(self).items()}
 
 
 def score(nodes: Sequence[NodeRef], pod: dict[str, Any]) -> list[ScoreRow]:

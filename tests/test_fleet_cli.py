@@ -211,3 +211,21 @@ def test_a_node_that_never_answered_is_stopped_with_no_heartbeat(tmp_path):
     assert shown.returncode == 1
     row = json.loads(shown.stdout)[0]
     assert row["state"] == "stopped" and row["heartbeatAgeS"] is None and "no agent answering" in row["error"]
+
+
+def test_drift_names_what_sets_a_node_apart_from_most():
+    from nodeagent.fleetview import NodeView, _mark_drift
+
+    def view(name, version="0.1.0", declared=(), skew=0.0, state="ready"):
+        return NodeView(name, f"unix:///{name}", state, healthy=True, heartbeat_age_s=0.0, version=version,
+                        declared=list(declared), clock_skew_s=skew)
+
+    views = [view("a", declared=["tiny llama_server 1x4"]), view("b", declared=["tiny llama_server 1x4"]),
+             view("c", version="0.0.9"), view("d", declared=["tiny llama_server 1x4"], skew=7.4),
+             view("e", state="stopped", version=None)]
+    _mark_drift(views)
+    drift = {v.name: v.drift for v in views}
+    assert drift["a"] == drift["b"] == [] and drift["e"] == []
+    assert drift["c"] == ["version 0.0.9 (most: 0.1.0)",
+                          "providers [default rule] (most: [tiny llama_server 1x4])"]
+    assert drift["d"] == ["clock +7s"]
