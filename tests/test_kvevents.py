@@ -297,3 +297,36 @@ def test_llama_server_slots_are_contexts_of_their_own_and_a_shared_prefix_is_ann
         node.close()
         node.executor.kv_events.close()
         sub.close()
+
+
+def test_replaying_the_ledgers_events_gives_exactly_what_its_holders_hold():
+    """Against a brute-force reference: whatever holders hold, in any order, a subscriber that applies
+    the events (stored adds, removed drops) ends with the union of what they hold, and every stored run
+    chains to a block it already has."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    chain = [bytes([i]) * 32 for i in range(12)]
+    other = [bytes([100 + i]) * 32 for i in range(12)]
+    prefixes = st.tuples(st.sampled_from([chain, other]), st.integers(0, 12)).map(lambda t: t[0][:t[1]])
+    steps = st.lists(st.tuples(st.sampled_from(["s0", "s1", "e0"]), prefixes), max_size=25)
+
+    @settings(max_examples=200, deadline=None)
+    @given(steps)
+    def check(script):
+        ledger = BlockLedger(block_size=1)
+        seen: set[bytes] = set()
+        holding: dict[str, list[bytes]] = {}
+        for holder, keys in script:
+            for event in ledger.hold("m", "GPU", holder, keys, [0] * len(keys)):
+                if isinstance(event, BlockStored):
+                    assert event.parent_block_hash is None or event.parent_block_hash in seen
+                    assert not (set(event.block_hashes) & seen), "stored twice"
+                    seen |= set(event.block_hashes)
+                else:
+                    assert set(event.block_hashes) <= seen, "removed what was never stored"
+                    seen -= set(event.block_hashes)
+            holding[holder] = keys
+            assert seen == {k for keys in holding.values() for k in keys}
+
+    check()
