@@ -88,6 +88,16 @@ PROVIDER_KINDS = ("llama_cpp_python", "llama_server", "vllm")
 LAUNCH_MODES = ("subprocess", "podman", "quadlet", "attach")
 
 
+class GovernanceConfig(_Section):
+    """[governance]: grants, activation decisions and storage evidence (docs/governance.md)."""
+
+    issuer_keys: list[str] = Field(default_factory=list)  # PEM public keys of registries trusted to issue grants
+    admin_key_file: str | None = None  # the node admin's grant key; default <state>/governance/admin-grant.key
+    revocation_file: str | None = None  # revoked grant ids / sha256:<envelope digest>, one a line; unreadable: refuse all
+    require_grants: bool = False  # true: a pod runs only under a valid grant for its tenant and agent
+    require_pinned_images: bool = True  # a container provider starts only from an image pinned by digest
+
+
 class ProviderDeclaration(_Section):
     """One ``[[providers]]`` table: the engines that serve one model (llama-swap's spirit).
 
@@ -126,6 +136,7 @@ class Config(_Section):
     receipts: ReceiptsConfig = Field(default_factory=ReceiptsConfig)
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
     # [[providers]]: declared engines per model; none declared: the default rule (`nodeagent.fleet`).
     providers: list[ProviderDeclaration] = Field(default_factory=list)
 

@@ -882,6 +882,10 @@ def default_executor(node: Node):
     from nodeagent import kvevents, metrics  # [cluster] kv_events (None when off); GAIE's /metrics families
     executor.kv_events = kvevents.install_from_config(executor, cfg)
     metrics.watch_model_servers(executor, cfg)
+    # Governance: no pod runs and no engine starts without an allowed activation decision,
+    # signed into the receipt log with the storage receipt it cites (docs/governance.md).
+    from nodeagent.governance import activation_for, install_gates
+    install_gates(executor, activation_for(node, executor))
     return executor
 
 

@@ -421,6 +421,25 @@ class CacheManager:
             self._flush(counters)
             return True
 
+    def delete_owned(self, tenant: str, agent: str | None = None) -> list[CacheEntry]:
+        """Drop every entry of ``tenant`` (its tenant-scoped and all its agents' private
+        entries), or with ``agent`` only that agent's private ones, in every tier, pinned
+        ones included (a wipe; `nodeagent.governance.wipe`). Public entries stay. Raises
+        ValueError, dropping nothing, while one of them is being restored."""
+        counters = _Counters()
+        with self._lock:
+            rows = [r for r in self.index.entries(tenant=tenant)
+                    if (r.owner == f"{tenant}/{agent}" if agent is not None
+                        else r.owner == tenant or r.owner.startswith(f"{tenant}/"))]
+            busy = [r.id for r in rows if self._in_use.get(r.id)]
+            if busy:
+                raise ValueError(f"cache entries {', '.join(busy)} are being restored; try again")
+            dropped = [self._entry(r) for r in rows]
+            for row in rows:
+                self._drop(row, counters, reason="wiped")
+            self._flush(counters)
+            return dropped
+
     def shrink(self, tier: str, target_bytes: int) -> int:
         """Evict (T1: demote) lowest-priority entries until ``tier`` holds <= ``target_bytes``
         (pinned and in-use entries stay). Returns how many entries left the tier."""

@@ -48,11 +48,13 @@ from nodeagent.receipts import fastcheck
 from nodeagent.receipts.canonical import canonical_json
 from nodeagent.receipts.dsse import Envelope, EnvelopeError, parse_envelope, sign_envelope
 from nodeagent.receipts.errors import ReceiptError
+from nodeagent.receipts.events import EVENT_PREDICATE_TYPE, build_event_statement, check_event_statement
 from nodeagent.receipts.keys import PublicKey, Signer
 from nodeagent.receipts.merkle import leaf_hash
 
 KIND_EXECUTION = "execution"
 KIND_ROTATION = "key-rotation"
+KIND_EVENT = "event"  # node events: activation, storage, provider start/stop, wipe, teardown (receipts.events)
 
 
 # ------------------------------------------------------------------ building
@@ -89,6 +91,14 @@ def build_rotation_line(old: Signer, new: Signer, *, seq: int, previous: bytes |
     # Validate what we are about to sign, so a bug here can never log a malformed entry.
     KeyRotationStatement.model_validate(statement)
     return sign_envelope(canonical_json(statement), INTOTO_PAYLOAD_TYPE, [old, new])
+
+
+def build_event_line(event: str, name: str, body: dict[str, Any], *, seq: int, previous: bytes | None,
+                     signer: Signer, recorded_at: Any, tenant: str | None = None) -> bytes:
+    """A node event (`nodeagent.receipts.events`) at ``seq``, signed by the active key."""
+    statement = build_event_statement(event, name, body, seq=seq, previous=previous, key_id=signer.key_id,
+                                      recorded_at=rfc3339_utc(recorded_at), tenant=tenant)
+    return sign_envelope(canonical_json(statement), INTOTO_PAYLOAD_TYPE, [signer])
 
 
 # ------------------------------------------------------------------ checking
@@ -139,6 +149,9 @@ class EntryFacts:
         elif self.kind == KIND_ROTATION:
             out.update(run_id=None, pod=None, tenant=None, model=None, status="rotated",
                        finished_at=predicate.get("rotatedAt"))
+        elif self.kind == KIND_EVENT:
+            out.update(run_id=None, pod=predicate.get("name"), tenant=predicate.get("tenant"), model=None,
+                       status=predicate.get("event"), finished_at=predicate.get("recordedAt"))
         return out
 
 
@@ -208,6 +221,8 @@ def check_statement(facts: EntryFacts, envelope: Envelope) -> None:
         _check_execution(facts, statement)
     elif predicate_type == KEY_ROTATION_PREDICATE_TYPE:
         _check_rotation(facts, statement, envelope)
+    elif predicate_type == EVENT_PREDICATE_TYPE:
+        _check_event(facts, statement)
     else:
         facts.failures.append(("statement", f"unknown predicateType {predicate_type!r}"))
 
@@ -233,6 +248,19 @@ def _check_execution(facts: EntryFacts, statement: dict[str, Any]) -> None:
         request_digest = parsed.predicate.pod.request_digest
     if subjects.get("request") != request_digest.removeprefix("sha256:") or set(subjects) - {"request", "output"}:
         facts.failures.append(("subject", "subjects must be `request` (= predicate.pod.requestDigest) and optionally `output`"))
+    if facts.key_id not in facts.signers:
+        facts.failures.append(("key-id", f"predicate.machine.keyId {facts.key_id[:16]}… is not the key that signed"))
+
+
+def _check_event(facts: EntryFacts, statement: dict[str, Any]) -> None:
+    facts.kind = KIND_EVENT
+    problem = check_event_statement(statement)
+    if problem:
+        facts.failures.append(("subject" if problem.startswith("subject") else "statement", problem))
+        return
+    predicate = statement["predicate"]
+    facts.seq, facts.previous = predicate["log"]["seq"], predicate["log"]["previousLeafHash"]
+    facts.key_id = predicate["machine"]["keyId"]
     if facts.key_id not in facts.signers:
         facts.failures.append(("key-id", f"predicate.machine.keyId {facts.key_id[:16]}… is not the key that signed"))
 

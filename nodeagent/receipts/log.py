@@ -52,8 +52,10 @@ from nodeagent.contracts.receipt import ProofEntry, PublicKeyRef, ReceiptInput, 
 from nodeagent.fsutil import atomic_write_bytes, atomic_write_text, ensure_private_dir
 from nodeagent.receipts.checkpoint import Checkpoint, CheckpointError, check_origin, open_checkpoint, sign_checkpoint
 from nodeagent.receipts.entry import (
+    KIND_EVENT,
     KIND_EXECUTION,
     KIND_ROTATION,
+    build_event_line,
     build_execution_line,
     build_rotation_line,
     inspect_line,
@@ -394,6 +396,15 @@ class ReceiptLog:
                    "finished_at": receipt.timing.finished_at}
         return self._append(lambda seq, previous, signer: build_execution_line(
             receipt, seq=seq, previous=previous, signer=signer), summary)
+
+    def append_event(self, event: str, name: str, body: dict[str, Any], *, tenant: str | None = None,
+                     at: datetime | None = None) -> AppendedReceipt:
+        """Sign a node event (`nodeagent.receipts.events`: activation, storage, wipe…) and return once durable."""
+        moment = at or datetime.now(timezone.utc)
+        summary = {"kind": KIND_EVENT, "pod": name, "tenant": tenant, "status": event,
+                   "finished_at": rfc3339_utc(moment)}
+        return self._append(lambda seq, previous, signer: build_event_line(
+            event, name, body, seq=seq, previous=previous, signer=signer, recorded_at=moment, tenant=tenant), summary)
 
     def rotate(self, new_signer: Signer, *, reason: str | None = None) -> AppendedReceipt:
         """Hand signing over to ``new_signer``; durable, and checkpointed under the new key."""
