@@ -820,6 +820,28 @@ class Node:
             self._dispatchers[index] = self._start_dispatcher(index)
             restarted.append(thread.name)
 
+    # ------------------------------------------------------------ governance (nodeagent/governance)
+    def wipe_tenant(self, tenant: str, agent: str | None = None):
+        """Remove ``tenant``'s (``agent``'s) KV states in every tier and T0, its segment texts
+        and pod texts (digests and receipts kept); returns the signed `WipeReport`."""
+        from nodeagent.governance.wipe import wipe_tenant
+        executor = self._need_executor()
+        return wipe_tenant(conn=self.db, lock=self._db_lock, cache=executor.cache, receipts=executor.receipts,
+                           pool=executor.pool, tenant=tenant, agent=agent)
+
+    def teardown(self):
+        """Stop every provider the node started (pool and `providers up`), with a receipt."""
+        from nodeagent.governance.teardown import teardown
+        from nodeagent.launch.registry import Registry
+        executor = self._need_executor()
+        return teardown(pool=executor.pool, registry=Registry(self.paths.state_dir / "providers"),
+                        receipts=executor.receipts)
+
+    def plan(self, pod: AgentPod, *, grant_line: bytes | None = None) -> dict:
+        """What the node would do for ``pod``, without doing it (`agent-machine render plan`)."""
+        from nodeagent.governance.plan import plan_pod
+        return plan_pod(self, pod, grant_line=grant_line)
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
