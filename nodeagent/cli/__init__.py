@@ -29,6 +29,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "nodeagent.cli.tokens": ("tokens",),
     "nodeagent.cli.render": ("render",),
     "nodeagent.cli.fleet": ("fleet",),
+    "nodeagent.cli.governance": ("grants", "activate", "wipe", "teardown", "evidence"),
 }
 
 EPILOG = """\
