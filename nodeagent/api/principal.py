@@ -20,7 +20,8 @@ The rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from fastapi import Request
 
@@ -39,6 +40,9 @@ class Principal:
     tenant: str | None = None  # None: admin
     agents: frozenset[str] | None = None  # None: every agent of the tenant
     scopes: frozenset[str] | None = None  # None: every cache scope
+    # A verified `nodeagent.governance.grants.Grant` the request carried (header GRANT_HEADER):
+    # on top of the credential, every pod of the request must be inside it.
+    grant: Any = None
 
     @classmethod
     def of(cls, credential: Credential) -> "Principal":
@@ -83,6 +87,7 @@ class Principal:
     def authorize_pod(self, pod: AgentPod) -> None:
         """May this principal run ``pod`` as written? 403 naming the first field that says no."""
         if self.is_admin:
+            self.authorize_grant(pod)
             return
         if pod.metadata.tenant != self.tenant:
             raise self._forbidden(f"metadata.tenant {pod.metadata.tenant!r}: this credential may submit pods of "
@@ -96,6 +101,15 @@ class Principal:
                     field = f"spec.context[{index}].scope"
                     raise self._forbidden(f"{field} {segment.scope.value!r}: this credential may use cache scopes "
                                           f"{', '.join(sorted(self.scopes))} only", field)
+        self.authorize_grant(pod)
+
+    def authorize_grant(self, pod: AgentPod) -> None:
+        """A request carrying a grant is held to it, admin or not: 403 with the grant's first refusal."""
+        if self.grant is None:
+            return
+        refusals = self.grant.refusals(pod)
+        if refusals:
+            raise ApiError(403, "forbidden", f"{GRANT_HEADER}: {refusals[0]}", field=GRANT_HEADER)
 
     def chat_identity(self) -> tuple[str, str]:
         """(tenant, agent) an OpenAI request of this principal runs as.
@@ -126,13 +140,34 @@ class Principal:
 # The Unix socket's owner: the socket is 0600 in a 0700 directory, so whoever can
 # connect is the agent's own user, who can read every tenant's state anyway.
 SOCKET_OWNER = Principal(credential="socket")
+GRANT_HEADER = "X-Agent-Machine-Grant"  # an AgentRegistryGrant: its DSSE envelope, base64 (docs/governance.md)
 
 
 async def get_principal(request: Request) -> Principal:
     """The request's principal. An app served bare, without `Authenticate` (as the
-    tests do on a private socket), answers as to the socket's owner."""
+    tests do on a private socket), answers as to the socket's owner. A grant header
+    is verified here (signature, revocation, expiry: 403 naming what failed) and
+    installed on the node, so activation holds the agent's pods to it."""
     principal = request.scope.get(SCOPE_KEY)
-    return principal if isinstance(principal, Principal) else SOCKET_OWNER
+    principal = principal if isinstance(principal, Principal) else SOCKET_OWNER
+    header = request.headers.get(GRANT_HEADER)
+    if header:
+        principal = replace(principal, grant=_verified_grant(request, header))
+    return principal
 
 
-__all__ = ["Principal", "SOCKET_OWNER", "get_principal"]
+def _verified_grant(request: Request, header: str) -> Any:
+    from nodeagent.governance.activation import activation_for
+    from nodeagent.governance.grants import GrantError, read_grant_text
+
+    node = request.app.state.node
+    activation = getattr(getattr(node, "executor", None), "activation", None) or activation_for(node)
+    try:
+        grant = activation.verify(read_grant_text(header))
+    except GrantError as exc:
+        raise ApiError(403, "forbidden", f"{GRANT_HEADER}: grant refused: {exc}", field=GRANT_HEADER) from None
+    activation.grants.install(grant)
+    return grant
+
+
+__all__ = ["GRANT_HEADER", "Principal", "SOCKET_OWNER", "get_principal"]
