@@ -227,7 +227,6 @@ class Activation:
         refusals: list[str] = []
         names = list(record.names) if record is not None else []
         digest = record.digest if record is not None else None
-        matched_identity = False
         for grant_id, line in candidates:
             try:
                 grant = self.verify(line)
@@ -237,7 +236,6 @@ class Activation:
                 # an installed grant for someone else that is broken does not concern this pod,
                 # but one for this identity does: peek at its subject without trusting it
                 if _subject_of(line) == (meta.tenant, meta.agent):
-                    matched_identity = True
                     refusals.append(f"grant {grant_id}: {exc}")
                 continue
             if grant.identity_refusals(meta.tenant, meta.agent, meta.session):
@@ -245,20 +243,17 @@ class Activation:
                     return Precondition("grant", False, "; ".join(grant.identity_refusals(
                         meta.tenant, meta.agent, meta.session))), grant.summary()
                 continue
-            matched_identity = True
             reasons = grant.refusals(pod, model_names=names, model_digest=digest)
             if not reasons:
                 return Precondition("grant", True, f"grant {grant.id} from {grant.issuer} (key "
                                                    f"{grant.key_id[:16]}…) covers the pod"), grant.summary()
             refusals.extend(reasons)
-        if refusals:
+        if refusals:  # grants for this agent exist, and none covers the pod (or each is refused)
             return Precondition("grant", False, "; ".join(refusals)), None
         if self.governance.require_grants:
             return Precondition("grant", False, f"no grant for tenant {meta.tenant!r} agent {meta.agent!r} is "
                                                 "installed and [governance] require_grants is on"), None
-        if not matched_identity:
-            return None, None  # grants not required and none concerns this pod
-        return None, None
+        return None, None  # grants not required and none concerns this pod: no grant precondition
 
     # ------------------------------------------------------------ decisions
     def evaluate_pod(self, pod: Any, record: Any | None, *, grant_line: bytes | None = None,

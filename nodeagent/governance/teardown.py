@@ -87,6 +87,8 @@ def teardown(*, pool: Any | None, registry: Any | None, receipts: Any | None) ->
     if registry is not None:
         _down_launched(registry, report)
     if receipts is not None:
+        for stopped in report.stopped:
+            receipts.append_event("provider-stop", str(stopped["provider"]), stopped)
         report.receipt_id = receipts.append_event("teardown", "node", report.body()).receipt_id
     return report
 

@@ -38,10 +38,8 @@ EVENT_TYPES = frozenset({
     "storage",          # a StorageReceipt: where models, KV tiers, scratch and receipts live
     "provider-start",   # a provider the node started (after an allowed activation)
     "provider-stop",    # a provider the node stopped
-    "placement",        # a placement decision recorded outside a turn
     "wipe",             # a tenant's states and texts removed, listed by digest
     "teardown",         # every provider the node started stopped, units and containers removed
-    "grant",            # a grant installed on or revoked from this node
 })
 
 _MAX_SAFE = 2**53 - 1
