@@ -76,6 +76,9 @@ def test_a_declared_provider_with_an_unpinned_image_never_starts_and_the_decisio
     allowed = _events(log, "activation")[-1]
     assert allowed["body"]["verdict"] == "allowed"
     assert _events(log, "provider-start")[-1]["body"]["image"] == PINNED
+    # a local image counts as pinned only when it resolves to an image id (it was built here)
+    with pytest.raises(StartRefused, match="image-pinned"):
+        pool.check_start(_start(record, image="localhost/agent-machine-test/no-such-image:latest"))
     # subprocess engines have no image to pin
     pool.check_start(_start(record, mode="subprocess", image=None))
     log.checkpoint()

@@ -199,6 +199,12 @@ class Activation:
             return Precondition("image-pinned", True, f"{name}: image pinning not required ([governance])")
         if image and PINNED_IMAGE.search(image):
             return Precondition("image-pinned", True, f"{name}: {image}")
+        if image and image.startswith("localhost/"):
+            # Built on this host, never pulled: no registry can move the tag under the node. It counts
+            # as pinned once it resolves to an image id, which the decision records.
+            image_id = _local_image_id(image)
+            if image_id:
+                return Precondition("image-pinned", True, f"{name}: {image} is a local image, id sha256:{image_id}")
         return Precondition("image-pinned", False, f"{name}: image {image or '(catalog default)'} is not pinned "
                                                    "by digest (@sha256:…); a tag can change under the node")
 
@@ -364,6 +370,22 @@ class Activation:
             self.receipts.append_event("provider-start", decision.subject, {
                 "provider": decision.subject, "kind": start.kind, "mode": start.mode, "image": start.image,
                 "model": start.model, "modelDigest": start.model_digest, "activation": decision.receipt_id})
+
+
+def _local_image_id(image: str) -> str | None:
+    """The id of a local Podman image (64 hex), or None when Podman cannot tell."""
+    import shutil
+    import subprocess
+    podman = shutil.which("podman")
+    if podman is None:
+        return None
+    try:
+        done = subprocess.run([podman, "image", "inspect", "--format", "{{.Id}}", image],
+                              capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = done.stdout.strip().removeprefix("sha256:")
+    return found if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{64}", found) else None
 
 
 def _subject_of(line: bytes) -> tuple[str, str] | None:
