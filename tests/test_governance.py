@@ -193,3 +193,16 @@ def test_the_storage_receipt_names_each_role_and_is_logged_once_until_it_changes
     (tmp_path / "t1").mkdir()  # the layout changed (T1 now exists): a new receipt
     activation.storage_receipt()
     assert len(_events(log, "storage")) == 2
+
+
+def test_a_reloaded_config_applies_to_the_next_decision(setup):
+    from types import SimpleNamespace
+
+    from nodeagent.config import Config
+    make, _models, record, _log, _signer, _ = setup
+    activation = make()
+    node = SimpleNamespace(config=Config(), policy=Policy.allow_all())
+    activation._node = node
+    assert activation.pod_gate(make_pod(model="tiny"), record) == []
+    node.config = Config.model_validate({"governance": {"require_grants": True}})  # what SIGHUP does
+    assert any("require_grants" in r for r in activation.pod_gate(make_pod(model="tiny"), record))

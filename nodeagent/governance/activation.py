@@ -144,6 +144,15 @@ class Activation:
         self.digests = DigestCache()
         self._storage_logged: str | None = None
         self._storage_lock = threading.Lock()
+        self._node: Any = None  # set by `activation_for`: config and policy follow the node's reloads
+
+    def follow(self, node: Any) -> None:
+        """Take config, policy and declarations from ``node`` now (after a SIGHUP reload they change)."""
+        cfg = node.config
+        if cfg.governance.revocation_file != self.governance.revocation_file:
+            self.revocations = RevocationList(cfg.governance.revocation_file)
+        self.governance, self.policy = cfg.governance, node.policy
+        self.context, self.declared = cfg.models.context, list(cfg.providers)
 
     # ------------------------------------------------------------ evidence
     def storage_receipt(self, *, record: bool = True) -> tuple[StorageReceipt, str | None]:
@@ -344,6 +353,11 @@ class Activation:
         return [d for d in self.declared
                 if d.model in names or (d.model.startswith("sha256:") and record.digest.startswith(d.model))]
 
+    def _refresh(self) -> None:
+        if self._node is not None and (self._node.config.governance is not self.governance
+                                       or self._node.policy is not self.policy):
+            self.follow(self._node)
+
     def record(self, decision: ActivationDecision) -> ActivationDecision:
         if self.receipts is None:
             return decision
@@ -355,6 +369,7 @@ class Activation:
     # ------------------------------------------------------------ the executor's seams
     def pod_gate(self, pod: Any, record: Any) -> list[str]:
         """`PodExecutor.pod_gate`: the reasons a pod may not run ([] = allowed); the decision is logged first."""
+        self._refresh()
         decision = self.record(self.evaluate_pod(pod, record))
         return [] if decision.allowed else [f"activation denied ({', '.join(decision.lacking)}): {r}"
                                             for r in decision.reasons]
@@ -362,6 +377,7 @@ class Activation:
     def start_gate(self, start: Any) -> None:
         """`ProviderPool.start_gate`: raises `StartRefused` with the decision's reasons when denied."""
         from nodeagent.providers.base import StartRefused
+        self._refresh()
         decision = self.record(self.evaluate_start(start))
         if not decision.allowed:
             raise StartRefused(f"activation denied for provider {decision.subject} "
@@ -440,6 +456,8 @@ def activation_for(node: Any, executor: Any | None = None, *, receipts: Any | No
         pools = budgets_from_devices(node.machine().devices)
         return max((p.budget_bytes for p in pools), default=None)
 
-    return Activation(state_dir=state, governance=cfg.governance, policy=node.policy, models=models,
-                      receipts=receipts, storage=lambda: take_storage_receipt(roles), budget_bytes=budget,
-                      context=cfg.models.context, declared=cfg.providers)
+    activation = Activation(state_dir=state, governance=cfg.governance, policy=node.policy, models=models,
+                            receipts=receipts, storage=lambda: take_storage_receipt(roles), budget_bytes=budget,
+                            context=cfg.models.context, declared=cfg.providers)
+    activation._node = node  # a SIGHUP reload's config and policy apply to the next decision
+    return activation
