@@ -420,6 +420,11 @@ def install_gates(executor: Any, activation: Activation) -> None:
     executor.pod_gate = activation.pod_gate
     executor.pool.start_gate = activation.start_gate
     executor.activation = activation
+    try:  # the storage receipt at start (then on change, at each decision)
+        activation.storage_receipt()
+    except Exception:  # evidence that cannot be taken now is retried, and denies, at the first decision
+        import logging
+        logging.getLogger(__name__).exception("storage receipt at start failed")
 
 
 __all__ = ["Activation", "ActivationDecision", "Precondition", "install_gates"]
