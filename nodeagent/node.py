@@ -826,6 +826,15 @@ class Node:
         and pod texts (digests and receipts kept); returns the signed `WipeReport`."""
         from nodeagent.governance.wipe import wipe_tenant
         executor = self._need_executor()
+        # Pods of the tenant still in flight would save new states after the wipe: cancel them first.
+        live = [p for p in self.list_pods(tenant=tenant, limit=100000)
+                if p.status.phase not in TERMINAL_PHASES and (agent is None or p.metadata.agent == agent)]
+        for pod in live:
+            with contextlib.suppress(Exception):
+                self.cancel_pod(pod.id, reason=f"wipe of tenant {tenant}")
+        for pod in live:
+            with contextlib.suppress(Exception):
+                self._wait_terminal(pod.id, 60.0)
         return wipe_tenant(conn=self.db, lock=self._db_lock, cache=executor.cache, receipts=executor.receipts,
                            pool=executor.pool, tenant=tenant, agent=agent)
 

@@ -113,8 +113,10 @@ def _erase_t0(pool: Any, tenant: str, agent: str | None) -> list[dict[str, Any]]
         entry = {"provider": managed.name, "tokens": len(held.tokens)}
         if managed.running is not None:
             entry["action"] = "busy"  # a turn is on it: forgotten now, overwritten by the next request
-        elif callable(getattr(provider, "erase", None)):  # a llama-server slot
-            provider.erase()
+        elif callable(getattr(provider, "erase", None)):  # a llama-server slot (no Provider method: see above)
+            import inspect
+            takes_slot = bool(inspect.signature(provider.erase).parameters)
+            provider.erase(0) if takes_slot else provider.erase()
             entry["action"] = "slot-erased"
         else:
             # No Provider method empties a context: a restart does (the engine's KV goes with its process).
