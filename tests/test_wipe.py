@@ -103,3 +103,20 @@ def _rows(receipts):
         statement = json.loads(parse_envelope(receipts.read_line(seq)).payload)
         out.append((seq, statement["predicate"].get("event")))
     return out
+
+
+def test_wipe_of_one_agent_keeps_the_tenants_other_agents_and_its_tenant_scoped_states(node):
+    for name, agent, scope in (("c1", "coder", "private"), ("r1", "reviewer", "private"), ("t1", "coder", "tenant")):
+        pod = wait_terminal(node, node.submit_pod(make_pod(name=name, agent=agent, scope=scope,
+                                                           system=f"{agent} {scope} " + ACME_SYSTEM,
+                                                           turns=["hi"], max_tokens=2)).id)
+        assert pod.status.phase == PodPhase.succeeded
+    owners = {e.owner for e in node.executor.cache.entries(tenant="acme")}
+    assert {"acme/coder", "acme/reviewer"} <= owners
+    report = node.wipe_tenant("acme", agent="coder")
+    left = {e.owner for e in node.executor.cache.entries(tenant="acme")}
+    assert "acme/coder" not in left and "acme/reviewer" in left
+    assert {e["owner"] for e in report.kv_entries} == {"acme/coder"}
+    reviewer = [p for p in node.list_pods(tenant="acme") if p.metadata.agent == "reviewer"][0]
+    assert reviewer.spec.context[0].text is not None  # the other agent's pod keeps its text
+    assert {p["name"] for p in report.pods} == {"c1", "t1"}
