@@ -301,6 +301,10 @@ def _show_table(row: Any, statement: dict[str, Any]) -> str:
             f"queued:     {timing['queuedAt']}", f"finished:   {timing['finishedAt']}",
             f"request:    {p['pod']['requestDigest']}",
         ]
+    elif row.kind == "event":  # governance node events (docs/governance.md)
+        import json
+        lines += [f"event:      {p['event']} {p['name']}", f"tenant:     {p['tenant'] or '-'}",
+                  f"at:         {p['recordedAt']}", "body:       " + json.dumps(p["body"], sort_keys=True)[:2000]]
     else:
         lines += [f"from key:   {p['previousKey']['keyId']}", f"to key:     {p['newKey']['keyId']}",
                   f"at:         {p['rotatedAt']}", f"reason:     {p.get('reason') or '-'}"]
