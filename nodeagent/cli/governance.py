@@ -339,6 +339,13 @@ def _wipe(args: argparse.Namespace) -> int:
     from nodeagent.kvcache.manager import open_from_config
     from nodeagent.node import Node
 
+    import re
+
+    from nodeagent.contracts.names import RESOURCE_NAME
+    for flag, value in (("--tenant", args.tenant), ("--agent", args.agent)):
+        if value is not None and not re.match(RESOURCE_NAME, value):
+            raise CliError(f"{flag} {value!r}: not a tenant/agent name (lowercase letters, digits, '-', '_', '.')",
+                           exit_code=2)
     loaded = _loaded()
     cache = open_from_config(loaded)
     if not args.yes:

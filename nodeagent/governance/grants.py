@@ -35,6 +35,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from nodeagent.contracts.names import RESOURCE_NAME
 from nodeagent.contracts.receipt import rfc3339_utc
 from nodeagent.fsutil import atomic_write_bytes, ensure_private_dir
 from nodeagent.receipts.canonical import canonical_json
@@ -48,7 +49,7 @@ API_VERSION = "agent-machine/v1"
 CACHE_SCOPES = ("private", "tenant", "public")
 ANY = "*"
 GRANT_LABEL = "grant.agent-machine.dev/id"  # a pod may name the grant it runs under
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_NAME = re.compile(RESOURCE_NAME)  # the pod contract's own rule for tenant/agent/session names
 _ID = re.compile(r"^grant-[0-9a-f]{16,64}$")
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 
