@@ -3,7 +3,6 @@ into the receipt log, which keeps verifying offline with the machine key alone."
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from pathlib import Path

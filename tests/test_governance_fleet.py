@@ -5,7 +5,6 @@ node started, with a receipt."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

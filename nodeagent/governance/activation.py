@@ -26,7 +26,6 @@ Preconditions (each named in the decision, with what it found):
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 from dataclasses import dataclass, field

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
