@@ -305,7 +305,7 @@ class Activation:
                                     f"model {pod.spec.model.name or pod.spec.model.digest} is not in the store"))
         else:
             pre.extend(self._model_preconditions(record, max(self.context, pod.spec.model.min_context)))
-            for declaration in self._declared_for(record):
+            for declaration in self.declared_for(record):
                 found = self._image_precondition(declaration.mode, declaration.image,
                                                  declaration.name or declaration.model)
                 if found is not None:
@@ -347,7 +347,7 @@ class Activation:
         pre.append(self._storage_precondition(storage, digest))
         return storage, digest
 
-    def _declared_for(self, record: Any) -> list[Any]:
+    def declared_for(self, record: Any) -> list[Any]:
         names = set(record.names) | {n.split(":")[0] for n in record.names} | {record.digest}
         return [d for d in self.declared
                 if d.model in names or (d.model.startswith("sha256:") and record.digest.startswith(d.model))]

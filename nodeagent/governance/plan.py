@@ -71,7 +71,7 @@ def plan_pod(node: Any, pod: Any, *, grant_line: bytes | None = None,
     providers = []
     if record is not None and not hot:
         from nodeagent.execution import ProviderStart
-        for declared in activation._declared_for(record):
+        for declared in activation.declared_for(record):
             start = ProviderStart(model_digest=record.digest, model=pod.spec.model.name or record.digest,
                                   kind=declared.kind, mode=declared.mode, provider=declared.name, image=declared.image)
             gate = activation.evaluate_start(start, record_storage=False)
