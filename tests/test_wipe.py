@@ -120,3 +120,30 @@ def test_wipe_of_one_agent_keeps_the_tenants_other_agents_and_its_tenant_scoped_
     reviewer = [p for p in node.list_pods(tenant="acme") if p.metadata.agent == "reviewer"][0]
     assert reviewer.spec.context[0].text is not None  # the other agent's pod keeps its text
     assert {p["name"] for p in report.pods} == {"c1", "t1"}
+
+
+def test_wipe_erases_the_llama_server_slot_holding_the_tenant_and_leaves_other_slots(tmp_path, tiny_model_path):
+    ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    config = tmp_path / "config.toml"
+    config.write_text('[[providers]]\nmodel = "tiny"\nkind = "llama_server"\nmode = "subprocess"\nslots = 2\n'
+                      'ctx_per_slot = 1024\n')
+    node = Node(load_config({**env_for(tmp_path), "AGENT_MACHINE_CONFIG": str(config)}),
+                executor_factory=default_executor)
+    node.start()
+    try:
+        for name, tenant, system in (("g1", "globex", GLOBEX_SYSTEM), ("a1", "acme", ACME_SYSTEM)):
+            pod = wait_terminal(node, node.submit_pod(make_pod(name=name, tenant=tenant, system=system,
+                                                               turns=["hi"], max_tokens=2)).id)
+            assert pod.status.phase == PodPhase.succeeded, pod.status.reasons
+        held = {m.name: {ns.owner for _, ns in m.held.spans} for m in node.executor.pool.all()}
+        acme_slots = {name for name, owners in held.items() if "acme/coder" in owners}
+        assert acme_slots
+        report = node.wipe_tenant("acme")
+        assert {t["provider"] for t in report.t0} == acme_slots
+        assert all(t["action"] == "slot-erased" for t in report.t0)
+        after = {m.name: {ns.owner for _, ns in m.held.spans} for m in node.executor.pool.all()}
+        assert not any("acme/coder" in owners for owners in after.values())
+        for name in set(held) - acme_slots:  # slots that held no acme span are untouched
+            assert after[name] == held[name]
+    finally:
+        node.close()

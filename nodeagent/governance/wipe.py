@@ -120,8 +120,9 @@ def _erase_t0(pool: Any, tenant: str, agent: str | None) -> list[dict[str, Any]]
             entry["action"] = "slot-erased"
         else:
             # No Provider method empties a context: a restart does (the engine's KV goes with its process).
+            # Through the pool's revive: serialised with loads, the context (and its group's) forgotten.
             provider.stop()
-            provider.start()
+            pool.revive(managed)
             entry["action"] = "restarted"
         managed.forget_context()
         out.append(entry)
