@@ -12,6 +12,9 @@
   then reported as ``busy`` (its context is forgotten by the pool, so nothing
   is reused from it, and it is overwritten by the next request).
   The Provider protocol lacks ``reset_context()``; with it no restart is needed.
+  A slot's erase leaves llama-server's host-RAM prompt cache (``--cache-ram``,
+  on by default) as it is: process memory, not a file, until evicted or the
+  replica restarts (docs/governance.md, Limits).
 * stored segment texts only T could name (not public, not also another
   tenant's), and in T's pods (A's) the texts of segments, messages, prompts,
   tool-call arguments and turn outputs: replaced by their sha256 (the pod still
