@@ -119,6 +119,7 @@ def test_grants_activation_and_plan_from_the_command_line(ran):
     assert "does not list model 'tiny'" in refused["refusals"][0]
     ls = json.loads(am(env, "grants", "ls", "--format", "json", check=0).stdout)
     assert [r["state"] for r in ls] == ["valid"]
+    assert "no installed grant" in am(env, "grants", "rm", "grant-0000000000000000", check=1).stderr
 
     decision = json.loads(am(env, "activate", "evaluate", str(pod), "--format", "json", check=0).stdout)
     assert decision["verdict"] == "allowed" and {p["name"] for p in decision["preconditions"]} >= {

@@ -17,6 +17,7 @@ examples:
   agent-machine grants verify acme-coder.grant --pod pod.json  and whether it covers the pod
   agent-machine grants ls --format json                        installed grants and their state
   agent-machine grants revoke grant-5f1c0a9d2b7e4c11 --reason "agent retired"
+  agent-machine grants rm grant-5f1c0a9d2b7e4c11              uninstall it from this node
 """
 
 ACTIVATE_EPILOG = """\
@@ -91,6 +92,11 @@ def register(subparsers: Any) -> None:
     _fmt(install)
     install.add_argument("file")
     install.set_defaults(func=_install)
+
+    rm = grants.add_parser("rm", help="uninstall a grant from this node (revoke it to refuse it everywhere)")
+    _fmt(rm, GRANTS_EPILOG)
+    rm.add_argument("grant_id")
+    rm.set_defaults(func=_rm)
 
     revoke = grants.add_parser("revoke", help="add a grant id to the configured revocation file")
     _fmt(revoke, GRANTS_EPILOG)
@@ -283,6 +289,16 @@ def _install(args: argparse.Namespace) -> int:
         raise CliError(f"{args.file}: refused: {exc}") from exc
     path = activation.grants.install(grant)
     emit({"installed": grant.id, "path": str(path)}, args.format, lambda r: f"installed {r['installed']} ({r['path']})")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from nodeagent.governance.grants import GrantStore
+
+    loaded = _loaded()
+    if not GrantStore(loaded.paths.state_dir).remove(args.grant_id):
+        raise CliError(f"no installed grant {args.grant_id!r} (agent-machine grants ls)")
+    emit({"removed": args.grant_id}, args.format, lambda r: f"uninstalled {r['removed']}")
     return 0
 
 

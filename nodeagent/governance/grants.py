@@ -392,6 +392,16 @@ class GrantStore:
             return []
         return [(p.stem, p.read_bytes().strip()) for p in sorted(self.directory.glob("grant-*.dsse"))]
 
+    def remove(self, grant_id: str) -> bool:
+        """Uninstall a grant (its agent's pods are then no longer held to it); False if not installed."""
+        path = self.directory / f"{grant_id}.dsse"
+        if not _ID.match(grant_id) or not path.is_file():
+            return False
+        path.unlink()
+        from nodeagent.fsutil import fsync_dir
+        fsync_dir(self.directory)
+        return True
+
     def line(self, grant_id: str) -> bytes | None:
         path = self.directory / f"{grant_id}.dsse"
         return path.read_bytes().strip() if _ID.match(grant_id) and path.is_file() else None
