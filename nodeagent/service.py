@@ -461,6 +461,12 @@ def provider_rows(records: Iterable[dict[str, Any]], *, now: float | None = None
             "modelDigest": digest,
             "configuredModel": configured_model,
             "drift": drift,
+            # A context the node places on (a slot of a replica): what it holds, whose, busy or idle.
+            "replica": _first(record, "replica"),
+            "slot": _first(record, "slot"),
+            "heldTokens": _first(record, "heldTokens"),
+            "owner": _first(record, "owner"),
+            "busy": _first(record, "busy"),
         })
     return rows
 

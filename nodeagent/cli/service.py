@@ -164,12 +164,18 @@ def _ps(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no providers ({source})")
         return 0
-    headers = ("provider", "kind", "mode", "unit", "state", "pid", "healthy", "model", "drift")
+    headers = ("provider", "kind", "mode", "unit", "state", "pid", "healthy", "model", "held", "owner", "busy",
+               "drift")
+
+    def busy(r: dict[str, Any]) -> str:
+        return "-" if r.get("busy") is None else ("busy" if r["busy"] else "idle")
+
     print(render_table(headers, [(r["provider"], r["kind"] or "-", r["mode"] or "-",
                                   f"{r['unit']} ({r['unitState'] or 'unknown'})" if r["unit"] else "-",
                                   r["state"] or "-",
                                   r["pid"] or "-", r["healthyAgo"] or "never", r["model"] or "-",
-                                  "; ".join(r["drift"]) or "") for r in rows]))
+                                  "-" if r.get("heldTokens") is None else r["heldTokens"], r.get("owner") or "-",
+                                  busy(r), "; ".join(r["drift"]) or "") for r in rows]))
     return 0
 
 
