@@ -502,6 +502,11 @@ class Node:
         if receipts_log is not None and receipts_log.size:
             # On demand: a planner asking wants the current size signed (an empty log has nothing to sign).
             receipts_log.checkpoint()
+        from nodeagent.receipts import receipts_dir
+        from nodeagent.receipts.log import LOG_FILE
+
+        if not (receipts_dir(self.paths.state_dir) / LOG_FILE).exists():
+            return None  # no entry yet, so nothing signed
         with self._receipt_reader() as reader:
             found = reader.latest_checkpoint()
         return None if found is None else {"size": found[0], "checkpoint": found[1]}

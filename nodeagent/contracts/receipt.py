@@ -349,6 +349,20 @@ class ExecutionReceipt(Resource):
     statement: ExecutionStatement
 
 
+class LogEntry(Resource):
+    """Any other entry of the receipt log as served by `receipts show` and the API:
+    a key rotation, or a node event (activation, storage, provider start or stop,
+    wipe, teardown; `nodeagent.receipts.events`). The statement is decoded for
+    reading; its predicate type names which. Verify the envelope, not the copy."""
+
+    kind: Literal["LogEntry"] = "LogEntry"
+    seq: Count
+    receipt_id: Hex64 = Field(description="RFC 6962 leaf hash of the log line (hex)")
+    entry: Literal["key-rotation", "event"] = Field(description="what the entry records")
+    envelope: DsseEnvelope
+    statement: dict[str, Any] = Field(description="the decoded in-toto statement")
+
+
 class ProofEntry(Contract):
     seq: Count
     line: str = Field(description="the exact log line (a DSSE envelope in canonical JSON)")

@@ -775,9 +775,9 @@ class LogReader:
         return data
 
     def view(self, row: LogRow) -> tuple[Any, dict[str, Any]]:
-        """The entry at ``row`` as ``(envelope, statement)``: an `ExecutionReceipt` for an
-        execution entry, else a plain dict of the same parts; and the decoded statement."""
-        from nodeagent.contracts.receipt import DsseEnvelope, ExecutionReceipt
+        """The entry at ``row`` as ``(entry, statement)``: an `ExecutionReceipt` for an
+        execution entry, else a `LogEntry` of the same parts; and the decoded statement."""
+        from nodeagent.contracts.receipt import DsseEnvelope, ExecutionReceipt, LogEntry
         from nodeagent.receipts.dsse import parse_envelope
 
         line = self.line(row)
@@ -786,8 +786,8 @@ class LogReader:
         if row.kind == "execution":
             return ExecutionReceipt(seq=row.seq, receipt_id=row.receipt_id, envelope=envelope,
                                     statement=statement), statement
-        return {"seq": row.seq, "receiptId": row.receipt_id, "kind": row.kind,
-                "envelope": envelope.to_wire(), "statement": statement}, statement
+        return LogEntry(seq=row.seq, receipt_id=row.receipt_id, entry=row.kind, envelope=envelope,
+                        statement=statement), statement
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         latest = latest_checkpoint_file(self.directory)

@@ -23,6 +23,9 @@ from nodeagent.api.routes.common import (
 router = APIRouter(tags=["receipts"])
 
 _ExecutionReceipt = optional_model("nodeagent.contracts.receipt", "ExecutionReceipt")
+_LogEntry = optional_model("nodeagent.contracts.receipt", "LogEntry")
+# Execution receipts are every caller's; key rotations and node events (LogEntry) only admin's.
+_AnyEntry = _ExecutionReceipt if _LogEntry is None else _ExecutionReceipt | _LogEntry
 
 
 def _sees(principal: Principal, receipt: Any) -> bool:
@@ -44,8 +47,8 @@ def list_receipts(since: int = Query(0, ge=0, description="first sequence number
     return items_response([receipt for receipt in receipts if _sees(principal, receipt)])
 
 
-@router.get("/v1/receipts/{receipt_id}", response_model=_ExecutionReceipt, responses=error_responses(404, 422, 501),
-            summary="one signed receipt (DSSE envelope and its log position)")
+@router.get("/v1/receipts/{receipt_id}", response_model=_AnyEntry, responses=error_responses(404, 422, 501),
+            summary="one signed log entry: an execution receipt, or (admin) a key rotation or node event")
 def get_receipt(receipt_id: str = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:._-]+$"),
                 node: Any = Depends(get_node), principal: Principal = Depends(get_principal)) -> Response:
     method = node_method(node, "get_receipt")
