@@ -158,7 +158,8 @@ def run_baseline(arm: str, chains, *, params: FleetParams, model: Path, work: Pa
                  ) -> tuple[list[Record], dict]:
     servers = Servers(work, model)
     router = None
-    client = httpx.Client(timeout=params.deadline_s)
+    # No keep-alive, as the node's adapter: a request racing cpp-httplib's idle close fails.
+    client = httpx.Client(timeout=params.deadline_s, limits=httpx.Limits(max_keepalive_connections=0))
     try:
         if arm == "single":
             urls = [servers.start("single", 2 * params.slots, 2 * params.threads, params.ctx_per_slot)]

@@ -120,6 +120,7 @@ class PodExecutor:
         # may not (empty: it may); a pod with reasons ends Refused, with its receipt.
         self.pod_gate: Callable[[AgentPod, Any], list[str]] | None = None
         self.fleet: Any = None  # nodeagent.fleet.Fleet: the engines the node starts for each model
+        self.kv_events: Any = None  # nodeagent.kvevents.KVEventSource when [cluster] kv_events is on
 
     # ------------------------------------------------------------ node hooks
     @property
@@ -189,6 +190,8 @@ class PodExecutor:
             except Exception:
                 pass
         self.pool.close_tokenizers()
+        if self.kv_events is not None:
+            self.kv_events.close()  # unbind its sockets now: a reloaded node binds the same endpoint
         if self.receipts is not None:
             if self.receipts.size:
                 self.receipts.checkpoint()  # sign what this run appended, so truncation is detectable

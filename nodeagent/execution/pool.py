@@ -322,7 +322,9 @@ class ProviderPool:
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self._providers.pop(name, None)
+            managed = self._providers.pop(name, None)
+        if managed is not None:
+            managed.forget_context()  # listeners (KV events) learn that what it held is gone
 
     def all(self) -> list[ManagedProvider]:
         with self._lock:

@@ -234,7 +234,11 @@ class LlamaServerProvider:
         self.spec = spec
         self.launcher = launcher
         self.health_path = health_path
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        # No keep-alive: llama-server (cpp-httplib) closes an idle connection after a few
+        # seconds without a word, and a request racing that close fails as if the
+        # server had crashed. A localhost connect per request costs ~0.1 ms.
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s,
+                                    limits=httpx.Limits(max_keepalive_connections=0))
         self._context: dict[int, list[int]] = {}
         self._lock = threading.Lock()
         self._measured = MeasuredRates()
