@@ -72,5 +72,10 @@ am key show --format json | python3 -c 'import json,sys; sys.stdout.write(json.l
 rm -rf "$DEMO_DIR/export"
 am receipts export "$DEMO_DIR/export"
 am receipts verify "$DEMO_DIR/export" --key "$DEMO_DIR/machine.pub.pem"
+
+step "evidence: profile, storage receipts, activation decisions and the log, one signed bundle"
+rm -rf "$DEMO_DIR/evidence"
+am evidence bundle "$DEMO_DIR/evidence"
+am evidence verify "$DEMO_DIR/evidence" --key "$DEMO_DIR/machine.pub.pem"
 echo
 echo "demo: done. State is in $DEMO_DIR (delete it to start over)."
