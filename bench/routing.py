@@ -3,20 +3,27 @@
     python -m bench.routing                       # both traces, every arm, sglang-router if installed
     python -m bench.routing --trace gsp --arms ours,round_robin
     python -m bench.routing --trace agent --capacity-blocks 256     # smaller device KV caches
+    python -m bench.routing --trace-file held_out.json              # any saved trace (Trace.save format)
     python -m bench.routing --router mine=http://127.0.0.1:9000   # any external router in front
                                                                   # of the same workers (URLs printed)
 
 For each trace, every arm runs the same requests against the same N simulated
-workers (bench.simworker; reset between arms, loopback only). Arms:
+workers (bench.simworker; reset between arms, loopback only). A trace saved with
+``Trace.save`` runs with ``--trace-file`` (repeatable); when its params carry a
+``fleet`` (bench.traces.workload_trace writes one: workers, capacity, rates,
+speedup) the run uses it unless the command line says otherwise. Arms:
 
-* ``ours``           the scheduler core (nodeagent.scheduler.placement.place) with its load guard
-* ``ours-noguard``   the same cost model without the guard (what the guard is worth)
+* ``ours``           the scheduler core (nodeagent.scheduler.placement.place) as the node runs it:
+  minimum estimated TTFT, load guard off (the executor's default, see execution/executor.py)
+* ``ours-guard``     the same with the token load guard on (LoadGuard defaults), for comparison
 * ``ours+T1``        the system: ``ours`` plus the node's T1 tier in host RAM (the product's
   kvcache.CacheManager, T1 = 4x the workers' total device KV by default): the node saves each
   request's state, looks up saved prefixes before placing, and `place` weighs restoring one
   (charged on the worker's engine at a measured RAM-copy rate) against the device cache and
   recomputing (see `OursTiered`)
 * ``ours+T1-5GB``    the same with T1 sized as LMCache's default local CPU tier (5 GB)
+* ``llm-d``          llm-d's precise prefix-cache scorer with its queue and KV-utilisation scorers
+  and the weights of llm-d's precise-prefix-cache-aware guide (bench.llmd_scorer), given exact state
 * ``round_robin``, ``least_loaded`` (fewest in-flight requests), ``consistent_hash``
   (hash ring over the session id), ``random`` (seeded)
 * ``sglang-cache_aware``, ``sglang-round_robin``: the real sglang-router from
@@ -34,7 +41,8 @@ for the node arms also on device + T1 capacity); max/mean prompt-token load
 over workers and Jain's index; TTFT p50/p90/p99 in simulated seconds, end to
 end (from the client's send, so routing, the node's lookups and router
 queueing count, scaled by the speedup) and at the worker (queue + restore +
-prefill); router cost: time in `choose` for in-process arms, and the extra
+prefill); goodput: the share of requests with end-to-end TTFT <= ``--slo-s``;
+router cost: time in `choose` for in-process arms, and the extra
 wall time an external router adds over the median direct hop.
 """
 
@@ -62,6 +70,7 @@ from typing import Sequence
 
 import httpx
 
+from bench import llmd_scorer
 from bench.oracle import BENCH_NAMESPACE, capped_hit, keys_of, o1, o2
 from bench.simworker import HOST, BlockLRU, WorkerConfig, read_headers, read_message_body
 from bench.traces import TRACES, Trace, TraceRequest, encode
@@ -75,7 +84,11 @@ from nodeagent.store import connect
 # total device KV capacity, and as LMCache's default local CPU tier (5 GB).
 TIERED = ("ours+T1", "ours+T1-5GB")
 LMCACHE_DEFAULT_CPU_BYTES = 5 * 10**9
-IN_PROCESS = ("ours", "ours-noguard", *TIERED, "round_robin", "least_loaded", "consistent_hash", "random")
+IN_PROCESS = ("ours", "ours-guard", *TIERED, "llm-d", "round_robin", "least_loaded", "consistent_hash", "random")
+# What the node runs (execution/executor.py): the token load guard off. "ours" and the
+# system arms mean the product; "ours-guard" is the guarded variant, for comparison.
+PRODUCT_GUARD = LoadGuard(enabled=False)
+DEFAULT_SLO_S = 1.0  # goodput: share of requests with TTFT <= this (simulated seconds)
 SGLANG = ("sglang-cache_aware", "sglang-round_robin")
 # Simulated seconds per wall second. GSP sends everything at once: the ~1 s of
 # wall time the client needs to push 1024 requests must stay small against the
@@ -302,6 +315,47 @@ class ConsistentHash(Router):
         return self.owners[bisect.bisect(self.points, h) % len(self.points)]
 
 
+class LlmD(Router):
+    """llm-d's precise prefix-cache scoring (bench.llmd_scorer) over exact worker state.
+
+    Block index: a mirror of each worker's block LRU (what KV events give llm-d,
+    without their delay). Waiting queue: the requests it sent to a worker whose
+    prefill has not started, on a virtual FIFO prefill clock at the calibrated
+    prefill rate (what vLLM reports as num_requests_waiting). KV usage: prompt
+    blocks of the worker's in-flight requests over its capacity.
+    """
+
+    name = "llm-d"
+
+    def __init__(self, n: int, seed: int, capacity_blocks: int, prefill_tps: float) -> None:
+        super().__init__(n, seed)
+        self.rng = random.Random(seed)
+        self.capacity = capacity_blocks
+        self.prefill_tps = prefill_tps
+        self.mirror = [BlockLRU(capacity_blocks) for _ in range(n)]
+        self.free_at = [0.0] * n
+        self.started: list[dict[str, tuple[float, int]]] = [{} for _ in range(n)]  # rid -> (prefill start, blocks)
+
+    def choose(self, req, keys, now_sim):
+        states = []
+        for i in range(self.n):
+            flying = self.started[i].values()
+            states.append(llmd_scorer.EndpointState(
+                matched_blocks=self.mirror[i].matched_blocks(keys),
+                waiting=sum(1 for start, _ in flying if start > now_sim),
+                kv_usage=sum(b for _, b in flying) / self.capacity if self.capacity else 1.0))
+        i = llmd_scorer.pick(states, self.rng)
+        cached = capped_hit(states[i].matched_blocks, len(req.tokens))
+        self.mirror[i].touch(keys)
+        start = max(now_sim, self.free_at[i])
+        self.free_at[i] = start + (len(req.tokens) - cached) / self.prefill_tps
+        self.started[i][req.rid] = (start, len(keys))
+        return i
+
+    def done(self, worker, req, body):
+        self.started[worker].pop(req.rid, None)
+
+
 class Ours(Router):
     """The scheduler core over snapshots the router keeps of each worker.
 
@@ -506,10 +560,23 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
                   bodies: dict[str, bytes], keys: dict[str, list[bytes]], t1_tokens: int = 0) -> dict:
     client = HttpClient()
     router: Router | None = None
+
+    async def reset() -> None:
+        for url in workers:
+            status, payload = await client.post_json(f"{url}/bench/reset", asdict(config))
+            if status != 200:
+                raise RuntimeError(f"reset of {url} failed: {payload}")
+
     try:
+        await reset()  # calibration must see this run's worker configuration
         if router_url is None:
             n = len(workers)
-            if arm in ("ours", "ours-noguard", *TIERED):
+            if arm == "llm-d":
+                registry = RateRegistry()
+                await calibrate(client, workers, registry, seed)
+                router = LlmD(n, seed, config.capacity_blocks, registry.resolved("w0").prefill_value
+                              or config.prefill_tps)
+            elif arm in ("ours", "ours-guard", *TIERED):
                 registry = RateRegistry()
                 await calibrate(client, workers, registry, seed)
                 afters = {r.after for r in trace.requests if r.after}
@@ -518,18 +585,15 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
                     # Machine-wide T1 restore rate, in the scaled bytes of the node's state files.
                     registry.set(None, restore_quantity("T1"), config.restore_bytes_per_s * FILE_BYTES_PER_TOKEN
                                  / config.kv_bytes_per_token, "calibrated")
-                    router = OursTiered(n, seed, config.capacity_blocks, guard, registry, finals,
+                    router = OursTiered(n, seed, config.capacity_blocks, PRODUCT_GUARD, registry, finals,
                                         t1_tokens=t1_tokens, kv_bytes_per_token=config.kv_bytes_per_token)
                 else:
-                    router = Ours(n, seed, config.capacity_blocks,
-                                  guard if arm == "ours" else LoadGuard(enabled=False), registry, finals)
+                    router = Ours(n, seed, config.capacity_blocks, guard if arm == "ours-guard" else PRODUCT_GUARD,
+                                  registry, finals)
             else:
                 router = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "random": RandomRouter,
                           "consistent_hash": ConsistentHash}[arm](n, seed)
-        for url in workers:
-            status, payload = await client.post_json(f"{url}/bench/reset", asdict(config))
-            if status != 200:
-                raise RuntimeError(f"reset of {url} failed: {payload}")
+        await reset()  # and the run starts from empty caches
         sent: list[Sent] = []
         t0 = time.monotonic()
         deadline = t0 + timeout_s
@@ -605,7 +669,7 @@ def pct(values: Sequence[float], q: float) -> float | None:
 
 
 def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, speedup: float,
-              t1_tokens: int = 0) -> dict:
+              t1_tokens: int = 0, slo_s: float = DEFAULT_SLO_S) -> dict:
     by_id = trace.by_id()
     logs = [rec for rec in run["logs"] if rec.get("request_id") in by_id]
     logs.sort(key=lambda rec: rec["arrival_s"])
@@ -649,6 +713,11 @@ def summarize(trace: Trace, run: dict, n_workers: int, capacity_blocks: int, spe
         "frac_o2_with_t1": hit / b2_t1.rate if b2_t1 and b2_t1.rate else None,
         "load_max_over_mean": max(loads) / mean if mean else None, "jain": jain, "load_tokens": per_worker,
         "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
+        # Goodput: served within the SLO, over every request of the trace (errors and
+        # requests never served count as misses).
+        "slo_s": slo_s, "goodput": sum(1 for t in ttft if t <= slo_s) / len(trace.requests) if trace.requests else None,
+        "ttfts": [round(t, 6) for t in ttft],  # for pooling percentiles over seeds (bench.sweep)
+        "prompt_tokens": prompt, "cached_tokens": cached, "o1_tokens": b1.hit_tokens, "o2_tokens": b2.hit_tokens,
         "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
         "at_worker_ttft_p50_s": pct(at_worker, 50), "at_worker_ttft_p90_s": pct(at_worker, 90),
         "hop_p50_ms": (pct(hop, 50) or 0) * 1000, "hop_p99_ms": (pct(hop, 99) or 0) * 1000,
@@ -668,7 +737,7 @@ def table(summaries: list[dict]) -> str:
     direct_hops = [s["hop_p50_ms"] for s in summaries if s["arm"] in IN_PROCESS and s["hop_p50_ms"]]
     baseline = statistics.median(direct_hops) if direct_hops else 0.0
     head = ("arm", "hit", "from T1", "xO1", "xO2", "xO2 dev+T1", "max/mean", "jain", "ttft p50", "p90", "p99",
-            "at worker p50/p90", "router", "errors")
+            "goodput", "at worker p50/p90", "router", "errors")
     rows = []
     for s in summaries:
         if s["decide_p50_us"] is not None:
@@ -681,7 +750,7 @@ def table(summaries: list[dict]) -> str:
         rows.append((s["arm"], fmt(s["hit_rate"], ".3f"), fmt(s.get("restored_rate") or None, ".3f"),
                      fmt(s["frac_o1"], ".3f"), fmt(s["frac_o2"], ".3f"), fmt(s.get("frac_o2_with_t1"), ".3f"),
                      fmt(s["load_max_over_mean"], ".3f"), fmt(s["jain"], ".3f"), fmt(s["ttft_p50_s"], ".2f"),
-                     fmt(s["ttft_p90_s"], ".2f"), fmt(s["ttft_p99_s"], ".2f"),
+                     fmt(s["ttft_p90_s"], ".2f"), fmt(s["ttft_p99_s"], ".2f"), fmt(s.get("goodput"), ".3f"),
                      f"{fmt(s['at_worker_ttft_p50_s'], '.2f')}/{fmt(s['at_worker_ttft_p90_s'], '.2f')}", router,
                      str(s["errors"])))
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -739,11 +808,55 @@ def build_trace(name: str, seed: int, scale: float) -> Trace:
     return TRACES["agent"](seed=seed, pods=max(2, int(96 * scale)), agents=max(2, int(16 * scale)))
 
 
+def run_trace(trace: Trace, arms: Sequence[str], workers: list[str], config: WorkerConfig, *, seed: int,
+              guard: LoadGuard, timeout_s: float, log_dir: Path, restore_bps: float = 0.0,
+              t1_tokens: dict[str, int] | None = None, slo_s: float = DEFAULT_SLO_S,
+              external: dict[str, str] | None = None, label: str | None = None) -> list[dict]:
+    """Every arm over one trace in front of the same ``workers``: one summary per arm."""
+    label = label or trace.name
+    t1_tokens = t1_tokens or {}
+    external = external or {}
+    # Encoded once, outside the timed runs: every arm sends the same bytes.
+    bodies = {r.rid: json.dumps({"model": MODEL, "prompt": encode(r.tokens), "max_tokens": r.output_tokens,
+                                 "user": r.rid}).encode() for r in trace.requests}
+    keys = {r.rid: keys_of(r.tokens) for r in trace.requests}
+    summaries = []
+    for arm in list(arms) + list(external):
+        router_proc = None
+        url = external.get(arm)
+        if arm in SGLANG:
+            router_proc, url = start_sglang(arm.split("-", 1)[1], workers, log_dir)
+        # Only the node arms' workers can restore: the others are plain engines.
+        arm_config = WorkerConfig(**{**asdict(config), "restore_bytes_per_s": restore_bps if arm in TIERED else 0.0})
+        try:
+            started = time.monotonic()
+            out = asyncio.run(run_arm(trace, arm, workers, arm_config, router_url=url, seed=seed, guard=guard,
+                                      timeout_s=timeout_s, bodies=bodies, keys=keys,
+                                      t1_tokens=t1_tokens.get(arm, 0)))
+        finally:
+            if router_proc:
+                router_proc.stop()
+        summary = summarize(trace, out, len(workers), config.capacity_blocks, config.speedup,
+                            t1_tokens.get(arm, 0), slo_s)
+        with open(log_dir / f"{label}-{arm}.requests.jsonl", "w") as handle:  # every request, as served
+            handle.writelines(json.dumps(rec) + "\n" for rec in out["logs"])
+        summaries.append(summary)
+        print(f"[{label}] {arm}: hit {summary['hit_rate']:.3f} (x{summary['frac_o2'] or 0:.3f} of O2), "
+              f"max/mean {summary['load_max_over_mean'] or 0:.3f}, ttft p50 {summary['ttft_p50_s'] or 0:.2f} "
+              f"p90 {summary['ttft_p90_s'] or 0:.2f} s, {summary['errors']} errors, "
+              f"{time.monotonic() - started:.1f} s", file=sys.stderr)
+    return summaries
+
+
+def trace_fleet(trace: Trace) -> dict:
+    """The fleet a trace was made for (bench.traces.workload_trace records it), or {}."""
+    return dict(trace.params.get("fleet") or {})
+
+
 def run(args: argparse.Namespace) -> dict:
     # The node arms save states on a thread; a finer GIL hand-over keeps that thread's
     # Python work from holding up the routing loop for the default 5 ms at a time.
     sys.setswitchinterval(0.0005)
-    base_config = WorkerConfig(args.capacity_blocks, args.prefill_tps, args.decode_tps)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     arms = [a for a in args.arms.split(",") if a]
@@ -755,76 +868,72 @@ def run(args: argparse.Namespace) -> dict:
             print(f"skipping sglang-router arms: {sglang_note}", file=sys.stderr)
             arms = [a for a in arms if a not in SGLANG]
     guard = LoadGuard(rel=args.guard_rel, abs_tokens=args.guard_abs)
+    # Named traces are built here; saved ones (--trace-file) run as they are, on the
+    # fleet they record unless the command line overrides it.
+    traces: list[tuple[str, Trace]] = []
+    for path in args.trace_file:
+        trace = Trace.load(path)
+        traces.append((f"{trace.name}:{Path(path).stem}", trace))
+    if not args.trace_file or args.trace != parser_default("trace"):
+        traces += [(name, build_trace(name, args.seed, args.scale)) for name in args.trace.split(",") if name]
+    n_workers = args.workers or next((trace_fleet(t).get("workers") for _, t in traces if trace_fleet(t)), None) or 4
     restore_bps = 0.0
-    t1_tokens = {"ours+T1": args.t1_tokens or 4 * args.workers * args.capacity_blocks * 64,
-                 "ours+T1-5GB": LMCACHE_DEFAULT_CPU_BYTES // args.kv_bytes_per_token}
     if any(a in TIERED for a in arms):
         # A RAM copy on this machine, measured as the node calibrates its T1 (node.py).
         restore_bps = args.restore_bps or calibrate_read_throughput(tmpfs_dir(), 64 << 20)
-        print(f"T1 restore rate {restore_bps / 1e9:.2f} GB/s; T1 "
-              + ", ".join(f"{a}: {t} tokens" for a, t in t1_tokens.items() if a in arms), file=sys.stderr)
-    workers_proc, workers = start_workers(args.workers, base_config, log_dir)
+        print(f"T1 restore rate {restore_bps / 1e9:.2f} GB/s", file=sys.stderr)
+    workers_proc, workers = start_workers(n_workers, WorkerConfig(), log_dir)
     print(f"simulated workers: {' '.join(workers)}", file=sys.stderr)
-    results: dict = {"config": asdict(base_config), "workers": args.workers, "seed": args.seed,
-                     "guard": guard.rule(), "sglang": sglang_note or "ran", "restore_bytes_per_s": restore_bps,
-                     "kv_bytes_per_token": args.kv_bytes_per_token,
-                     "t1_tokens": {a: t for a, t in t1_tokens.items() if a in arms}, "traces": {}}
+    results: dict = {"workers": n_workers, "seed": args.seed, "guard_of_ours_guard": guard.rule(),
+                     "guard_of_ours": PRODUCT_GUARD.rule(), "sglang": sglang_note or "ran",
+                     "restore_bytes_per_s": restore_bps, "kv_bytes_per_token": args.kv_bytes_per_token,
+                     "slo_s": args.slo_s, "traces": {}}
     try:
-        for name in args.trace.split(","):
-            trace = build_trace(name, args.seed, args.scale)
-            config = WorkerConfig(args.capacity_blocks, args.prefill_tps, args.decode_tps,
-                                  args.speedup or SPEEDUP.get(name, WorkerConfig.speedup), args.kv_bytes_per_token)
-            # Encoded once, outside the timed runs: every arm sends the same bytes.
-            bodies = {r.rid: json.dumps({"model": MODEL, "prompt": encode(r.tokens), "max_tokens": r.output_tokens,
-                                         "user": r.rid}).encode() for r in trace.requests}
-            keys = {r.rid: keys_of(r.tokens) for r in trace.requests}
-            summaries = []
-            for arm in arms + list(external):
-                router_proc = None
-                url = external.get(arm)
-                if arm in SGLANG:
-                    router_proc, url = start_sglang(arm.split("-", 1)[1], workers, log_dir)
-                # Only the node arms' workers can restore: the others are plain engines.
-                arm_config = WorkerConfig(**{**asdict(config),
-                                             "restore_bytes_per_s": restore_bps if arm in TIERED else 0.0})
-                try:
-                    started = time.monotonic()
-                    out = asyncio.run(run_arm(trace, arm, workers, arm_config, router_url=url, seed=args.seed,
-                                              guard=guard, timeout_s=args.timeout, bodies=bodies, keys=keys,
-                                              t1_tokens=t1_tokens.get(arm, 0)))
-                finally:
-                    if router_proc:
-                        router_proc.stop()
-                summary = summarize(trace, out, args.workers, config.capacity_blocks, config.speedup,
-                                    t1_tokens.get(arm, 0))
-                with open(log_dir / f"{name}-{arm}.requests.jsonl", "w") as handle:  # every request, as served
-                    handle.writelines(json.dumps(rec) + "\n" for rec in out["logs"])
-                summaries.append(summary)
-                print(f"[{name}] {arm}: hit {summary['hit_rate']:.3f} (x{summary['frac_o2'] or 0:.3f} of O2), "
-                      f"max/mean {summary['load_max_over_mean'] or 0:.3f}, ttft p50 {summary['ttft_p50_s'] or 0:.2f} s, "
-                      f"{summary['errors']} errors, {time.monotonic() - started:.1f} s", file=sys.stderr)
-            results["traces"][name] = {"summary": trace.summary(), "speedup": config.speedup,
-                                       "nominal": nominal_bounds(trace, args.workers, config.capacity_blocks),
-                                       "arms": summaries}
+        for label, trace in traces:
+            fleet = trace_fleet(trace)
+            capacity = args.capacity_blocks or fleet.get("capacity_blocks") or WorkerConfig.capacity_blocks
+            config = WorkerConfig(capacity, args.prefill_tps or fleet.get("prefill_tps") or WorkerConfig.prefill_tps,
+                                  args.decode_tps or fleet.get("decode_tps") or WorkerConfig.decode_tps,
+                                  args.speedup or fleet.get("speedup") or SPEEDUP.get(trace.name, WorkerConfig.speedup),
+                                  args.kv_bytes_per_token)
+            t1_tokens = {"ours+T1": args.t1_tokens or 4 * n_workers * capacity * 64,
+                         "ours+T1-5GB": LMCACHE_DEFAULT_CPU_BYTES // args.kv_bytes_per_token}
+            summaries = run_trace(trace, arms, workers, config, seed=args.seed, guard=guard, timeout_s=args.timeout,
+                                  log_dir=log_dir, restore_bps=restore_bps, t1_tokens=t1_tokens, slo_s=args.slo_s,
+                                  external=external, label=label.replace(":", "-"))
+            results["traces"][label] = {"summary": trace.summary(), "config": asdict(config),
+                                        "speedup": config.speedup,
+                                        "t1_tokens": {a: t for a, t in t1_tokens.items() if a in arms},
+                                        "nominal": nominal_bounds(trace, n_workers, config.capacity_blocks),
+                                        "arms": summaries}
     finally:
         workers_proc.stop()
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser_default(dest: str):
+    return build_parser().get_default(dest)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default="gsp,agent", help="comma list of: gsp, agent")
+    parser.add_argument("--trace-file", action="append", default=[], metavar="FILE",
+                        help="a saved trace (Trace.save format) to run instead of --trace (repeatable)")
     parser.add_argument("--arms", default=",".join(IN_PROCESS + SGLANG))
     parser.add_argument("--router", action="append", default=[], metavar="NAME=URL",
                         help="an external router in front of the workers (repeatable)")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--capacity-blocks", type=int, default=WorkerConfig.capacity_blocks,
-                        help="KV capacity of each worker in 64-token blocks")
-    parser.add_argument("--prefill-tps", type=float, default=WorkerConfig.prefill_tps)
-    parser.add_argument("--decode-tps", type=float, default=WorkerConfig.decode_tps)
+    parser.add_argument("--workers", type=int, default=None, help="default: the trace's fleet, else 4")
+    parser.add_argument("--capacity-blocks", type=int, default=None,
+                        help="KV capacity of each worker in 64-token blocks (default: the trace's fleet, "
+                        f"else {WorkerConfig.capacity_blocks})")
+    parser.add_argument("--prefill-tps", type=float, default=None,
+                        help=f"default: the trace's fleet, else {WorkerConfig.prefill_tps:g}")
+    parser.add_argument("--decode-tps", type=float, default=None,
+                        help=f"default: the trace's fleet, else {WorkerConfig.decode_tps:g}")
     parser.add_argument("--speedup", type=float, default=None,
-                        help="simulated seconds per wall second (default: per trace, "
+                        help="simulated seconds per wall second (default: the trace's fleet, else per trace, "
                         + ", ".join(f"{k} {v:g}" for k, v in SPEEDUP.items()) + ")")
     parser.add_argument("--kv-bytes-per-token", type=int, default=WorkerConfig.kv_bytes_per_token,
                         help="modelled KV size of one token (default: Llama-3-8B, fp16)")
@@ -832,19 +941,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="T1 capacity of the ours+T1 arm in tokens (default: 4x the workers' total)")
     parser.add_argument("--restore-bps", type=float, default=0.0,
                         help="T1 restore rate in bytes/s (default: measured RAM copy on this machine)")
-    parser.add_argument("--guard-rel", type=float, default=LoadGuard.rel)
+    parser.add_argument("--guard-rel", type=float, default=LoadGuard.rel, help="the ours-guard arm's guard")
     parser.add_argument("--guard-abs", type=float, default=LoadGuard.abs_tokens)
+    parser.add_argument("--slo-s", type=float, default=DEFAULT_SLO_S,
+                        help="TTFT objective for goodput, simulated seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink traces (tests use 0.1)")
     parser.add_argument("--timeout", type=float, default=300.0, help="wall-clock bound per arm")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp") + "/agent-machine-bench")
     parser.add_argument("--out", help="write the full results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     results = run(args)
     for name, data in results["traces"].items():
         s = data["summary"]
         print(f"\n### {name}: {s['requests']} requests, {s['prompt_tokens']} prompt tokens; "
-              f"O1 {data['nominal']['o1']:.3f}, O2 {data['nominal']['o2']:.3f} (nominal order)\n")
+              f"O1 {data['nominal']['o1']:.3f}, O2 {data['nominal']['o2']:.3f} (nominal order); "
+              f"goodput at TTFT <= {results['slo_s']:g} s\n")
         print(table(data["arms"]))
         print("\n" + "\n".join(target_lines(data["arms"])))
     if args.out:

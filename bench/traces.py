@@ -167,3 +167,185 @@ def agent_trace(
 
 
 TRACES = {"gsp": generated_shared_prefix, "agent": agent_trace}
+
+
+# ------------------------------------------------------------------ the workload family (bench.sweep)
+LOADS = (0.3, 0.6, 0.9)
+PRESSURES = (0.5, 1.0, 2.0, 4.0)
+SHARING = ("public", "private", "session", "compaction")
+ARRIVALS = ("poisson", "bursts", "closed")
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The simulated fleet a family trace is sized for; recorded in the trace's params."""
+
+    workers: int = 4
+    prefill_tps: float = 2000.0  # uncached prompt tokens per simulated second, per worker
+    decode_tps: float = 40.0
+    speedup: float = 5.0  # simulated seconds per wall second when it runs
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep grid.
+
+    load: offered prefill work over the fleet's prefill capacity, where the work is
+    the tokens that even Belady-optimal caching on the fleet's pooled device KV
+    misses (O2 misses, nominal order): ``O2_misses / (span * workers * prefill_tps)``.
+    pressure: the trace's working set (distinct 64-token blocks) over the fleet's
+    device KV; the per-worker capacity is set from it.
+    sharing: what prompts share (see `workload_trace`). arrivals: poisson, bursts or
+    closed (closed-loop agents with think time).
+    """
+
+    load: float
+    pressure: float
+    sharing: str
+    arrivals: str
+
+    @property
+    def name(self) -> str:
+        return f"load{self.load:g}-ws{self.pressure:g}x-{self.sharing}-{self.arrivals}"
+
+
+# Per sharing structure: (public prefix, agent-type prompt, tenant prompt, task, turns,
+# reply, tool result, compaction period). Ranges are (lo, hi) tokens; 0 = absent.
+_SHAPES = {
+    # Shared tool definitions for everyone, then one of 8 agent types' prompts (Zipf):
+    # most of every prompt is shared across tenants.
+    "public": dict(public=1536, agent=(512, 1536), tenant=(0, 0), task=(50, 200), turns=(2, 5),
+                   reply=(50, 200), tool=(100, 600), compact=0),
+    # Each tenant its own system prompt (a few sessions per tenant): shared only within a tenant.
+    "private": dict(public=0, agent=(0, 0), tenant=(1024, 3072), task=(50, 200), turns=(2, 5),
+                    reply=(50, 200), tool=(100, 600), compact=0),
+    # Long sessions: a short shared preamble, then history that grows every turn.
+    "session": dict(public=256, agent=(0, 0), tenant=(0, 0), task=(100, 300), turns=(6, 12),
+                    reply=(100, 300), tool=(300, 1000), compact=0),
+    # The same, but every 4 turns the agent compacts: history is replaced by a summary.
+    "compaction": dict(public=256, agent=(0, 0), tenant=(0, 0), task=(100, 300), turns=(6, 12),
+                       reply=(100, 300), tool=(300, 1000), compact=4),
+}
+_AGENT_TYPES = 8
+_SESSIONS_PER_TENANT = 3
+_THINK_UNITS = 3.0  # mean gap between a session's turns, in units of the mean session inter-start
+_BURST = 8  # sessions started together in a burst (a fan-out of one agent type / tenant)
+
+
+def _sessions(rng: random.Random, cell: Cell, n_sessions: int) -> list[TraceRequest]:
+    """Requests with times in abstract units (session starts at rate 1); `workload_trace`
+    rescales them to the offered load."""
+    shape = _SHAPES[cell.sharing]
+    public = _tokens(rng, shape["public"])
+    agents = [_tokens(rng, rng.randint(*shape["agent"])) for _ in range(_AGENT_TYPES)]
+    weights = _zipf_weights(_AGENT_TYPES, 1.1)
+    tenants: list[list[int]] = []
+    requests: list[TraceRequest] = []
+    start = 0.0
+    for s in range(n_sessions):
+        if cell.arrivals == "bursts":
+            if s % _BURST == 0:
+                start += rng.expovariate(1.0 / _BURST)
+                burst_agent = rng.choices(range(_AGENT_TYPES), weights=weights)[0]
+            agent = burst_agent
+            begin = start + rng.uniform(0.0, 0.05)
+        else:
+            start += rng.expovariate(1.0)
+            agent = rng.choices(range(_AGENT_TYPES), weights=weights)[0]
+            begin = start
+        if s % _SESSIONS_PER_TENANT == 0 or not tenants:
+            tenants.append(_tokens(rng, rng.randint(*shape["tenant"])) if shape["tenant"][1] else [])
+        tenant = tenants[-1] if cell.arrivals != "bursts" else tenants[(s // _BURST) % len(tenants)]
+        head = public + agents[agent] + tenant
+        history = _tokens(rng, rng.randint(*shape["task"]))
+        previous: str | None = None
+        at = begin
+        for t in range(rng.randint(*shape["turns"])):
+            rid = f"s{s}-t{t}"
+            gap = rng.expovariate(1.0 / _THINK_UNITS)
+            if cell.arrivals == "closed":
+                arrival, after, think = (round(begin, 6), None, 0.0) if previous is None else (0.0, previous, gap)
+            else:
+                if previous is not None:
+                    at += gap
+                arrival, after, think = round(at, 6), None, 0.0
+            requests.append(TraceRequest(rid=rid, session=f"s{s}", group=f"a{agent}", tokens=tuple(head + history),
+                                         output_tokens=rng.randint(32, 128), arrival_s=arrival, after=after,
+                                         think_s=think))
+            previous = rid
+            if shape["compact"] and (t + 1) % shape["compact"] == 0:
+                history = _tokens(rng, rng.randint(300, 600))  # the summary replaces the history
+            else:
+                history = history + _tokens(rng, rng.randint(*shape["reply"])) + _tokens(rng, rng.randint(*shape["tool"]))
+    if cell.arrivals != "closed":
+        requests.sort(key=lambda r: r.arrival_s)  # open loop: trace order is arrival order
+    return requests
+
+
+def distinct_blocks(trace: "Trace") -> int:
+    from bench.oracle import keys_of
+
+    return len({k for r in trace.requests for k in keys_of(r.tokens)})
+
+
+def _rescaled(requests: list[TraceRequest], factor: float) -> list[TraceRequest]:
+    return [TraceRequest(r.rid, r.session, r.group, r.tokens, r.output_tokens, round(r.arrival_s * factor, 6),
+                         r.after, round(r.think_s * factor, 6)) for r in requests]
+
+
+def workload_trace(cell: Cell, seed: int = 0, scale: float = 1.0, fleet: Fleet = Fleet(),
+                   span_s: float = 160.0) -> "Trace":
+    """A trace of the family at one grid cell, sized for ``fleet``.
+
+    Prompts are, in order: a public prefix shared by every session (tool
+    definitions), an agent type's prompt (8 types, Zipf 1.1; shared across
+    tenants), a tenant's private system prompt (``_SESSIONS_PER_TENANT``
+    sessions per tenant), the session's task and its history (each turn appends
+    the reply and a tool result; with compaction, every 4th turn replaces the
+    history with a fresh summary). ``sharing`` picks which parts exist and how
+    long sessions run (`_SHAPES`).
+
+    Arrivals: ``poisson`` (sessions start as a Poisson process; turns follow at
+    exponential gaps, open loop), ``bursts`` (sessions start in groups of 8 of
+    one agent type/tenant within a moment, then as poisson), ``closed`` (each
+    turn is sent a think time after the previous one completes).
+
+    Sizing, in this order: sessions are added until the unique prompt tokens
+    reach about ``load * workers * prefill_tps * span_s * scale``; the per-worker
+    KV capacity is set so that the working set is ``pressure`` x the fleet's
+    device KV; then times are rescaled so the O2 misses (`Cell`) arrive at
+    ``load`` x the fleet's prefill capacity. The params record the cell, the
+    seed and the fleet (with its capacity), so a saved trace replays the cell
+    with ``python -m bench.routing --trace-file``.
+    """
+    from bench.oracle import keys_of, o1, o2
+
+    if cell.sharing not in _SHAPES or cell.arrivals not in ARRIVALS:
+        raise ValueError(f"unknown cell {cell}")
+    rng = random.Random(f"{cell.name}/{seed}")
+    target = cell.load * fleet.workers * fleet.prefill_tps * span_s * scale
+    # Unique tokens per session, estimated from a probe, to pick the session count.
+    probe = _sessions(random.Random(f"{cell.name}/{seed}/probe"), cell, 16)
+    probe_trace = Trace("probe", probe)
+    per_session = max(1.0, (probe_trace.prompt_tokens() - o1([r.tokens for r in probe_trace.nominal_order()]).hit_tokens) / 16)
+    n_sessions = max(4, round(target / per_session))
+    requests = _sessions(rng, cell, n_sessions)
+    trace = Trace("workload", requests)
+    blocks = distinct_blocks(trace)
+    capacity = max(8, round(blocks / (cell.pressure * fleet.workers)))
+    seqs = [r.tokens for r in trace.nominal_order()]
+    keys = [keys_of(s) for s in seqs]
+    misses = trace.prompt_tokens() - o2(seqs, capacity * fleet.workers, keys=keys).hit_tokens
+    when: dict[str, float] = {}
+    for r in requests:
+        when[r.rid] = r.arrival_s if r.after is None else when[r.after] + r.think_s
+    span_units = max(when.values()) or 1.0
+    factor = misses / (cell.load * fleet.workers * fleet.prefill_tps) / span_units
+    params = dict(cell=asdict(cell), seed=seed, scale=scale, sessions=n_sessions, distinct_blocks=blocks,
+                  o2_miss_tokens=misses, span_s=round(span_units * factor, 3),
+                  fleet={**asdict(fleet), "capacity_blocks": capacity})
+    return Trace(f"workload-{cell.name}", _rescaled(requests, factor), params)
+
+
+def grid(loads=LOADS, pressures=PRESSURES, sharing=SHARING, arrivals=ARRIVALS) -> list[Cell]:
+    return [Cell(lo, p, s, a) for lo in loads for p in pressures for s in sharing for a in arrivals]

@@ -216,7 +216,7 @@ def reference_place(request, candidates, registry, guard):
     """The documented rule, spelled out the slow way: every cache option of every
     candidate through cost.ttft_terms, then the minimum with the tie and guard rules."""
     prompt = request.prompt_tokens
-    best = {}
+    best, work = {}, {}
     for state in candidates:
         rates = {q: registry.estimate(state.provider, q) for q in QUANTITIES}
         t0 = min(state.t0_cached_tokens, prompt) if state.model_hot else 0
@@ -229,17 +229,26 @@ def reference_place(request, candidates, registry, guard):
                                           state.queued_prefill_tokens, state.queued_decode_tokens,
                                           state.running_remaining_s), rates)
             total = terms.total
-            ranked.append(((0, total, -cached) if total is not None else (1, 0.0, -cached), source, cached, total))
-        best[state.provider] = min(ranked, key=lambda r: r[0])  # first of equals: the base option
+            ranked.append(((0, total, -cached) if total is not None else (1, 0.0, -cached), source, cached, total,
+                           (terms.restore_s or 0.0) + (terms.prefill_s or 0.0)))
+        top = min(ranked, key=lambda r: r[0])  # first of equals: the base option
+        best[state.provider] = top[:4]
+        work[state.provider] = top[4]
+
+    # The objective: TTFT + k x the engine time the option adds, k = the share of eligible
+    # candidates with work queued or running (0 on an idle fleet).
+    eligible = [s for s in candidates if not s.rejected]
+    busy = [s for s in eligible if s.running_remaining_s > 0 or s.queued_prefill_tokens > 0
+            or s.queued_decode_tokens > 0]
+    k = len(busy) / len(eligible) if eligible else 0.0
 
     def key(state):
         _, _, cached, total = best[state.provider]
         queued = state.queued_prefill_tokens + state.queued_decode_tokens
         if total is not None:
-            return (0, total, state.load, queued, state.provider)
+            return (0, total + k * work[state.provider] if k else total, state.load, queued, state.provider)
         return (1, not state.model_hot, prompt - cached, state.load, queued, state.provider)
 
-    eligible = [s for s in candidates if not s.rejected]
     pool, applied = eligible, False
     # A later turn is guarded too when a restorable saved state holds as much of the prompt
     # as its own provider's context: moving it then costs a restore, not a recompute.

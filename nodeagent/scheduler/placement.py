@@ -12,7 +12,15 @@ CacheManager.lookup). `place` then, for each candidate:
    none; and keeps the one with the lowest TTFT (cost.ttft_terms);
 2. marks it ineligible if the caller gave refusal reasons;
 3. applies the load guard (below) to the eligible ones;
-4. chooses the minimum estimated TTFT (ties: lower load, less queued work, then name).
+4. chooses the minimum of estimated TTFT + k x (restore + prefill), the engine time the
+   option adds, with k = the share of eligible candidates that have work running or
+   queued (`busy_fraction`; ties: lower load, less queued work, then name). On an idle
+   fleet k = 0 and this is the plain TTFT. When engines are busy, the extra prefill of
+   a placement away from the cached prefix also delays the requests that queue behind
+   it, and duplicating a prefix on a second engine costs cache space; k charges that.
+   Measured (bench/README.md "## sweep", offline replica of the simulated fleet, 9
+   cells x 3 seeds): p90 TTFT lower in 6 of 9 cells, e.g. private prompts at load 0.9,
+   working set 2x: 3.99 -> 1.81 s; at most +0.07 s p90 where it loses.
    If no eligible candidate has every rate known, it chooses by (model hot,
    fewest uncached tokens, least queued work) and says that rates were unknown.
 
@@ -319,7 +327,29 @@ def _tie_key(state: CandidateState) -> tuple:
     return (state.load, state.queued_prefill_tokens + state.queued_decode_tokens, state.provider)
 
 
-def _best(scores: list[tuple], pool: Sequence[int], prompt: int) -> int:
+def _cost(score: tuple, work_weight: float) -> float | None:
+    """What `place` minimises: the estimated TTFT plus ``work_weight`` x the engine time
+    this option adds (restore + prefill), which every request queued behind it waits."""
+    t = score[_TTFT]
+    if t is None or not work_weight:
+        return t
+    return t + work_weight * ((score[_RESTORE] or 0.0) + (score[_PREFILL] or 0.0))
+
+
+def busy_fraction(candidates: Sequence[CandidateState]) -> float:
+    """Share of the eligible candidates with work ahead of a new request (the default
+    work weight): 0 on an idle fleet, where only this request's TTFT matters; 1 when
+    every engine is busy, where an option's extra prefill delays later requests as
+    much as it delays this one."""
+    eligible = [c for c in candidates if not c.rejected]
+    if not eligible:
+        return 0.0
+    busy = sum(1 for c in eligible
+               if c.running_remaining_s > 0 or c.queued_prefill_tokens > 0 or c.queued_decode_tokens > 0)
+    return busy / len(eligible)
+
+
+def _best(scores: list[tuple], pool: Sequence[int], prompt: int, work_weight: float = 0.0) -> int:
     """Index of the best candidate of ``pool``: the lowest known TTFT; ties go to the
     least-loaded one (several idle providers, none holding the prefix, would otherwise
     pile on the first by name), then less queued work, then the name. Without any
@@ -327,7 +357,7 @@ def _best(scores: list[tuple], pool: Sequence[int], prompt: int) -> int:
     best_i, best_t = -1, 0.0
     ties: list[int] = []
     for i in pool:
-        t = scores[i][_TTFT]
+        t = _cost(scores[i], work_weight)
         if t is None:
             continue
         if best_i < 0 or t < best_t:
@@ -355,9 +385,11 @@ def place(
     candidates: Sequence[CandidateState],
     registry: RateRegistry,
     guard: LoadGuard | None = None,
+    work_weight: float | None = None,
 ) -> Decision:
     started = time.perf_counter_ns()
     guard = guard or _DEFAULT_GUARD
+    k = busy_fraction(candidates) if work_weight is None else work_weight
     prompt = request.prompt_tokens
     matches = request.tier_matches
     resolved = registry.resolved
@@ -392,7 +424,7 @@ def place(
             bound = second
         score = _score(prompt, matches, state, resolved(state.provider), bound)
         scores.append(score)
-        total = score[_TTFT]
+        total = _cost(score, k)
         if total is not None and score[_EXACT] and not state.rejected:
             if guarded and i in guarded:
                 if total < best_guarded:
@@ -402,8 +434,8 @@ def place(
             elif total < second:
                 second = total
 
-    guard_applied = bool(guarded) and _best(scores, eligible, prompt) in guarded
-    chosen_index = _best(scores, pool, prompt) if pool else -1
+    guard_applied = bool(guarded) and _best(scores, eligible, prompt, k) in guarded
+    chosen_index = _best(scores, pool, prompt, k) if pool else -1
     chosen = _assessment(request, scores[chosen_index]) if chosen_index >= 0 else None
     reason = _reason(request, chosen, chosen_index, pool, scores, guarded, guard_applied)
     return Decision(request, chosen, reason, scores, guard, guard_applied,
