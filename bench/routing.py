@@ -15,7 +15,8 @@ speedup) the run uses it unless the command line says otherwise. Arms:
 
 * ``ours``           the scheduler core (nodeagent.scheduler.placement.place) as the node runs it:
   minimum estimated TTFT, load guard off (the executor's default, see execution/executor.py)
-* ``ours-guard``     the same with the token load guard on (LoadGuard defaults), for comparison
+* ``ours-guard``     the same with the token load guard on (``--guard-rel``/``--guard-abs``, LoadGuard's
+  defaults), for comparison; ``ours-guard@R``: with rel R
 * ``ours+T1``        the system: ``ours`` plus the node's T1 tier in host RAM (the product's
   kvcache.CacheManager, T1 = 4x the workers' total device KV by default): the node saves each
   request's state, looks up saved prefixes before placing, and `place` weighs restoring one
@@ -158,7 +159,20 @@ def sglang_available() -> str | None:
     return None
 
 
-def start_sglang(policy: str, workers: list[str], log_dir: Path) -> tuple[Process, str]:
+def start_sglang(policy: str, workers: list[str], log_dir: Path, attempts: int = 3) -> tuple[Process, str]:
+    """Launch sglang-router on fresh loopback ports; a port taken between our probe and its
+    bind (the client's ephemeral ports race for the same range) is retried on new ports."""
+    for attempt in range(attempts):
+        try:
+            return _start_sglang_once(policy, workers, log_dir)
+        except RuntimeError as exc:
+            if attempt == attempts - 1 or "exited" not in str(exc):
+                raise
+            print(f"sglang-router did not start ({exc}); retrying on other ports", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _start_sglang_once(policy: str, workers: list[str], log_dir: Path) -> tuple[Process, str]:
     port = free_port_block(2)
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(port),
             "--prometheus-host", HOST, "--prometheus-port", str(port + 1), "--policy", policy,
@@ -576,7 +590,7 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
                 await calibrate(client, workers, registry, seed)
                 router = LlmD(n, seed, config.capacity_blocks, registry.resolved("w0").prefill_value
                               or config.prefill_tps)
-            elif arm in ("ours", "ours-guard", *TIERED):
+            elif arm in ("ours", *TIERED) or arm.startswith("ours-guard"):
                 registry = RateRegistry()
                 await calibrate(client, workers, registry, seed)
                 afters = {r.after for r in trace.requests if r.after}
@@ -588,8 +602,7 @@ async def run_arm(trace: Trace, arm: str, workers: list[str], config: WorkerConf
                     router = OursTiered(n, seed, config.capacity_blocks, PRODUCT_GUARD, registry, finals,
                                         t1_tokens=t1_tokens, kv_bytes_per_token=config.kv_bytes_per_token)
                 else:
-                    router = Ours(n, seed, config.capacity_blocks, guard if arm == "ours-guard" else PRODUCT_GUARD,
-                                  registry, finals)
+                    router = Ours(n, seed, config.capacity_blocks, arm_guard(arm, guard), registry, finals)
             else:
                 router = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "random": RandomRouter,
                           "consistent_hash": ConsistentHash}[arm](n, seed)
@@ -806,6 +819,15 @@ def build_trace(name: str, seed: int, scale: float) -> Trace:
     if scale == 1.0:
         return TRACES["agent"](seed=seed)
     return TRACES["agent"](seed=seed, pods=max(2, int(96 * scale)), agents=max(2, int(16 * scale)))
+
+
+def arm_guard(arm: str, guard: LoadGuard) -> LoadGuard:
+    """``ours``: the product's (off); ``ours-guard``: ``guard``; ``ours-guard@R``: rel R, abs 0."""
+    if arm == "ours-guard":
+        return guard
+    if arm.startswith("ours-guard@"):
+        return LoadGuard(rel=float(arm.split("@", 1)[1]))
+    return PRODUCT_GUARD
 
 
 def run_trace(trace: Trace, arms: Sequence[str], workers: list[str], config: WorkerConfig, *, seed: int,

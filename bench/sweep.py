@@ -48,7 +48,11 @@ QUICK = (
 )
 ARMS = ("ours", "ours-guard", "ours+T1", "llm-d", "sglang-cache_aware", "consistent_hash", "least_loaded",
         "round_robin")
-OURS = ("ours", "ours-guard", "ours+T1", "ours+T1-5GB")
+
+
+def is_ours(arm: str) -> bool:
+    """Our arms (the product and its variants); every other arm is a peer."""
+    return arm == "ours" or arm.startswith(("ours-", "ours+"))
 
 
 def parse_cell(name: str) -> Cell:
@@ -87,7 +91,7 @@ def loaded_cache_bound(cell: Cell) -> bool:
 
 def checks(cell: Cell, pooled: dict[str, dict]) -> dict:
     """Ratios to the best peer per metric and whether each acceptance point holds."""
-    peers = {a: s for a, s in pooled.items() if a not in OURS}
+    peers = {a: s for a, s in pooled.items() if not is_ours(a)}
     out: dict = {"cell": cell.name, "loaded_cache_bound": loaded_cache_bound(cell)}
     if not peers:
         return out
@@ -95,8 +99,8 @@ def checks(cell: Cell, pooled: dict[str, dict]) -> dict:
         key = f"ttft_{q}_s"
         best = min(peers.values(), key=lambda s: s[key])
         out[f"best_peer_{q}"] = (best["arm"], best[key])
-        for arm in OURS:
-            if arm in pooled and best[key]:
+        for arm in [a for a in pooled if is_ours(a)]:
+            if best[key]:
                 out[f"{arm}/{q}"] = pooled[arm][key] / best[key]
     ours = "ours"
     if f"{ours}/p50" in out:
@@ -128,7 +132,7 @@ def check_lines(c: dict) -> list[str]:
     for q in ("p50", "p90"):
         if f"best_peer_{q}" in c:
             arm, value = c[f"best_peer_{q}"]
-            ratios = ", ".join(f"{a} {c[f'{a}/{q}']:.2f}x" for a in OURS if f"{a}/{q}" in c)
+            ratios = ", ".join(f"{k.rsplit('/', 1)[0]} {v:.2f}x" for k, v in c.items() if k.endswith(f"/{q}"))
             lines.append(f"best peer {q}: {arm} {value:.2f} s; {ratios}")
     verdict = lambda v: "holds" if v else "misses"  # noqa: E731
     if "ours_le_1x" in c:
@@ -141,15 +145,16 @@ def check_lines(c: dict) -> list[str]:
 
 
 def summary_table(all_checks: list[dict]) -> str:
-    head = "| cell | best peer p50 | ours/best p50 | best peer p90 | ours/best p90 | ours-guard/best p90 | ours+T1/best p90 |"
-    lines = [head, "|" + "---|" * 7]
-    fmt = lambda c, k: f"{c[k]:.2f}" if k in c else "-"  # noqa: E731
+    ours = [k.rsplit("/", 1)[0] for k in (all_checks[0] if all_checks else {}) if k.endswith("/p90")]
+    head = ["cell", "best peer p50", "ours/best p50", "best peer p90"] + [f"{a}/best p90" for a in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in all_checks:
-        p50 = c.get("best_peer_p50", ("-", 0))
-        p90 = c.get("best_peer_p90", ("-", 0))
-        lines.append(f"| {c['cell']}{' *' if c['loaded_cache_bound'] else ''} | {p50[0]} {p50[1]:.2f} | "
-                     f"{fmt(c, 'ours/p50')} | {p90[0]} {p90[1]:.2f} | {fmt(c, 'ours/p90')} | "
-                     f"{fmt(c, 'ours-guard/p90')} | {fmt(c, 'ours+T1/p90')} |")
+        p50 = c.get("best_peer_p50", ("-", 0.0))
+        p90 = c.get("best_peer_p90", ("-", 0.0))
+        cells = [c["cell"] + (" *" if c["loaded_cache_bound"] else ""), f"{p50[0]} {p50[1]:.2f}",
+                 f"{c['ours/p50']:.2f}" if "ours/p50" in c else "-", f"{p90[0]} {p90[1]:.2f}"]
+        cells += [f"{c[a + '/p90']:.2f}" if a + "/p90" in c else "-" for a in ours]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,6 +180,13 @@ def run(args: argparse.Namespace) -> dict:
     workers_proc, workers = routing.start_workers(fleet.workers, WorkerConfig(), log_dir)
     results: dict = {"fleet": asdict(fleet), "seeds": args.seeds, "scale": args.scale, "slo_s": args.slo_s,
                      "arms": arms, "sglang": note or "ran", "restore_bytes_per_s": restore_bps, "cells": {}}
+    merged: dict[str, dict] = {}
+    for path in args.merge:
+        earlier = json.loads(Path(path).read_text())
+        if (earlier["seeds"], earlier["scale"], earlier["fleet"]) != (args.seeds, args.scale, asdict(fleet)):
+            raise SystemExit(f"--merge {path}: other seeds, scale or fleet; its cells are not these traces")
+        for name, data in earlier["cells"].items():
+            merged.setdefault(name, {}).update(data["pooled"])
     started = time.monotonic()
     try:
         for cell in cells:
@@ -190,11 +202,13 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"== {cell.name} seed {seed}: {len(trace.requests)} requests, span {trace.params['span_s']} s, "
                       f"capacity {f['capacity_blocks']} blocks/worker ({time.monotonic() - started:.0f} s)",
                       file=sys.stderr)
-                for summary in routing.run_trace(trace, arms, workers, config, seed=seed, guard=LoadGuard(),
+                for summary in routing.run_trace(trace, arms, workers, config, seed=seed, guard=LoadGuard(rel=args.guard_rel),
                                                  timeout_s=args.timeout, log_dir=log_dir, restore_bps=restore_bps,
                                                  t1_tokens=t1, slo_s=args.slo_s, label=f"{cell.name}-s{seed}"):
                     per_arm.setdefault(summary["arm"], []).append(summary)
             pooled = {arm: pool(runs) for arm, runs in per_arm.items()}
+            for arm, data in merged.get(cell.name, {}).items():
+                pooled.setdefault(arm, data)  # arms of an earlier run of the same cells (--merge)
             c = checks(cell, pooled)
             results["cells"][cell.name] = {
                 "cell": asdict(cell), "pooled": pooled, "checks": c,
@@ -204,6 +218,10 @@ def run(args: argparse.Namespace) -> dict:
                   f"{args.seeds} seeds pooled, goodput at TTFT <= {args.slo_s:g} s\n")
             print(cell_table(pooled))
             print("\n" + "\n".join(check_lines(c)), flush=True)
+            if args.out:  # after every cell: a crash later keeps what was measured
+                from nodeagent.fsutil import atomic_write_text
+
+                atomic_write_text(args.out, json.dumps(results, indent=1))
     finally:
         workers_proc.stop()
     results["wall_s"] = time.monotonic() - started
@@ -224,9 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=Fleet.workers)
     parser.add_argument("--speedup", type=float, default=Fleet.speedup)
     parser.add_argument("--slo-s", type=float, default=routing.DEFAULT_SLO_S, help="TTFT SLO for goodput")
+    parser.add_argument("--guard-rel", type=float, default=LoadGuard.rel, help="the ours-guard arm's guard")
     parser.add_argument("--restore-bps", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound per arm run")
     parser.add_argument("--save-traces", default="", metavar="DIR")
+    parser.add_argument("--merge", action="append", default=[], metavar="RESULTS",
+                        help="add the pooled arms of an earlier --out of the same cells, seeds and scale "
+                        "(e.g. run one new variant against the peers already measured)")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp") + "/agent-machine-sweep")
     parser.add_argument("--out", help="write the results as JSON here")
     return parser
