@@ -19,8 +19,9 @@ CacheManager.lookup). `place` then, for each candidate:
    a placement away from the cached prefix also delays the requests that queue behind
    it, and duplicating a prefix on a second engine costs cache space; k charges that.
    Measured (bench/README.md "## sweep", offline replica of the simulated fleet, 9
-   cells x 3 seeds): p90 TTFT lower in 6 of 9 cells, e.g. private prompts at load 0.9,
-   working set 2x: 3.99 -> 1.81 s; at most +0.07 s p90 where it loses.
+   cells x 3 seeds, `python -m bench.sweep_offline`): p90 TTFT lower in 5 of 9 cells and
+   equal in a 6th, e.g. private prompts at load 0.9, working set 2x: 3.99 -> 1.81 s; where
+   it loses (public-prefix cells), +0.07 s p90 and up to +0.18 s p50 at most.
    If no eligible candidate has every rate known, it chooses by (model hot,
    fewest uncached tokens, least queued work) and says that rates were unknown.
 
