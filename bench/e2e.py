@@ -198,6 +198,7 @@ class Record:
     done_s: float | None = None  # send -> answer back at the client
     error: str | None = None
     round: int = 0
+    predicted: dict | None = None  # ours: the chosen candidate's TTFT terms (s), as placement estimated them
 
 
 def drive(chains: list[list[Request]], send: Callable[[Request], Record], *, clients: int,

@@ -19,7 +19,10 @@ total slots (2S) and threads (2T):
   8 GiB by default in this build): what a user would run instead;
 * ``sglang``: sglang-router (PyPI) with its cache_aware policy at its defaults in
   front of two llama-servers of S slots and T threads each;
-* ``round_robin``: the client alternates over the same two servers.
+* ``round_robin``: the client alternates over the same two servers;
+* ``ours-1x2S`` (not in the default arms): the node over ONE replica of 2S slots
+  and 2T threads, the engine of ``single``: what the node's placement and tiers
+  add on the very engine a user would run, apart from the fleet's shape.
 
 The baselines get the conversation rendered with the model's own chat template
 (the same renderer the node uses, `nodeagent.templates`), sent as
@@ -47,7 +50,8 @@ from bench.e2e import Record, Request, TraceParams, build_requests, drive, sessi
 from bench.http_worker import chat_messages
 from bench.routing import pct, sglang_available, start_sglang
 
-ARMS = ("ours", "single", "sglang", "round_robin")
+ARMS = ("ours", "single", "sglang", "round_robin", "ours-1x2S")
+OURS = ("ours", "ours-1x2S")  # the node's arms; the verdict compares "ours" with the others
 MODEL_NAME = "smollm2"
 
 
@@ -184,7 +188,8 @@ def run_baseline(arm: str, chains, *, params: FleetParams, model: Path, work: Pa
         servers.close()
 
 
-def run_ours(chains, *, params: FleetParams, model: Path, work: Path) -> tuple[list[Record], dict]:
+def run_ours(chains, *, params: FleetParams, model: Path, work: Path, replicas: int = 2,
+             arm: str = "ours") -> tuple[list[Record], dict]:
     from nodeagent.config import load_config
     from nodeagent.models.store import ModelStore
     from nodeagent.node import Node, default_executor
@@ -193,9 +198,11 @@ def run_ours(chains, *, params: FleetParams, model: Path, work: Path) -> tuple[l
     shutil.rmtree(state, ignore_errors=True)
     ModelStore(state / "state").import_model(model, MODEL_NAME)
     config = state / "fleet.toml"
-    config.write_text(f'[models]\ndefault = "{MODEL_NAME}"\n\n[[providers]]\nmodel = "{MODEL_NAME}"\nreplicas = 2\n'
-                      f'slots = {params.slots}\nctx_per_slot = {params.ctx_per_slot}\nthreads = {params.threads}\n'
-                      'load = "eager"\n')
+    # One replica gets the two replicas' slots and threads: the same total, in one engine.
+    slots, threads = params.slots * 2 // replicas, params.threads * 2 // replicas
+    config.write_text(f'[models]\ndefault = "{MODEL_NAME}"\n\n[[providers]]\nmodel = "{MODEL_NAME}"\n'
+                      f'replicas = {replicas}\nslots = {slots}\nctx_per_slot = {params.ctx_per_slot}\n'
+                      f'threads = {threads}\nload = "eager"\n')
     t1 = Path(tempfile.mkdtemp(prefix="am-e2e-t1-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     env = {"HOME": str(state), "AGENT_MACHINE_STATE_DIR": str(state / "state"),
            "AGENT_MACHINE_CONFIG_DIR": str(state / "cfg"), "AGENT_MACHINE_CACHE_DIR": str(state / "cache"),
@@ -205,7 +212,7 @@ def run_ours(chains, *, params: FleetParams, model: Path, work: Path) -> tuple[l
     node.start()
     try:
         deadline = time.monotonic() + 300
-        while len(node.executor.pool.all()) < 2 * params.slots and time.monotonic() < deadline:
+        while len(node.executor.pool.all()) < replicas * slots and time.monotonic() < deadline:
             time.sleep(0.1)
         client = httpx.Client(timeout=60)
         try:
@@ -229,9 +236,14 @@ def run_ours(chains, *, params: FleetParams, model: Path, work: Path) -> tuple[l
             pod = node.get_pod(pod_id)
             turn = pod.status.turns[-1] if pod.status.turns else None
             if turn is None:
-                return Record(req.rid, req.session, req.agent, req.turn, "ours", False, sent_at=sent,
+                return Record(req.rid, req.session, req.agent, req.turn, arm, False, sent_at=sent,
                               error="; ".join(pod.status.reasons or ["no turn"]))
-            return Record(req.rid, req.session, req.agent, req.turn, "ours", True, worker=turn.provider,
+            chosen = next((d.chosen for d in node.executor.decisions.get(pod_id, [])[-1:]), None)
+            predicted = None if chosen is None else {
+                "queue_wait_s": chosen.terms.queue_wait_s, "restore_s": chosen.terms.restore_s,
+                "prefill_s": chosen.terms.prefill_s, "ttft_s": chosen.ttft_s, "source": chosen.cache_source}
+            return Record(req.rid, req.session, req.agent, req.turn, arm, True, worker=turn.provider,
+                          predicted=predicted,
                           prompt_tokens=turn.prompt_tokens, cached_tokens=turn.cached_tokens,
                           evaluated_tokens=turn.evaluated_tokens, completion_tokens=turn.completion_tokens,
                           tier=turn.cache_tier, sent_at=sent, first_token_at=first,
@@ -256,7 +268,7 @@ def summarize(arm: str, records: list[Record]) -> dict:
             "ttft_p50": pct(ttfts, 50), "ttft_p90": pct(ttfts, 90), "ttft_p99": pct(ttfts, 99),
             "hit_rate": (sum(r.cached_tokens for r in ok) / prompt) if prompt else None,
             "out_tok_per_s": out_tokens / busy if busy else None,
-            "tiers": {t: sum(1 for r in ok if r.tier == t) for t in ("T0", "T1", "T2", "none")} if arm == "ours"
+            "tiers": {t: sum(1 for r in ok if r.tier == t) for t in ("T0", "T1", "T2", "none")} if arm in OURS
             else None,
             "errors": sorted({r.error for r in records if not r.ok})[:3]}
 
@@ -275,7 +287,7 @@ def table(rows: list[dict]) -> str:
 
 def verdict(rows: list[dict]) -> list[str]:
     ours = next((r for r in rows if r["arm"] == "ours"), None)
-    others = [r for r in rows if r["arm"] != "ours" and r["ttft_p50"] is not None]
+    others = [r for r in rows if r["arm"] not in OURS and r["ttft_p50"] is not None]
     if ours is None or not others or ours["ttft_p50"] is None:
         return []
     lines = []
@@ -289,7 +301,7 @@ def verdict(rows: list[dict]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(a for a in ARMS if a != "ours-1x2S"))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--pods", type=int, default=12)
     parser.add_argument("--agents", type=int, default=3)
@@ -325,8 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = []
             for arm in order:
                 print(f"round {rnd + 1}: {arm} ...", flush=True)
-                if arm == "ours":
-                    records, info = run_ours(chains, params=params, model=model, work=work)
+                if arm in OURS:
+                    records, info = run_ours(chains, params=params, model=model, work=work,
+                                             replicas=2 if arm == "ours" else 1, arm=arm)
                 else:
                     records, info = run_baseline(arm, chains, params=params, model=model, work=work,
                                                  template=template)

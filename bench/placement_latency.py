@@ -3,6 +3,12 @@
     python -m bench.placement_latency                   # 64 providers, ~1M indexed blocks, 2000 prompts
     python -m bench.placement_latency --burn 0,2        # and again with 2 CPU-burning processes
     python -m bench.placement_latency --providers 8 --blocks 100000
+    python -m bench.placement_latency --slots 8         # 64 llama-servers x 8 slots: 512 candidates
+
+With ``--slots S`` each provider is a llama-server replica with S parallel
+slots and every slot is a candidate, as the node places them: the slots of a
+replica share its measured rates and its queue, and each holds its own T0
+context (one pod's blocks where a provider without slots holds four).
 
 The index is a real SQLite CacheIndex (WAL, in a temporary state dir) filled
 with ~1M indexed blocks: pods of agents whose 2-8K-token contexts are shared,
@@ -322,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.placement_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--providers", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=1, help="parallel slots per provider, each a candidate")
     parser.add_argument("--blocks", type=int, default=1_000_000, help="block rows in the index")
     parser.add_argument("--agents", type=int, default=64)
     parser.add_argument("--decisions", type=int, default=2000, help="prompts; each is decided before and after")
@@ -342,17 +349,25 @@ def main(argv: list[str] | None = None) -> int:
         map_build_s, map_rss = cm.index.last_build_s, rss_bytes() - rss
         print(f"probe map: built in {map_build_s:.2f} s, +{map_rss / 2**20:.0f} MiB RSS", file=sys.stderr)
         registry = RateRegistry()
-        providers = [f"p{i}" for i in range(args.providers)]
-        for name in providers:  # as a node seeds them from Provider.rates() and calibration
-            registry.set(name, PREFILL, rng.uniform(2000, 9000), "provider")
-            registry.set(name, DECODE, rng.uniform(20, 60), "provider")
-            registry.set(name, restore_quantity("T1"), rng.uniform(1e9, 4e9), "calibrated")
-            registry.set(name, restore_quantity("T2"), rng.uniform(2e8, 1e9), "calibrated")
-            registry.set(name, LOAD, rng.uniform(5e8, 2e9), "calibrated")
-        t0_held = {name: ContextBlocks([k for pod in rng.sample(pods, 4) for k in block_keys(pod, namespace)])
+        replicas = [f"p{i}" for i in range(args.providers)]
+        slots = {replica: [replica] if args.slots == 1 else [f"{replica}/slot-{j}" for j in range(args.slots)]
+                 for replica in replicas}
+        providers = [name for replica in replicas for name in slots[replica]]
+        hot, queued = {}, {}
+        for replica in replicas:  # as a node seeds them from Provider.rates() and calibration
+            rates = (rng.uniform(2000, 9000), rng.uniform(20, 60), rng.uniform(1e9, 4e9), rng.uniform(2e8, 1e9),
+                     rng.uniform(5e8, 2e9))
+            replica_hot, replica_queued = rng.random() < 0.8, rng.randrange(0, 20000)
+            for name in slots[replica]:  # a replica's slots share its rates, residency and queue
+                registry.set(name, PREFILL, rates[0], "provider")
+                registry.set(name, DECODE, rates[1], "provider")
+                registry.set(name, restore_quantity("T1"), rates[2], "calibrated")
+                registry.set(name, restore_quantity("T2"), rates[3], "calibrated")
+                registry.set(name, LOAD, rates[4], "calibrated")
+                hot[name], queued[name] = replica_hot, replica_queued
+        per_context = 4 if args.slots == 1 else 1
+        t0_held = {name: ContextBlocks([k for pod in rng.sample(pods, per_context) for k in block_keys(pod, namespace)])
                    for name in providers}
-        hot = {name: rng.random() < 0.8 for name in providers}
-        queued = {name: rng.randrange(0, 20000) for name in providers}
         scenarios = {"queued": queued, "idle": {name: 0 for name in providers}}
 
         # Prompts: half continue a stored pod (a new turn), half start a new pod of a known agent.
@@ -363,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         found = sum(bool(cm.lookup_keys(block_keys(p, namespace), visible_owners(namespace),
                                         state_format=FORMAT).by_tier) for p in prompts)
         result = {
-            "providers": args.providers, "block_rows": cm.index.block_rows(), "entries": len(pods),
+            "providers": args.providers, "slots": args.slots, "candidates": len(providers), "block_rows": cm.index.block_rows(), "entries": len(pods),
             "decisions": len(prompts), "prompts_with_tier_match": found,
             "prompt_tokens_mean": round(statistics.fmean(len(p) for p in prompts), 1),
             "probe_map_build_s": round(map_build_s, 3), "probe_map_rss_mib": round(map_rss / 2**20, 1),

@@ -298,7 +298,7 @@ class Fleet:
 
     def _start_llama_server(self, model: ModelFleet, index: int, name: str) -> Any:
         from nodeagent.providers.llama_server import LlamaServerProvider
-        from nodeagent.providers.slots import LlamaServerReplica, SlotProvider
+        from nodeagent.providers.slots import LlamaServerReplica
 
         decl = model.declaration
         if decl.mode == "attach":
@@ -313,11 +313,23 @@ class Fleet:
         except Exception as exc:
             server.close()
             raise ProviderError(f"{name}: could not start ({type(exc).__name__}: {exc})") from exc
-        for slot in range(decl.slots):
-            self.pool.add(ManagedProvider(SlotProvider(replica, slot), model.record.digest, launch_mode=decl.mode,
-                                          version=replica.version, group=replica.name))
+        self._add_slots(replica, model.record.digest, decl.mode)
         log.info("fleet: %s (%s, %d slots) serves %s", name, decl.mode, decl.slots, model_name(model.record))
         return replica
+
+    def _add_slots(self, replica: Any, digest: str, mode: str) -> None:
+        """Each slot of a started replica as a candidate, once its rates are measured."""
+        from nodeagent.providers.slots import SlotProvider
+
+        try:  # its rates before its first turn: placement compares replicas from the start
+            rates = replica.server.calibrate()
+            log.info("fleet: %s prefill %.0f tok/s, decode %.1f tok/s (calibration)", replica.name,
+                     rates.prefill_tokens_per_s or 0, rates.decode_tokens_per_s or 0)
+        except ProviderError as exc:
+            log.warning("fleet: %s: calibration failed (%s); rates come from its first turns", replica.name, exc)
+        for slot in range(replica.slots):
+            self.pool.add(ManagedProvider(SlotProvider(replica, slot), digest, launch_mode=mode,
+                                          version=replica.version, group=replica.name))
 
     def _start_embedded(self, model: ModelFleet, name: str) -> Any:
         from nodeagent.providers.llama_cpp_python import LlamaCppPythonProvider, LlamaOptions
@@ -420,7 +432,7 @@ class Fleet:
         ``launched``: (LaunchRecord, ProviderStatus) pairs. The node places on
         their slots but never stops them (they are the operator's)."""
         from nodeagent.providers.llama_server import LlamaServerProvider
-        from nodeagent.providers.slots import LlamaServerReplica, SlotProvider
+        from nodeagent.providers.slots import LlamaServerReplica
 
         adopted = []
         declared = {m.name for m in self.plan.models}
@@ -445,9 +457,7 @@ class Fleet:
                 log.warning("fleet: not adopting %s: %s", spec.name, exc)
                 server.close()
                 continue
-            for slot in range(slots):
-                self.pool.add(ManagedProvider(SlotProvider(replica, slot), model.digest, launch_mode=spec.mode,
-                                              version=replica.version, group=replica.name))
+            self._add_slots(replica, model.digest, spec.mode)
             adopted.append(spec.name)
         self.adopted += adopted
         return adopted

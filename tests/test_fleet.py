@@ -23,6 +23,7 @@ from nodeagent.fleet import FleetError, default_rule, plan_fleet
 from nodeagent.models.store import ModelStore
 from nodeagent.node import Node, default_executor
 from nodeagent.providers.llama_server import locate_llama_server
+from nodeagent.scheduler.rates import DECODE, PREFILL
 
 from pod_factory import make_pod, wait_for
 
@@ -146,6 +147,11 @@ def test_the_example_fleet_places_sixteen_sessions_where_their_prefix_is(tmp_pat
         view = node.fleet_view()
         assert view["rule"].startswith(f"declared in {EXAMPLE}")
         assert view["declared"][0]["running"] == ["smollm2-ls-0", "smollm2-ls-1"]
+        # Each replica measured itself as it started: every slot is priced before its first turn.
+        for managed in node.executor.pool.all():
+            for quantity in (PREFILL, DECODE):
+                estimate = node.executor.rates.estimate(managed.name, quantity)
+                assert estimate.source == "provider" and estimate.value > 0, (managed.name, estimate)
         pods = [node.submit_pod(p) for p in session_pods(16, "smollm2")]
         assert wait_for(lambda: all(node.get_pod(p.id).status.phase in TERMINAL for p in pods), timeout=600)
         replicas_used = set()

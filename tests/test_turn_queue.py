@@ -61,3 +61,12 @@ def test_a_running_turn_counts_by_its_time_left():
     assert turn.remaining_s(100.5) == 1.5
     assert turn.remaining_s(103.0) == 0.0  # overran its estimate: nothing known is left
     assert RunningTurn(0, 100.0, None, 500, 8).remaining_s(101.0) is None
+
+
+def test_a_running_turn_has_done_its_prompt_first_then_its_answer():
+    # 500 prompt tokens at 1000 tok/s take 0.5 s; then 8 answer tokens at 20 tok/s.
+    turn = RunningTurn(ticket=0, since=100.0, estimate_s=0.9, prefill_tokens=500, decode_tokens=8)
+    assert turn.work_done(100.25, 1000.0, 20.0) == (250, 0)  # halfway through the prompt
+    assert turn.work_done(100.625, 1000.0, 20.0) == (500, 2)  # the prompt done, two tokens out
+    assert turn.work_done(105.0, 1000.0, 20.0) == (500, 8)  # never more than it has
+    assert turn.work_done(100.6, None, 20.0) == (0, 0)  # a rate unknown: all of it still ahead

@@ -59,9 +59,13 @@ REPLACE_ATTEMPTS = 3  # placements of one turn whose provider died before it ran
 # queue, but its prefill and decode share the engine with the busy slots'. The
 # siblings' queued work counts in a slot's queue term at these weights: prefill
 # is compute-bound (a batch of N prompts takes ~N times one, measured in
-# bench/README.md "## fleet"), batched decode costs less than N single steps.
+# bench/README.md "## fleet"; llama-server puts every slot's pending prompt into
+# one batch, so a prompt arriving beside a sibling's waits for the sibling's
+# prompt too). A sibling's decode adds one token per step to the shared batch:
+# little, against a prompt of hundreds of tokens. Only the work still ahead
+# counts (`_outstanding`), never what a running turn has already done.
 SLOT_PREFILL_CONTENTION = 1.0
-SLOT_DECODE_CONTENTION = 0.5
+SLOT_DECODE_CONTENTION = 0.1
 
 
 class _ProviderGone(ProviderError):
@@ -106,6 +110,9 @@ class PodExecutor:
         # term prices balance (issue #14's sweep; bench/README.md "## routing").
         self.guard = guard or LoadGuard(enabled=False)
         self.block_tokens = block_tokens
+        # A provider's own start-up measurement prices it until its first turns are observed:
+        # without one the first placements of a fleet have no TTFT to compare.
+        pool.add_added_listener(self._seed_rates)
         self.segments = SegmentStore(node.db, node._db_lock)
         self._machine = machine
         self._place_lock = threading.Lock()  # placement + queue accounting are one step
@@ -349,7 +356,7 @@ class PodExecutor:
         owners = _owners(session)
         states, by_name = [], {}
         now = time.monotonic()
-        shared = _engine_work(managed)
+        shared = self._engine_work(managed, now)
         for m in managed:
             t0 = m.expected.reusable(session.tokens, owners)
             rejected = self._rejections(tenant, m.name, m.kind, pinned)
@@ -360,8 +367,9 @@ class PodExecutor:
                 prefill, decode, remaining = prefill - running.prefill_tokens, decode - running.decode_tokens, left
             if m.group is not None:  # its engine's other slots run batched with it: their work slows it
                 engine_prefill, engine_decode = shared.get(m.group, (0, 0))
-                prefill += int(SLOT_PREFILL_CONTENTION * (engine_prefill - m.queued_prefill_tokens))
-                decode += int(SLOT_DECODE_CONTENTION * (engine_decode - m.queued_decode_tokens))
+                own_prefill, own_decode = self._outstanding(m, now)
+                prefill += int(SLOT_PREFILL_CONTENTION * (engine_prefill - own_prefill))
+                decode += int(SLOT_DECODE_CONTENTION * (engine_decode - own_decode))
             states.append(CandidateState(
                 provider=m.name, model_hot=True, t0_cached_tokens=t0,
                 state_format=m.kind if self.cache is not None else None,
@@ -503,6 +511,30 @@ class PodExecutor:
         seconds = seconds / (1.0 + weight * busy_siblings)
         for peer in self.pool.peers(managed):
             self.rates.observe(peer.name, quantity, amount, seconds)
+
+    def _seed_rates(self, managed: ManagedProvider) -> None:
+        self.rates.seed_from_provider(managed.name, managed.provider.rates())
+
+    def _outstanding(self, managed: ManagedProvider, now: float) -> tuple[int, int]:
+        """(prefill, decode) tokens ``managed`` still has ahead: its queue, with its running
+        turn counted by what is left of it (prompt first, then answer, at its rates)."""
+        prefill, decode = managed.queued_prefill_tokens, managed.queued_decode_tokens
+        running = managed.running
+        if running is None:
+            return prefill, decode
+        done_prefill, done_decode = running.work_done(now, self.rates.estimate(managed.name, PREFILL).value,
+                                                      self.rates.estimate(managed.name, DECODE).value)
+        return max(0, prefill - done_prefill), max(0, decode - done_decode)
+
+    def _engine_work(self, managed: Sequence[ManagedProvider], now: float) -> dict[str, tuple[int, int]]:
+        """Outstanding (prefill, decode) tokens per engine, summed over its slots."""
+        work: dict[str, tuple[int, int]] = {}
+        for m in managed:
+            if m.group is not None:
+                prefill, decode = work.get(m.group, (0, 0))
+                own_prefill, own_decode = self._outstanding(m, now)
+                work[m.group] = (prefill + own_prefill, decode + own_decode)
+        return work
 
     def _busy_siblings(self, managed: ManagedProvider) -> int:
         """The other slots of ``managed``'s engine running a turn now."""
@@ -694,16 +726,6 @@ def generation_request(tokens: Sequence[int], max_tokens: int, sampling: Any, re
         top_p=sampling.top_p, min_p=sampling.min_p, repeat_penalty=sampling.repeat_penalty,
         frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty,
         logit_bias={int(token): bias for token, bias in sampling.logit_bias.items()}, grammar=sampling.grammar)
-
-
-def _engine_work(managed: Sequence[ManagedProvider]) -> dict[str, tuple[int, int]]:
-    """Queued (prefill, decode) tokens per engine, summed over its slots."""
-    work: dict[str, tuple[int, int]] = {}
-    for m in managed:
-        if m.group is not None:
-            prefill, decode = work.get(m.group, (0, 0))
-            work[m.group] = (prefill + m.queued_prefill_tokens, decode + m.queued_decode_tokens)
-    return work
 
 
 def _owners(session: SessionContext) -> list[str]:

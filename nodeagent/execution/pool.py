@@ -104,6 +104,16 @@ class RunningTurn:
     def remaining_s(self, now: float) -> float | None:
         return None if self.estimate_s is None else max(0.0, self.estimate_s - (now - self.since))
 
+    def work_done(self, now: float, prefill_rate: float | None, decode_rate: float | None) -> tuple[int, int]:
+        """(prefill, decode) tokens it has done by ``now`` at these rates: the prompt
+        first, then the answer. (0, 0) when a rate is unknown: all of it counts as ahead."""
+        if not prefill_rate or not decode_rate:
+            return 0, 0
+        elapsed = max(0.0, now - self.since)
+        prefill = min(self.prefill_tokens, int(elapsed * prefill_rate))
+        decoding = max(0.0, elapsed - self.prefill_tokens / prefill_rate)
+        return prefill, min(self.decode_tokens, int(decoding * decode_rate))
+
 
 @dataclass
 class ManagedProvider:
@@ -217,6 +227,7 @@ class ProviderPool:
         self._tokenizer_start_lock = threading.Lock()
         self._load_lock = threading.Lock()  # one model load at a time (see `load`)
         self._context_listeners: list[Callable[[ManagedProvider, HeldContext], None]] = []
+        self._added_listeners: list[Callable[[ManagedProvider], None]] = []
         # Asked before the pool starts an engine (a load, a declared provider): raises
         # `StartRefused` to keep it from starting (governance's activation decision).
         self.start_gate: Callable[[ProviderStart], None] | None = None
@@ -232,6 +243,14 @@ class ProviderPool:
         if self._loader is None:
             return None
         return self._kind_of(digest) if self._kind_of is not None else self.loader_kind
+
+    def add_added_listener(self, listener: Callable[[ManagedProvider], None]) -> None:
+        """``listener(managed)`` for every provider added to the pool from now on (and those in it)."""
+        with self._lock:
+            self._added_listeners.append(listener)
+            present = list(self._providers.values())
+        for managed in present:
+            listener(managed)
 
     def add_context_listener(self, listener: Callable[[ManagedProvider, HeldContext], None]) -> None:
         """``listener(managed, held)`` on every change of what a provider's context holds (T0)."""
@@ -318,6 +337,12 @@ class ProviderPool:
                 if listener not in managed.context_listeners:
                     managed.context_listeners.append(listener)
             self._providers[managed.name] = managed
+            added = list(self._added_listeners)
+        for listener in added:
+            try:
+                listener(managed)
+            except Exception:
+                log.exception("pool listener failed for provider %s", managed.name)
         return managed
 
     def remove(self, name: str) -> None:

@@ -72,6 +72,9 @@ STATE_SEQ_MAGIC = 0x67677371  # 'ggsq', llama.cpp's sequence-state file magic
 STATE_SEQ_VERSION = 3
 TOKEN_NULL = -1  # LLAMA_TOKEN_NULL: marks the server's packed token list
 META_SUFFIX = ".meta.json"
+# Ordinary prose for `calibrate`: its rates are those of text, not of a degenerate repeat of one token.
+CALIBRATION_TEXT = ("A node agent keeps models resident, keeps their caches warm, and places each turn "
+                    "of each session where its context already is. ")
 
 
 class Launcher(Protocol):
@@ -437,6 +440,17 @@ class LlamaServerProvider:
             raise ProviderCrashed(f"{self.name}: the server closed the connection mid-answer (crashed? see its log)"
                                   ) from None
         box.append(self._finish(request, tokens, final, completion, "".join(pieces), started, first))
+
+    def calibrate(self, *, prompt_tokens: int = 256, decode_tokens: int = 16, slot: int = 0) -> Rates:
+        """Measure prefill and decode once, on an idle slot, right after start: the node
+        prices a replica from this until its real turns are observed (without it the
+        first placements of a fleet have no rate to compare). A short warm-up first,
+        below the sizes `_finish` measures: the first decode pays graph allocation."""
+        unit = self.tokenize(CALIBRATION_TEXT, add_bos=False)
+        tokens = (unit * (prompt_tokens // max(1, len(unit)) + 1))[:prompt_tokens]
+        self.generate(GenerationRequest(prompt_tokens=tokens[:4], max_tokens=2, slot=slot, reuse_limit=0))
+        self.generate(GenerationRequest(prompt_tokens=tokens, max_tokens=decode_tokens, slot=slot, reuse_limit=0))
+        return self.rates()
 
     def context_tokens(self, slot: int = 0) -> list[int]:
         return list(self._context.get(slot, []))
