@@ -31,6 +31,9 @@ class ApiConfig(_Section):
     credentials_file: str | None = None  # tenant-bound tokens (`agent-machine tokens`); default <config>/credentials.toml
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # GET /metrics without a token on TCP: a stock Prometheus or GAIE endpoint picker sends none.
+    # It shows model and provider names and counts (docs/api.md "Metrics"); applies on reload.
+    metrics_without_token: bool = False
 
 
 class QueueConfig(_Section):

@@ -278,7 +278,7 @@ class Daemon:
     # ------------------------------------------------------------ run
     async def run(self) -> None:
         from nodeagent.api import create_app
-        from nodeagent.api.auth import Authenticate
+        from nodeagent.api.auth import Authenticate, open_paths
         from nodeagent.credentials import CredentialSet
 
         loop = asyncio.get_running_loop()
@@ -288,10 +288,13 @@ class Daemon:
         tcp = [lst.sock for lst in self.listeners if lst.kind == "tcp"]
         credentials = self.credentials if self.credentials is not None else CredentialSet(None, self.token)
         # Every listener resolves the request's principal; only TCP insists on a token.
+        def paths_open() -> frozenset[str]:
+            return open_paths(self.node.config.api)
+
         plan = [(Authenticate(app, credentials, token_required=False), unix)] if unix else []
         if tcp:
             assert self.token, "open_listeners refuses TCP without a token"
-            plan.append((Authenticate(app, credentials, token_required=True), tcp))
+            plan.append((Authenticate(app, credentials, token_required=True, paths_open=paths_open), tcp))
         for sock in unix + tcp:
             sock.setblocking(False)
         serve_tasks = []

@@ -244,6 +244,32 @@ def test_tcp_with_a_token(running, tmp_path):
     assert server.stop() == 0
 
 
+def test_metrics_open_without_a_token_when_configured_and_on_reload(running, tmp_path):
+    """A gateway's endpoint picker scrapes /metrics without a token: `api.metrics_without_token`
+    opens that path on TCP (at once on SIGHUP) and nothing else."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    config_dir = tmp_path / "cfg"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config.toml").write_text("[api]\nmetrics_without_token = false\n")
+    server = running(AGENT_MACHINE_API_TCP="127.0.0.1:0", AGENT_MACHINE_API_TOKEN_FILE=str(token_file))
+    server.wait_for_message("READY")
+    with server.client() as client:
+        base = "http://" + next(item for item in client.get("/v1/status").json()["listeners"]
+                                if item.startswith("tcp:")).removeprefix("tcp:")
+    assert httpx.get(base + "/metrics").status_code == 401
+    (config_dir / "config.toml").write_text("[api]\nmetrics_without_token = true\n")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_message("RELOADING")
+    server.wait_for_message("READY")
+    scraped = httpx.get(base + "/metrics")
+    assert scraped.status_code == 200 and "vllm:num_requests_waiting" in scraped.text
+    assert httpx.get(base + "/v1/status").status_code == 401
+    assert httpx.get(base + "/v1/pods").status_code == 401
+    assert server.stop() == 0
+
+
 def test_status_command_against_the_daemon(running, tmp_path):
     server = running()
     server.wait_for_message("READY")

@@ -6,7 +6,9 @@ against it. Credentials are the admin token of ``api.token_file`` and the
 tenant-bound tokens of the credentials file (nodeagent.credentials).
 
 * TCP (``token_required``): every request but `/healthz` needs
-  ``Authorization: Bearer <token>`` naming a live credential, else 401.
+  ``Authorization: Bearer <token>`` naming a live credential, else 401;
+  ``api.metrics_without_token`` adds `/metrics` to the open paths (`open_paths`),
+  for a Prometheus or a gateway's endpoint picker that scrapes without one.
 * Unix socket: protected by its file mode (0600 in a 0700 directory), so a
   request without a token is the socket's owner (admin). A token presented on
   the socket binds the request to its credential, so a tenant's client on the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,6 +33,8 @@ from nodeagent.credentials import CredentialSet, is_issued_token
 
 # Probes from a load balancer or systemd may hit these without a token; they reveal nothing.
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
+# Opened by `api.metrics_without_token`: counts and names of models and providers, nothing of a pod.
+METRICS_PATH = "/metrics"
 MIN_TOKEN_LENGTH = 16
 CREDENTIAL_NAME = "api-token"
 
@@ -69,16 +74,26 @@ def load_token(token_file: str | None, env: dict[str, str] | None = None) -> str
     return token
 
 
-class Authenticate:
-    """ASGI wrapper: resolve the bearer token to a `Principal`, or answer 401."""
+def open_paths(api: Any) -> frozenset[str]:
+    """The paths served without a credential under an ``[api]`` config section."""
+    return UNAUTHENTICATED_PATHS | {METRICS_PATH} if api.metrics_without_token else UNAUTHENTICATED_PATHS
 
-    def __init__(self, app: ASGIApp, credentials: CredentialSet, *, token_required: bool) -> None:
+
+class Authenticate:
+    """ASGI wrapper: resolve the bearer token to a `Principal`, or answer 401.
+
+    ``paths_open`` is asked on every request (a reloaded config applies at once);
+    by default only `/healthz` is open."""
+
+    def __init__(self, app: ASGIApp, credentials: CredentialSet, *, token_required: bool,
+                 paths_open: Callable[[], frozenset[str]] = lambda: UNAUTHENTICATED_PATHS) -> None:
         self.app = app
         self.credentials = credentials
         self.token_required = token_required
+        self.paths_open = paths_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope.get("path") in UNAUTHENTICATED_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in self.paths_open():
             await self.app(scope, receive, send)
             return
         header = ""

@@ -178,7 +178,8 @@ def _dns_label(text: str) -> str:
 def agent_config(options: KubeOptions, declarations: Sequence[Any], workloads: Sequence[ProviderWorkload]) -> str:
     """The agent's config.toml inside the pod: its declared providers become ``attach`` to their containers."""
     lines = ["# agent-machine config rendered by `agent-machine render kube`; the pod mounts it read-only.",
-             "[api]", f'tcp = "0.0.0.0:{API_PORT}"', f'token_file = "{_token_file(options)}"', "",
+             "[api]", f'tcp = "0.0.0.0:{API_PORT}"', f'token_file = "{_token_file(options)}"',
+             "metrics_without_token = true  # the InferencePool's endpoint picker scrapes /metrics without one", "",
              "[cache]", f'ram_dir = "{T1_DIR}"', "",
              "[cluster]"]
     if options.kv_events:
