@@ -7,8 +7,17 @@
 
 With ``--slots S`` each provider is a llama-server replica with S parallel
 slots and every slot is a candidate, as the node places them: the slots of a
-replica share its measured rates and its queue, and each holds its own T0
-context (one pod's blocks where a provider without slots holds four).
+replica share its measured rates, each holds its own T0 context (one pod's
+blocks where a provider without slots holds four), and in the ``queued``
+scenario a random number of a replica's slots have work of their own (the
+replica's queued tokens split among them); every slot's queue term carries its
+siblings' work at the executor's contention weights. There ``before`` is the
+current lookup and `place` scoring every slot (what this benchmark measured of
+the node before), and ``after`` is the node's path now: `SlotFolder` leaves
+out each slot that matches nothing of the prompt and that a sibling beats on
+every queue term and on the tie-break (all but one of a replica's idle slots,
+and the busy ones behind them), and `place` scores the rest. Both must choose
+the same slot (``choice_mismatches``).
 
 The index is a real SQLite CacheIndex (WAL, in a temporary state dir) filled
 with ~1M indexed blocks: pods of agents whose 2-8K-token contexts are shared,
@@ -57,6 +66,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent.kvcache.blocks import Namespace, block_keys
@@ -64,7 +74,9 @@ from nodeagent.kvcache.index import ENTRY_COLUMNS, MIGRATIONS, EntryRow
 from nodeagent.kvcache.manager import TIERS, CacheManager, visible_owners
 from nodeagent.kvcache.tiers import TierStore
 from nodeagent.scheduler.cost import Terms, load_s, prefill_s, queue_wait_s, restore_s
-from nodeagent.scheduler.placement import CandidateState, ContextBlocks, PlacementRequest, TierMatch, place
+from nodeagent.execution.executor import SLOT_DECODE_CONTENTION, SLOT_PREFILL_CONTENTION
+from nodeagent.scheduler.placement import (CandidateState, ContextBlocks, PlacementRequest, SlotFolder, TierMatch,
+                                           place)
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.store import connect, migrate
 
@@ -250,37 +262,87 @@ class Burners:
             proc.wait()
 
 
-def measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, queued, *, render_every: int) -> dict:
+@dataclass(frozen=True)
+class SlotQueue:
+    """One slot's queue as the executor prices it: its own work plus its siblings' at the
+    contention weights; ``idle``: nothing of its own running or queued."""
+
+    prefill: int
+    decode: int
+    idle: bool
+
+
+def slot_queues(slots: dict[str, list[str]], queued: dict[str, int], rng: random.Random) -> dict[str, SlotQueue]:
+    """A replica's queued tokens (``queued[replica]``) split among a random number of its
+    slots, half of it prompt and a tenth of it answer; every slot then carries its
+    siblings' work at the contention weights."""
+    out = {}
+    for replica, names in slots.items():
+        busy = rng.sample(names, rng.randint(0, len(names))) if queued[replica] else []
+        own = {name: (queued[replica] // len(busy), queued[replica] // (10 * len(busy))) if name in busy else (0, 0)
+               for name in names}
+        engine_prefill, engine_decode = sum(p for p, _ in own.values()), sum(d for _, d in own.values())
+        for name, (prefill, decode) in own.items():
+            out[name] = SlotQueue(prefill + int(SLOT_PREFILL_CONTENTION * (engine_prefill - prefill)),
+                                  decode + int(SLOT_DECODE_CONTENTION * (engine_decode - decode)),
+                                  idle=not prefill and not decode)
+    return out
+
+
+def measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, queued, *, render_every: int,
+            engine_of: dict[str, str] | None = None) -> dict:
     owners = visible_owners(namespace)
     parts = ("hash", "lookup", "t0", "candidates", "place", "decision", "with_hashing")
     times = {path: {part: [] for part in parts} for path in ("before", "after")}
     render_us: list[float] = []
+    folded: list[int] = []
     mismatches = depth_mismatches = compared = 0
+    slotted = engine_of is not None
 
     def one(path: str, prompt: tuple[int, ...]) -> tuple[str, tuple]:
         t = times[path]
         start = time.perf_counter_ns()
         keys = block_keys(prompt, namespace)
         hashed = time.perf_counter_ns()
-        if path == "after":
+        current = path == "after" or slotted
+        if current:
             lookup = cm.lookup_keys(keys, owners, state_format=FORMAT, prompt_tokens=len(prompt))
             matches = tuple(TierMatch(m.tier, m.cached_tokens, m.bytes, FORMAT, m.entry_id)
                             for m in lookup.by_tier.values())
         else:
             matches = tuple(_legacy_lookup(legacy, keys, owners, FORMAT))
         looked = time.perf_counter_ns()
-        if path == "after":
+        if current:
             t0 = [t0_held[name].matched_blocks(keys) * BLOCK if hot[name] else 0 for name in providers]
         else:
             t0 = [_legacy_matched_blocks(t0_held[name], keys) * BLOCK if hot[name] else 0 for name in providers]
         matched = time.perf_counter_ns()
-        candidates = [CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=t0[i],
-                                     state_format=FORMAT, queued_prefill_tokens=queued[name], load=queued[name])
-                      for i, name in enumerate(providers)]
+        folder, folded_now = SlotFolder(), None
+        if slotted:
+            candidates = []
+            for i, name in enumerate(providers):
+                q = queued[name]
+                if path == "after" and not t0[i]:  # the slots of a replica share its rates here
+                    folder.offer(engine_of[name], 0.0, q.prefill, q.decode, 0.0, name, name)  # type: ignore[index]
+                    continue
+                candidates.append(CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=t0[i],
+                                                 state_format=FORMAT, queued_requests=0 if q.idle else 1,
+                                                 queued_prefill_tokens=q.prefill, queued_decode_tokens=q.decode))
+            if path == "after":
+                kept, folded_now = folder.fold()
+                for name in kept:
+                    q = queued[name]
+                    candidates.append(CandidateState(name, hot[name], model_bytes=2 << 30, state_format=FORMAT,
+                                                     queued_requests=0 if q.idle else 1,
+                                                     queued_prefill_tokens=q.prefill, queued_decode_tokens=q.decode))
+        else:
+            candidates = [CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=t0[i],
+                                         state_format=FORMAT, queued_prefill_tokens=queued[name], load=queued[name])
+                          for i, name in enumerate(providers)]
         built = time.perf_counter_ns()
         request = PlacementRequest(MODEL, len(prompt), matches, tenant="acme", dry_run=True)
-        if path == "after":
-            decision = place(request, candidates, registry)
+        if current:
+            decision = place(request, candidates, registry, folded=folded_now)
             chosen = decision.provider
         else:
             chosen = _legacy_place(request, candidates, registry)
@@ -289,6 +351,8 @@ def measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, q
                             ("candidates", built - matched), ("place", done - built), ("decision", done - hashed),
                             ("with_hashing", done - start)):
             t[part].append(value / 1000)
+        if path == "after" and folded_now is not None:
+            folded.append(folded_now.total)
         if path == "after" and len(t["place"]) % render_every == 0:
             rendered = time.perf_counter_ns()
             decision.to_contract()
@@ -319,6 +383,9 @@ def measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, q
     summary["lookup_depth_mismatches"] = depth_mismatches
     summary["choice_mismatches"] = mismatches
     summary["choices_compared"] = compared
+    if slotted:
+        scored = [len(providers) - f for f in folded]
+        summary["candidates_scored_after"] = {"p50": pct(scored, 50), "max": max(scored)}
     summary["loadavg_1m_before_after"] = [round(load_before[0], 2), round(load_after[0], 2)]
     summary["gc_collections"] = sum(s["collections"] for s in gc.get_stats()) - gc_before
     return summary
@@ -368,7 +435,14 @@ def main(argv: list[str] | None = None) -> int:
         per_context = 4 if args.slots == 1 else 1
         t0_held = {name: ContextBlocks([k for pod in rng.sample(pods, per_context) for k in block_keys(pod, namespace)])
                    for name in providers}
-        scenarios = {"queued": queued, "idle": {name: 0 for name in providers}}
+        if args.slots == 1:
+            scenarios = {"queued": queued, "idle": {name: 0 for name in providers}}
+            engine_of = None
+        else:
+            by_replica = {replica: queued[slots[replica][0]] for replica in replicas}
+            scenarios = {"queued": slot_queues(slots, by_replica, rng),
+                         "idle": slot_queues(slots, {replica: 0 for replica in replicas}, rng)}
+            engine_of = {name: replica for replica in replicas for name in slots[replica]}
 
         # Prompts: half continue a stored pod (a new turn), half start a new pod of a known agent.
         prompts = []
@@ -390,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1.0 if burn else 0.0)
                 for scenario, queues in scenarios.items():
                     run = measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, queues,
-                                  render_every=10)
+                                  render_every=10, engine_of=engine_of)
                     run.update(scenario=scenario, background_burners=burn)
                     result["runs"].append(run)
                     print(f"burn {burn} {scenario}: decision p50/p99 before "

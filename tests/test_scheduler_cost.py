@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from nodeagent.contracts.placement import PlacementDecision
 from nodeagent.providers.base import Rates
 from nodeagent.scheduler.cost import CostInputs, ttft_terms
-from nodeagent.scheduler.placement import (CandidateState, ContextBlocks, LoadGuard, PlacementRequest, TierMatch,
-                                           common_prefix_tokens, explain, place)
+from nodeagent.scheduler.placement import (CandidateState, ContextBlocks, Folded, LoadGuard, PlacementRequest,
+                                           SlotFolder, TierMatch, busy_fraction, common_prefix_tokens, explain,
+                                           place)
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, QUANTITIES, RateEstimate, RateRegistry, restore_quantity
 
 rate = st.floats(min_value=1.0, max_value=1e9, allow_nan=False)
@@ -322,6 +323,72 @@ def test_place_chooses_what_the_brute_force_rule_chooses_and_reports_every_candi
                                                                        if a.eligible and not a.guarded})
         if decision.chosen.ttft_s is not None and runner_up:
             assert f"; next {runner_up[0][1]} at {runner_up[0][0]:.3f} s" in decision.reason
+
+
+# ---------------------------------------------------------------- folding the slots a sibling beats
+slot = st.fixed_dictionaries({
+    "t0": st.sampled_from([0, 0, 0, 64, 3000]), "own_prefill": st.sampled_from([0, 0, 0, 500, 4000]),
+    "own_decode": st.sampled_from([0, 0, 64]), "running": st.sampled_from([0.0, 0.0, 1.5]),
+    "load": st.sampled_from([0, 0, 1000, 3000]), "rejected": st.sampled_from([False, False, False, True])})
+engine = st.tuples(st.lists(slot, min_size=1, max_size=6), known_rates, st.booleans())
+
+
+@settings(max_examples=400, deadline=None)
+@given(engines=st.lists(engine, min_size=1, max_size=5), matches=st.lists(match, max_size=2),
+       prompt=st.sampled_from([64, 3000, 8000]), session=st.sampled_from([None, "e0/s0", "e1/s1"]),
+       guard=st.sampled_from([LoadGuard(enabled=False), LoadGuard(), LoadGuard(rel=1.0)]))
+def test_scoring_only_the_slots_no_sibling_beats_decides_as_scoring_them_all(engines, matches, prompt, session, guard):
+    """The slots of an engine share its rates, and each one's queue term carries its
+    siblings' work at the executor's contention weights (prefill 1.0, decode 0.1). Leaving
+    out of `place` the unmatched slots a sibling dominates (with their counts) changes
+    neither the choice, nor the guard's part in it, nor the busy fraction."""
+    registry = RateRegistry()
+    every, kept, folder = [], [], SlotFolder()
+    for e, (slots, rates, hot) in enumerate(engines):
+        engine_prefill = sum(s["own_prefill"] for s in slots)
+        engine_decode = sum(s["own_decode"] for s in slots)
+        for j, spec in enumerate(slots):
+            name = f"e{e}/s{j}"
+            for quantity, value in rates.items():
+                registry.set(name, quantity, value, "calibrated")
+            busy = bool(spec["own_prefill"] or spec["own_decode"] or spec["running"])
+            state = CandidateState(
+                name, model_hot=hot, model_bytes=10**9, t0_cached_tokens=spec["t0"] if hot else 0, state_format="f",
+                queued_requests=int(busy), queued_prefill_tokens=engine_prefill,
+                queued_decode_tokens=spec["own_decode"] + int(0.1 * (engine_decode - spec["own_decode"])),
+                running_remaining_s=spec["running"], load=float(spec["load"]),
+                rejected=("pinned elsewhere",) if spec["rejected"] else ())
+            every.append(state)
+            if not state.t0_cached_tokens and not state.rejected and name != session:
+                folder.offer(f"e{e}", state.running_remaining_s, state.queued_prefill_tokens,
+                             state.queued_decode_tokens, state.load, name, state)
+            else:
+                kept.append(state)
+    offered, folded = folder.fold()
+    kept += offered
+    request = PlacementRequest("m", prompt, tuple(matches), session_provider=session)
+    full = place(request, every, registry, guard)
+    part = place(request, kept, registry, guard, folded=folded)
+    assert len(kept) + folded.total == len(every)
+    assert part.provider == full.provider
+    assert part.guard_applied == full.guard_applied
+    assert busy_fraction(kept, folded) == pytest.approx(busy_fraction(every))
+    if folded.total:
+        assert f"{folded.total} slots not scored" in part.reason
+
+
+def test_a_slot_is_left_out_only_when_a_sibling_has_no_more_queue_and_wins_the_tie_break():
+    folder = SlotFolder()
+    folder.offer("a", 0.0, 0, 0, 0, "a/1", "a/1")  # idle: the best of engine a
+    folder.offer("a", 0.0, 0, 0, 0, "a/2", "a/2")  # its twin, later by name: left out (idle)
+    folder.offer("a", 2.0, 100, 19, 0, "a/3", "a/3")  # more of everything: left out (busy)
+    folder.offer("a", 2.0, 100, 19, -1, "a/4", "a/4")  # more queue but a lower load, it may win a tie: kept
+    folder.offer("b", 0.0, 90, 30, 0, "b/1", "b/1")  # less prefill than b/2 ...
+    folder.offer("b", 0.0, 100, 10, 0, "b/2", "b/2")  # ... less decode than b/1: neither beats the other
+    folder.offer("b", 1.0, 100, 30, 0, "b/3", "b/3")  # b/2 beats it: left out (busy)
+    kept, folded = folder.fold()
+    assert sorted(kept) == ["a/1", "a/4", "b/1", "b/2"]
+    assert folded == Folded(idle=1, busy=2) and folded.total == 3
 
 
 def test_resolved_rates_follow_every_change_that_can_move_them():

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from nodeagent.admission import AdmissionRequest
@@ -45,7 +45,8 @@ from nodeagent.kvcache.manager import CacheManager
 from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
 from nodeagent.providers.base import GenerationRequest, ProviderError, ProviderUnavailable, StateCorrupt
 from nodeagent.scheduler.cost import queue_wait_s
-from nodeagent.scheduler.placement import CandidateState, Decision, LoadGuard, PlacementRequest, TierMatch, place
+from nodeagent.scheduler.placement import (CandidateState, Decision, Folded, LoadGuard, PlacementRequest, SlotFolder,
+                                           TierMatch, place)
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.segments import SegmentStore
 from nodeagent.session import SessionContext
@@ -350,16 +351,20 @@ class PodExecutor:
             self.node.record_policy(pod.id, decision)  # refused: kept now; allowed: kept as it starts
         return decision.reasons
 
-    def _candidates(self, record: Any, session: SessionContext, pinned: str | None,
-                    tenant: str) -> tuple[list[CandidateState], dict[str, ManagedProvider]]:
+    def _candidates(self, record: Any, session: SessionContext, pinned: str | None, tenant: str,
+                    session_provider: str | None = None
+                    ) -> tuple[list[CandidateState], dict[str, ManagedProvider], Folded]:
+        """The candidates' snapshots, the providers by name, and the slots left out
+        because a sibling slot of their engine beats them (`SlotFolder`)."""
         managed = self.pool.for_model(record.digest)
         owners = _owners(session)
         states, by_name = [], {}
         now = time.monotonic()
         shared = self._engine_work(managed, now)
-        for m in managed:
-            t0 = m.expected.reusable(session.tokens, owners)
-            rejected = self._rejections(tenant, m.name, m.kind, pinned)
+        folder, resolved = SlotFolder(), self.rates.resolved
+
+        def queue_of(m: ManagedProvider) -> tuple[int, int, float]:
+            """(prefill, decode) tokens ahead of a new turn and the running turn's time left."""
             prefill, decode, remaining = m.queued_prefill_tokens, m.queued_decode_tokens, 0.0
             running = m.running  # read once: a dry run places without the placement lock
             left = running.remaining_s(now) if running is not None else None
@@ -370,20 +375,39 @@ class PodExecutor:
                 own_prefill, own_decode = self._outstanding(m, now)
                 prefill += int(SLOT_PREFILL_CONTENTION * (engine_prefill - own_prefill))
                 decode += int(SLOT_DECODE_CONTENTION * (engine_decode - own_decode))
-            states.append(CandidateState(
+            return prefill, decode, remaining
+
+        def state_of(m: ManagedProvider, t0: int, rejected: tuple[str, ...], load: float,
+                     queue: tuple[int, int, float]) -> CandidateState:
+            return CandidateState(
                 provider=m.name, model_hot=True, t0_cached_tokens=t0,
                 state_format=m.kind if self.cache is not None else None,
-                queued_requests=m.queued_requests, queued_prefill_tokens=prefill,
-                queued_decode_tokens=decode, running_remaining_s=remaining,
-                load=float(sum(m.sessions.values())), rejected=rejected))
+                queued_requests=m.queued_requests, queued_prefill_tokens=queue[0],
+                queued_decode_tokens=queue[1], running_remaining_s=queue[2], load=load, rejected=rejected)
+
+        for m in managed:
             by_name[m.name] = m
+            t0 = m.expected.reusable(session.tokens, owners)
+            rejected = self._rejections(tenant, m.name, m.kind, pinned)
+            load, queue = float(sum(m.sessions.values())), queue_of(m)
+            if m.group is not None and not t0 and not rejected and m.name != session_provider:
+                # Siblings share their engine's rates (`_observe` feeds them alike); folding
+                # compares only slots whose rates are equal, so a difference never misleads it.
+                rates = resolved(m.name)
+                engine = (m.group, rates.prefill_value, rates.decode_value, rates.load_value,
+                          rates.restore_t1_value, rates.restore_t2_value)
+                folder.offer(engine, queue[2], queue[0], queue[1], load, m.name, (m, load, queue))
+                continue
+            states.append(state_of(m, t0, rejected, load, queue))
+        offered, folded = folder.fold()
+        states += [state_of(m, 0, (), load, queue) for m, load, queue in offered]
         if not managed:
             name = f"load:{model_name(record)}"
             kind = self.pool.load_kind(record.digest)
             states.append(CandidateState(provider=name, model_hot=False, model_bytes=int(record.size_bytes),
                                          state_format=kind if self.cache is not None else None,
                                          rejected=self._rejections(tenant, name, kind, None)))
-        return states, by_name
+        return states, by_name, folded
 
     def _rejections(self, tenant: str, provider: str, kind: str | None, pinned: str | None) -> tuple[str, ...]:
         """Why a candidate may not take the pod: a pin to another provider, or the
@@ -408,14 +432,15 @@ class PodExecutor:
                 found += [TierMatch(m.tier, m.cached_tokens, m.bytes, kind, m.entry_id)
                           for m in lookup.by_tier.values()]
             matches = tuple(found)
-        states, by_name = self._candidates(record, session, pod.spec.provider, pod.metadata.tenant)
+        states, by_name, folded = self._candidates(record, session, pod.spec.provider, pod.metadata.tenant,
+                                                   session_provider)
         if not pod.spec.policy.cache_reuse:
-            states = [CandidateState(**{**s.__dict__, "t0_cached_tokens": 0}) for s in states]
+            states = [replace(s, t0_cached_tokens=0) for s in states]
         request = PlacementRequest(model=model_name(record), prompt_tokens=len(session.tokens),
                                    tier_matches=matches, pod=pod.metadata.name, tenant=pod.metadata.tenant,
                                    block_tokens=self.block_tokens, dry_run=dry_run,
                                    session_provider=session_provider)
-        decision = place(request, states, self.rates, self.guard)
+        decision = place(request, states, self.rates, self.guard, folded=folded)
         from nodeagent import metrics
 
         outcome = "dry_run" if dry_run else ("placed" if decision.chosen is not None else "no_candidate")

@@ -51,7 +51,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Any, Sequence
 
 from nodeagent.scheduler.cost import Terms
 from nodeagent.scheduler.rates import ProviderRates, RateEstimate, RateRegistry
@@ -337,17 +337,96 @@ def _cost(score: tuple, work_weight: float) -> float | None:
     return t + work_weight * ((score[_RESTORE] or 0.0) + (score[_PREFILL] or 0.0))
 
 
-def busy_fraction(candidates: Sequence[CandidateState]) -> float:
+def busy_fraction(candidates: Sequence[CandidateState], folded: "Folded | None" = None) -> float:
     """Share of the eligible candidates with work ahead of a new request (the default
     work weight): 0 on an idle fleet, where only this request's TTFT matters; 1 when
     every engine is busy, where an option's extra prefill delays later requests as
-    much as it delays this one."""
+    much as it delays this one. ``folded``: eligible slots the caller left out
+    (`SlotFolder`), counted as they are."""
     eligible = [c for c in candidates if not c.rejected]
-    if not eligible:
-        return 0.0
     busy = sum(1 for c in eligible
                if c.running_remaining_s > 0 or c.queued_prefill_tokens > 0 or c.queued_decode_tokens > 0)
-    return busy / len(eligible)
+    total = len(eligible)
+    if folded is not None:
+        busy, total = busy + folded.busy, total + folded.idle + folded.busy
+    return busy / total if total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Folded:
+    """How many candidates a caller left out of `place` (`SlotFolder`): with no work
+    ahead (idle) and with some (busy)."""
+
+    idle: int = 0
+    busy: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.idle + self.busy
+
+
+class SlotFolder:
+    """Leaves out the slots of an engine that cannot win because a sibling beats them.
+
+    The slots of one engine (a llama-server replica's parallel slots) share its
+    rates and residency, and each one's queue term counts its siblings' work.
+    Among its eligible slots that hold nothing of the prompt (no T0 prefix),
+    every cache option (none, T1, T2) costs the same restore and prefill, so
+    they differ only in their queue: time left of a running turn, queued
+    prefill and queued decode tokens, each of which only adds to the estimate.
+    A slot whose three are all >= a sibling's and whose tie-break key (load,
+    queued work, name) is greater can never be chosen over that sibling, nor
+    change what the load guard does (its load is not lower). `fold` keeps, per
+    engine, the slots no sibling dominates: one per engine when it has an idle
+    slot of the least load (64 replicas x 8 slots are then scored as ~70
+    candidates instead of 512).
+
+    The caller offers only eligible slots without a T0 prefix that are not the
+    session's own provider (the load guard reads that one's T0), under an
+    ``engine`` key that includes their rates if those could differ, and passes the
+    `Folded` counts to `place`, which counts them in the busy fraction and says
+    how many in the reason.
+    """
+
+    __slots__ = ("_fronts", "_idle", "_busy")
+
+    def __init__(self) -> None:
+        self._fronts: dict[Any, list[tuple]] = {}  # per engine: the slots no sibling offered so far beats
+        self._idle = self._busy = 0
+
+    def offer(self, engine: Any, running_remaining_s: float, queued_prefill_tokens: int, queued_decode_tokens: int,
+              load: float, name: str, item: Any) -> None:
+        """One slot, in any order. Domination is transitive, so a slot beaten by one that
+        is itself beaten later stays beaten by the later one."""
+        tie = (load, queued_prefill_tokens + queued_decode_tokens, name)
+        front = self._fronts.get(engine)
+        if front is None:
+            self._fronts[engine] = [(running_remaining_s, queued_prefill_tokens, queued_decode_tokens, tie, item)]
+            return
+        for f in front:
+            if (running_remaining_s >= f[0] and queued_prefill_tokens >= f[1] and queued_decode_tokens >= f[2]
+                    and tie > f[3]):
+                self._count(running_remaining_s, queued_prefill_tokens, queued_decode_tokens)
+                return
+        kept = []
+        for f in front:
+            if f[0] >= running_remaining_s and f[1] >= queued_prefill_tokens and f[2] >= queued_decode_tokens \
+                    and f[3] > tie:
+                self._count(f[0], f[1], f[2])
+            else:
+                kept.append(f)
+        kept.append((running_remaining_s, queued_prefill_tokens, queued_decode_tokens, tie, item))
+        self._fronts[engine] = kept
+
+    def _count(self, remaining: float, prefill: int, decode: int) -> None:
+        if remaining > 0 or prefill > 0 or decode > 0:  # as `busy_fraction` counts a candidate busy
+            self._busy += 1
+        else:
+            self._idle += 1
+
+    def fold(self) -> tuple[list[Any], Folded]:
+        """The items to score (the slots no sibling beats), and the counts of those left out."""
+        return [f[4] for front in self._fronts.values() for f in front], Folded(self._idle, self._busy)
 
 
 def _best(scores: list[tuple], pool: Sequence[int], prompt: int, work_weight: float = 0.0) -> int:
@@ -387,10 +466,14 @@ def place(
     registry: RateRegistry,
     guard: LoadGuard | None = None,
     work_weight: float | None = None,
+    folded: Folded | None = None,
 ) -> Decision:
+    """Choose among ``candidates`` (see the module docstring). ``folded``: slots the
+    caller left out because a sibling beats them (`SlotFolder`), counted in the busy
+    fraction and named in the reason."""
     started = time.perf_counter_ns()
     guard = guard or _DEFAULT_GUARD
-    k = busy_fraction(candidates) if work_weight is None else work_weight
+    k = busy_fraction(candidates, folded) if work_weight is None else work_weight
     prompt = request.prompt_tokens
     matches = request.tier_matches
     resolved = registry.resolved
@@ -439,6 +522,8 @@ def place(
     chosen_index = _best(scores, pool, prompt, k) if pool else -1
     chosen = _assessment(request, scores[chosen_index]) if chosen_index >= 0 else None
     reason = _reason(request, chosen, chosen_index, pool, scores, guarded, guard_applied)
+    if folded is not None and folded.total:
+        reason += f"; {folded.total} slots not scored (a sibling slot of their engine beats each)"
     return Decision(request, chosen, reason, scores, guard, guard_applied,
                     (time.perf_counter_ns() - started) // 1000, chosen_index=chosen_index, guarded=guarded)
 
