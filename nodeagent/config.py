@@ -128,6 +128,9 @@ class ProviderDeclaration(_Section):
     slot_save_dir: str | None = None
     image: str | None = None  # podman / quadlet: the image (default: the catalog's)
     port: int | None = Field(default=None, ge=1024, le=65535)  # first port; replicas use consecutive ones
+    # vllm: where its KV events are published, tcp://HOST:PORT (replica i: PORT + i). The node
+    # subscribes and places by every prefix the engine holds; a launched vLLM is told to publish there.
+    kv_events: str | None = None
 
 
 class Config(_Section):

@@ -21,6 +21,7 @@ for a model of the store are adopted: attached, placed on, never stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -126,6 +127,8 @@ def plan_fleet(declarations: Sequence[ProviderDeclaration], store: Any, *, budge
                              f"the slot directory of the servers it starts)")
         if decl.mode != "attach" and decl.urls:
             raise FleetError(f"{_field(index, 'urls')}: only mode attach takes URLs (mode is {decl.mode!r})")
+        if decl.kv_events is not None:
+            _check_kv_events(index, decl)
         if decl.kind == "llama_server" and decl.mode == "subprocess" and llama_server is None:
             raise FleetError(f"{_field(index, 'mode')}: no llama-server binary found for a subprocess "
                              f"(set AGENT_MACHINE_LLAMA_SERVER, or run scripts/build-llama-server.sh)")
@@ -154,6 +157,44 @@ def plan_fleet(declarations: Sequence[ProviderDeclaration], store: Any, *, budge
                 f"({_gib(total)} with the declarations before it), over the memory budget of {_gib(budget_bytes)}")
         models.append(ModelFleet(index, decl, record, name, fit_bytes))
     return FleetPlan(rule=f"declared in {source}" if models else "none declared", models=tuple(models))
+
+
+def _check_kv_events(index: int, decl: ProviderDeclaration) -> None:
+    where = _field(index, "kv_events")
+    if decl.kind != "vllm":
+        raise FleetError(f"{where}: only vLLM publishes KV events (kind is {decl.kind!r}); the node knows what "
+                         f"its own llama.cpp contexts hold")
+    if decl.mode not in ("subprocess", "attach"):
+        raise FleetError(f"{where}: subscribing is for mode subprocess or attach (a {decl.mode} container would "
+                         f"need the port published too)")
+    host, port = kv_events_endpoint(decl.kv_events or "", 0)
+    if not host or port + decl.replicas - 1 > 65535:
+        raise FleetError(f"{where}: {decl.kv_events!r} is not tcp://HOST:PORT with a port for each of "
+                         f"{decl.replicas} replica(s)")
+    from nodeagent.kvevents import KVEventsUnavailable, _zmq
+
+    try:
+        _zmq()
+    except KVEventsUnavailable as exc:
+        raise FleetError(f"{where}: {exc}") from None
+
+
+def kv_events_endpoint(declared: str, index: int) -> tuple[str, int]:
+    """(host, port) of replica ``index``'s KV events under ``kv_events = "tcp://HOST:PORT"``:
+    replica i publishes on PORT + i. ("", 0) when the value is not of that form."""
+    rest = declared.removeprefix("tcp://")
+    host, _, port = rest.rpartition(":")
+    if declared == rest or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        return "", 0
+    return host, int(port) + index
+
+
+def vllm_kv_events_args(declared: str, index: int) -> list[str]:
+    """What tells replica ``index`` of a launched vLLM to publish its KV events where the
+    node subscribes (vLLM's ``KVEventsConfig``, as ``vllm serve --kv-events-config`` takes it)."""
+    _, port = kv_events_endpoint(declared, index)
+    return ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                                              "endpoint": f"tcp://*:{port}"})]
 
 
 def default_rule(*, cpus: int, has_gpu: bool, llama_server: Path | None, context: int,
@@ -354,8 +395,15 @@ class Fleet:
             spec = self._spec(model, index, name)
             provider = VllmProvider.from_spec(spec, launcher=self.launch.launcher(decl.mode))
         provider.start()
+        observed = None
+        if decl.kv_events:
+            from nodeagent.providers.vllm_events import KVEventSubscription
+
+            host, port = kv_events_endpoint(decl.kv_events, index)
+            observed = KVEventSubscription(f"tcp://{'127.0.0.1' if host in ('*', '0.0.0.0') else host}:{port}",
+                                           name=name)
         self.pool.add(ManagedProvider(provider, model.record.digest, launch_mode=decl.mode,
-                                      version=getattr(provider, "version", "vllm"), group=name))
+                                      version=getattr(provider, "version", "vllm"), group=name, observed=observed))
         return provider
 
     def _spec(self, model: ModelFleet, index: int, name: str) -> Any:
@@ -376,6 +424,8 @@ class Fleet:
                 extra += ["--threads", str(threads), "--threads-batch", str(threads)]
             if decl.device:
                 extra += ["--device", decl.device]
+        if decl.kind == "vllm" and decl.kv_events:
+            extra += vllm_kv_events_args(decl.kv_events, index)
         port = decl.port + index if decl.port else free_port()
         slot_dir = self.state_dir / "slots" / name
         return resolve_spec(

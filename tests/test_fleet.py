@@ -66,6 +66,12 @@ def store(tmp_path, tiny_model_path) -> ModelStore:
     ({"kind": "llama_cpp_python", "slots": 4}, "providers[0].slots: the embedded worker has one context"),
     ({"kind": "llama_cpp_python", "mode": "podman"}, "providers[0].mode: the embedded llama_cpp_python worker"),
     ({"ctx_per_slot": 1 << 20}, "providers[0].ctx_per_slot"),
+    ({"kv_events": "tcp://127.0.0.1:5557"}, "providers[0].kv_events: only vLLM publishes KV events"),
+    ({"kind": "vllm", "mode": "podman", "kv_events": "tcp://127.0.0.1:5557"},
+     "providers[0].kv_events: subscribing is for mode subprocess or attach"),
+    ({"kind": "vllm", "kv_events": "127.0.0.1:5557"}, "providers[0].kv_events: '127.0.0.1:5557' is not tcp://HOST:PORT"),
+    ({"kind": "vllm", "replicas": 2, "kv_events": "tcp://127.0.0.1:65535"},
+     "providers[0].kv_events: 'tcp://127.0.0.1:65535' is not tcp://HOST:PORT with a port for each of 2"),
 ])
 def test_a_bad_declaration_is_refused_with_its_field_named(store, llama_server, fields, message):
     declaration = ProviderDeclaration(**{"model": "tiny", **fields})

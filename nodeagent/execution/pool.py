@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from nodeagent.providers.base import Provider, ProviderError, ProviderUnavailable
 from nodeagent.scheduler.placement import common_prefix_tokens
@@ -115,6 +115,14 @@ class RunningTurn:
         return prefill, min(self.decode_tokens, int(decoding * decode_rate))
 
 
+class PrefixObserver(Protocol):
+    """What an engine's own cache reports it holds (vLLM's KV events: `providers.vllm_events`)."""
+
+    def cached_tokens(self, prompt: Sequence[int]) -> int: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class ManagedProvider:
     """A provider as the executor sees it: one request at a time, with its queue and live context."""
@@ -149,6 +157,9 @@ class ManagedProvider:
     # Called with (self, new held context) whenever what the engine holds changes
     # (KV events publish T0 from here); set by the pool when it is added.
     context_listeners: list[Callable[["ManagedProvider", HeldContext], None]] = field(default_factory=list)
+    # The engine's own report of the prefixes it holds, when it publishes one; placement
+    # takes the longer of it and ``expected`` (the last prompt placed).
+    observed: PrefixObserver | None = None
 
     def hold(self, context: HeldContext) -> None:
         """Record what the engine's context holds now, and tell the listeners."""
@@ -350,6 +361,8 @@ class ProviderPool:
             managed = self._providers.pop(name, None)
         if managed is not None:
             managed.forget_context()  # listeners (KV events) learn that what it held is gone
+            if managed.observed is not None:
+                managed.observed.close()
 
     def all(self) -> list[ManagedProvider]:
         with self._lock:

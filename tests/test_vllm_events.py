@@ -1,0 +1,175 @@
+"""vLLM's KV events as the node consumes them: the prefixes an engine holds, for placement.
+
+vLLM publishes ``BlockStored``/``BlockRemoved``/``AllBlocksCleared`` on a ZMQ PUB
+socket (wire format in nodeagent/kvevents.py); there is no vLLM here (no GPU), so
+the publisher below sends exactly those frames from the documented schema, with
+vLLM-style integer block hashes the node never interprets."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from nodeagent.config import ProviderDeclaration, load_config
+from nodeagent.execution.pool import HeldContext
+from nodeagent.fleet import kv_events_endpoint, vllm_kv_events_args
+from nodeagent.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, encode_batch
+from nodeagent.launch.subprocess import free_port
+from nodeagent.models.store import ModelStore
+from nodeagent.node import Node, default_executor
+from nodeagent.providers.vllm_events import CachedPrefixes, KVEventSubscription
+
+from pod_factory import make_pod
+from test_execution import env_for, wait_terminal
+
+zmq = pytest.importorskip("zmq", reason="KV events need pyzmq (extra kv-events)")
+
+BS = 4  # vLLM's block size in these tests
+
+
+def stored(hashes, parent, tokens, medium="GPU"):
+    return BlockStored(tuple(hashes), parent, tuple(tokens), BS, medium)
+
+
+def batch(*events):
+    return EventBatch(time.time(), tuple(events))
+
+
+# ------------------------------------------------------------------ what the events say the engine holds
+def test_a_prompt_matches_the_blocks_stored_along_its_chain_and_never_all_of_it():
+    held = CachedPrefixes()
+    held.apply(batch(stored([101, 102], None, range(8))))  # tokens 0-7 in two blocks
+    held.apply(batch(stored([103], 102, range(8, 12))))  # chained to 102: tokens 8-11
+    assert held.cached_tokens(list(range(20))) == 12
+    assert held.cached_tokens(list(range(12))) == 11  # one token is always evaluated
+    assert held.cached_tokens([0, 1, 2, 3, 9, 9, 9, 9]) == 4  # diverges in the second block
+    assert held.cached_tokens([5, 1, 2, 3]) == 0
+    assert held.cached_tokens(list(range(3))) == 0  # shorter than a block
+
+
+def test_removed_blocks_end_the_match_and_all_cleared_forgets_everything():
+    held = CachedPrefixes()
+    held.apply(batch(stored([1, 2, 3], None, range(12))))
+    held.apply(batch(BlockRemoved((2,), "GPU")))
+    assert held.cached_tokens(list(range(16))) == 4  # block 3 is still there, but its prefix is not
+    held.apply(batch(AllBlocksCleared()))
+    assert held.cached_tokens(list(range(16))) == 0
+
+
+def test_blocks_whose_parent_was_never_announced_and_offloaded_blocks_do_not_count():
+    held = CachedPrefixes()
+    held.apply(batch(stored([7], 999, range(4, 8))))  # stored before the node subscribed
+    held.apply(batch(stored([1], None, range(4), medium="CPU")))  # vLLM's CPU offload: a restore, not T0
+    assert held.cached_tokens(list(range(8))) == 0 and held.unchained == 1
+    held.apply(batch(stored([1], None, range(4), medium=None)))  # vLLM before the medium field: the device
+    assert held.cached_tokens(list(range(8))) == 4
+
+
+def test_two_engine_blocks_with_one_chain_are_held_until_both_go():
+    held = CachedPrefixes()
+    held.apply(batch(stored([1], None, range(4)), stored([2], None, range(4))))
+    held.apply(batch(BlockRemoved((1,), "GPU")))
+    assert held.cached_tokens(list(range(8))) == 4
+    held.apply(batch(BlockRemoved((2,), "GPU")))
+    assert held.cached_tokens(list(range(8))) == 0
+
+
+# ------------------------------------------------------------------ over the socket
+@pytest.fixture()
+def publisher():
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUB)
+    port = free_port()
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    state = {"seq": 0}
+
+    def send(*events, skip=0, payload=None):
+        state["seq"] += skip
+        sock.send_multipart([b"kv@vllm@m", state["seq"].to_bytes(8, "big"), payload or encode_batch(batch(*events))])
+        state["seq"] += 1
+
+    send.endpoint = f"tcp://127.0.0.1:{port}"
+    yield send
+    sock.close(linger=0)
+    ctx.term()
+
+
+def until(check, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_the_subscription_follows_the_engine_and_survives_bad_batches_and_gaps(publisher):
+    sub = KVEventSubscription(publisher.endpoint, name="vllm-0")
+    try:
+        # A SUB socket misses what was sent before it joined: publish until it hears.
+        assert until(lambda: (publisher(stored([1], None, range(4))) or sub.cached_tokens(list(range(8))) == 4))
+        publisher(payload=b"\x93not an event batch")
+        publisher(stored([2], 1, range(4, 8)))
+        assert until(lambda: sub.cached_tokens(list(range(12))) == 8)
+        assert sub.errors == 1
+        publisher(stored([3], 2, range(8, 12)), skip=1)  # the batch before it went missing
+        assert until(lambda: sub.gaps == 1)
+        assert sub.cached_tokens(list(range(16))) == 0, "after a gap nothing is trusted, even the new batch's chain"
+    finally:
+        sub.close()
+
+
+# ------------------------------------------------------------------ declarations
+def test_replica_i_publishes_on_the_declared_port_plus_i_and_a_launched_vllm_is_told_so():
+    assert kv_events_endpoint("tcp://127.0.0.1:5557", 2) == ("127.0.0.1", 5559)
+    assert kv_events_endpoint("127.0.0.1:5557", 0) == ("", 0)
+    flag, config = vllm_kv_events_args("tcp://0.0.0.0:6000", 1)
+    assert flag == "--kv-events-config"
+    assert json.loads(config) == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:6001"}
+    assert ProviderDeclaration(model="m", kind="vllm", kv_events="tcp://127.0.0.1:5557").kv_events
+
+
+# ------------------------------------------------------------------ placement sees every prefix the engine holds
+class Observed:
+    """A `PrefixObserver` over a `CachedPrefixes` the test feeds directly (the whole Protocol)."""
+
+    def __init__(self, prefixes: CachedPrefixes) -> None:
+        self.prefixes = prefixes
+        self.closed = False
+
+    def cached_tokens(self, prompt):
+        return self.prefixes.cached_tokens(prompt)
+
+    def close(self):
+        self.closed = True
+
+
+def test_placement_counts_a_prefix_the_engine_reports_after_the_node_lost_track_of_it(tmp_path, tiny_model_path):
+    ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    node = Node(load_config(env_for(tmp_path)), executor_factory=default_executor)
+    node.start()
+    try:
+        pod = make_pod(name="first", turns=["tell me about caches"])
+        assert wait_terminal(node, node.submit_pod(pod).id).status.phase.value == "Succeeded"
+        [managed] = node.executor.pool.all()
+        prompt = managed.expected.tokens
+        managed.expected = HeldContext()  # the node's own guess is gone (another prompt was placed since)
+        again = make_pod(name="again", turns=["tell me about caches"])
+        assert node.executor.score(again).chosen.cached_tokens == 0
+
+        prefixes = CachedPrefixes()
+        n = len(prompt) // BS
+        prefixes.apply(batch(stored(range(1, n + 1), None, prompt[:n * BS])))
+        managed.observed = Observed(prefixes)
+        decision = node.executor.score(again)
+        assert decision.chosen.cache_source == "T0"
+        # Its prompt is the first pod's (the first turn's prompt and answer went to the engine):
+        # every whole block of it is held, and one token is left to evaluate.
+        prompt_tokens = decision.request.prompt_tokens
+        assert prompt_tokens - BS < decision.chosen.cached_tokens < prompt_tokens
+        node.executor.pool.remove(managed.name)  # a provider leaving the pool stops listening to its engine
+        assert managed.observed.closed
+    finally:
+        node.close()
