@@ -389,19 +389,27 @@ class Fleet:
         from nodeagent.providers.vllm import VllmProvider
 
         decl = model.declaration
-        if decl.mode == "attach":
+        if decl.mode == "attach":  # running already: the node only checks that it answers
             provider = VllmProvider(name, decl.urls[index], served_model=model_name(model.record))
+            health = provider.health()
+            if not health.ok:
+                provider.close()
+                raise ProviderError(f"{name}: the vLLM server at {decl.urls[index]} is not healthy: {health.detail}")
         else:
             spec = self._spec(model, index, name)
             provider = VllmProvider.from_spec(spec, launcher=self.launch.launcher(decl.mode))
-        provider.start()
+            provider.start()
         observed = None
         if decl.kv_events:
             from nodeagent.providers.vllm_events import KVEventSubscription
 
             host, port = kv_events_endpoint(decl.kv_events, index)
-            observed = KVEventSubscription(f"tcp://{'127.0.0.1' if host in ('*', '0.0.0.0') else host}:{port}",
-                                           name=name)
+            try:
+                observed = KVEventSubscription(
+                    f"tcp://{'127.0.0.1' if host in ('*', '0.0.0.0') else host}:{port}", name=name)
+            except Exception:
+                provider.stop()  # stops only what the node launched
+                raise
         self.pool.add(ManagedProvider(provider, model.record.digest, launch_mode=decl.mode,
                                       version=getattr(provider, "version", "vllm"), group=name, observed=observed))
         return provider

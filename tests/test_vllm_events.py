@@ -173,3 +173,64 @@ def test_placement_counts_a_prefix_the_engine_reports_after_the_node_lost_track_
         assert managed.observed.closed
     finally:
         node.close()
+
+
+# ------------------------------------------------------------------ two attached vLLM servers that publish
+def test_two_attached_vllm_servers_with_kv_events_a_session_returns_to_the_one_that_still_holds_it(
+        tmp_path, tiny_model_path):
+    """Session A runs on replica X, then B is pinned to X (the node's own guess about X is
+    now B's prompt): A's next pod still goes to X as a T0 hit, because X's KV events say
+    it holds A's prefix, and the server really serves it from its cache."""
+    from nodeagent.execution.pool import model_name
+    from nodeagent.scheduler.placement import common_prefix_tokens
+
+    from fake_vllm import FakeVllm, serve
+    from test_fleet import env_for as fleet_env
+
+    record = ModelStore(tmp_path / "state").import_model(tiny_model_path, "tiny")
+    ctx = zmq.Context()
+    base = free_port()
+    sockets, states, servers = [], [], []
+    try:
+        for i in range(2):
+            sock = ctx.socket(zmq.PUB)
+            sock.bind(f"tcp://127.0.0.1:{base + i}")
+            sockets.append(sock)
+            states.append(FakeVllm(model=model_name(record), events=sock))
+            servers.append(serve(states[-1]))
+        urls = ", ".join(f'"http://127.0.0.1:{s.server_address[1]}"' for s in servers)
+        config = tmp_path / "vllm.toml"
+        config.write_text(f'[[providers]]\nmodel = "tiny"\nkind = "vllm"\nmode = "attach"\nreplicas = 2\n'
+                          f'urls = [{urls}]\nkv_events = "tcp://127.0.0.1:{base}"\n')
+        node = Node(load_config(fleet_env(tmp_path, config)), executor_factory=default_executor)
+        node.start()
+        try:
+            first = wait_terminal(node, node.submit_pod(make_pod(name="a", turns=["tell me about caches"])).id)
+            assert first.status.phase.value == "Succeeded", first.status.reasons
+            x = first.status.turns[0].provider
+            [held_a] = [m for m in node.executor.pool.all() if m.name == x]
+            assert held_a.observed is not None
+            prompt_a = held_a.expected.tokens
+            assert until(lambda: held_a.observed.cached_tokens(prompt_a) > 0), "X's events never arrived"
+            other = wait_terminal(node, node.submit_pod(make_pod(
+                name="b", system="You answer in French.", turns=["bonjour"], provider=x)).id)
+            assert other.status.phase.value == "Succeeded" and other.status.turns[0].provider == x
+            guess = common_prefix_tokens(held_a.expected.tokens, prompt_a)  # the node's own guess: B's prompt
+            assert guess < held_a.observed.cached_tokens(prompt_a)
+
+            again = make_pod(name="a-again", turns=["tell me about caches"])
+            decision = node.executor.score(again)
+            assert decision.provider == x and decision.chosen.cache_source == "T0"
+            assert decision.chosen.cached_tokens > guess
+            done = wait_terminal(node, node.submit_pod(again).id)
+            assert done.status.phase.value == "Succeeded" and done.status.turns[0].provider == x
+            assert done.status.turns[0].cached_tokens > guess  # the server served it from its prefix cache
+        finally:
+            node.close()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        for sock in sockets:
+            sock.close(linger=0)
+        ctx.term()
