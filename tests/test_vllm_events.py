@@ -11,6 +11,7 @@ import json
 import time
 
 import pytest
+import zmq  # a dev dependency (extra kv-events): missing, these tests fail rather than skip
 
 from nodeagent.config import ProviderDeclaration, load_config
 from nodeagent.execution.pool import HeldContext
@@ -24,7 +25,6 @@ from nodeagent.providers.vllm_events import CachedPrefixes, KVEventSubscription
 from pod_factory import make_pod
 from test_execution import env_for, wait_terminal
 
-zmq = pytest.importorskip("zmq", reason="KV events need pyzmq (extra kv-events)")
 
 BS = 4  # vLLM's block size in these tests
 
