@@ -192,9 +192,11 @@ def kv_events_endpoint(declared: str, index: int) -> tuple[str, int]:
 def vllm_kv_events_args(declared: str, index: int) -> list[str]:
     """What tells replica ``index`` of a launched vLLM to publish its KV events where the
     node subscribes (vLLM's ``KVEventsConfig``, as ``vllm serve --kv-events-config`` takes it)."""
-    _, port = kv_events_endpoint(declared, index)
+    host, port = kv_events_endpoint(declared, index)
+    # Its events carry every prompt's tokens on an unauthenticated socket: bind where declared.
+    bind = "*" if host in ("*", "0.0.0.0") else host
     return ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
-                                              "endpoint": f"tcp://*:{port}"})]
+                                              "endpoint": f"tcp://{bind}:{port}"})]
 
 
 def default_rule(*, cpus: int, has_gpu: bool, llama_server: Path | None, context: int,
@@ -409,6 +411,7 @@ class Fleet:
                     f"tcp://{'127.0.0.1' if host in ('*', '0.0.0.0') else host}:{port}", name=name)
             except Exception:
                 provider.stop()  # stops only what the node launched
+                provider.close()
                 raise
         self.pool.add(ManagedProvider(provider, model.record.digest, launch_mode=decl.mode,
                                       version=getattr(provider, "version", "vllm"), group=name, observed=observed))

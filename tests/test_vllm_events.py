@@ -16,6 +16,7 @@ import zmq  # a dev dependency (extra kv-events): missing, these tests fail rath
 from nodeagent.config import ProviderDeclaration, load_config
 from nodeagent.execution.pool import HeldContext
 from nodeagent.fleet import kv_events_endpoint, vllm_kv_events_args
+from nodeagent.kvcache.blocks import Namespace
 from nodeagent.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, encode_batch
 from nodeagent.launch.subprocess import free_port
 from nodeagent.models.store import ModelStore
@@ -27,6 +28,14 @@ from test_execution import env_for, wait_terminal
 
 
 BS = 4  # vLLM's block size in these tests
+PUBLIC = [(0, Namespace("sha256:m", "public"))]
+ACME = ["acme", "acme/coder", "public"]
+
+
+def sent_and_stored(held, hashes, parent, tokens, sent_tokens=None, spans=PUBLIC):
+    """The node sent ``sent_tokens`` (default: the stored ones) and the engine stored these blocks."""
+    held.apply(batch(stored(hashes, parent, tokens)))
+    held.sent(list(sent_tokens if sent_tokens is not None else tokens), spans)
 
 
 def stored(hashes, parent, tokens, medium="GPU"):
@@ -42,38 +51,65 @@ def test_a_prompt_matches_the_blocks_stored_along_its_chain_and_never_all_of_it(
     held = CachedPrefixes()
     held.apply(batch(stored([101, 102], None, range(8))))  # tokens 0-7 in two blocks
     held.apply(batch(stored([103], 102, range(8, 12))))  # chained to 102: tokens 8-11
-    assert held.cached_tokens(list(range(20))) == 12
-    assert held.cached_tokens(list(range(12))) == 11  # one token is always evaluated
-    assert held.cached_tokens([0, 1, 2, 3, 9, 9, 9, 9]) == 4  # diverges in the second block
-    assert held.cached_tokens([5, 1, 2, 3]) == 0
-    assert held.cached_tokens(list(range(3))) == 0  # shorter than a block
+    held.sent(list(range(12)), PUBLIC)
+    assert held.cached_tokens(list(range(20)), ACME) == 12
+    assert held.cached_tokens(list(range(12)), ACME) == 11  # one token is always evaluated
+    assert held.cached_tokens([0, 1, 2, 3, 9, 9, 9, 9], ACME) == 4  # diverges in the second block
+    assert held.cached_tokens([5, 1, 2, 3], ACME) == 0
+    assert held.cached_tokens(list(range(3)), ACME) == 0  # shorter than a block
+
+
+def test_a_held_block_counts_only_for_pods_that_may_see_whoever_the_node_sent_it_for():
+    """vLLM shares its cache across requests; the node counts a block for a pod only if it
+    sent that block under an owner the pod sees, so placement never tells one tenant that
+    another's prompt is cached."""
+    held = CachedPrefixes()
+    acme_private = [(0, Namespace("sha256:m", "public")), (4, Namespace("sha256:m", "tenant", "acme"))]
+    sent_and_stored(held, [1, 2, 3], None, range(12), spans=acme_private)
+    assert held.cached_tokens(list(range(16)), ACME) == 12
+    assert held.cached_tokens(list(range(16)), ["globex", "public"]) == 4  # the public block only
+    fresh = CachedPrefixes()
+    fresh.apply(batch(stored([1], None, range(4))))  # held, but the node never sent it
+    assert fresh.cached_tokens(list(range(8)), ACME) == 0
+
+
+def test_what_the_node_sent_before_the_first_event_counts_once_the_block_size_is_known():
+    held = CachedPrefixes()
+    held.sent(list(range(8)), PUBLIC)  # no event yet: the block size is unknown
+    held.apply(batch(stored([1, 2], None, range(8))))
+    assert held.cached_tokens(list(range(12)), ACME) == 8
 
 
 def test_removed_blocks_end_the_match_and_all_cleared_forgets_everything():
     held = CachedPrefixes()
-    held.apply(batch(stored([1, 2, 3], None, range(12))))
+    sent_and_stored(held, [1, 2, 3], None, range(12))
+    held.apply(batch(BlockRemoved((2,), "CPU")))  # the offloaded copy: the device's stays
+    assert held.cached_tokens(list(range(16)), ACME) == 12
     held.apply(batch(BlockRemoved((2,), "GPU")))
-    assert held.cached_tokens(list(range(16))) == 4  # block 3 is still there, but its prefix is not
+    assert held.cached_tokens(list(range(16)), ACME) == 4  # block 3 is still there, but its prefix is not
     held.apply(batch(AllBlocksCleared()))
-    assert held.cached_tokens(list(range(16))) == 0
+    assert held.cached_tokens(list(range(16)), ACME) == 0 and held.block_size is None
 
 
-def test_blocks_whose_parent_was_never_announced_and_offloaded_blocks_do_not_count():
+def test_unchained_offloaded_and_lora_blocks_do_not_count():
     held = CachedPrefixes()
+    held.sent(list(range(8)), PUBLIC)
     held.apply(batch(stored([7], 999, range(4, 8))))  # stored before the node subscribed
     held.apply(batch(stored([1], None, range(4), medium="CPU")))  # vLLM's CPU offload: a restore, not T0
-    assert held.cached_tokens(list(range(8))) == 0 and held.unchained == 1
+    held.apply(batch(BlockStored((5,), None, tuple(range(4)), BS, "GPU", lora_id=3, lora_name="sql")))
+    assert held.cached_tokens(list(range(8)), ACME) == 0 and held.unchained == 1
     held.apply(batch(stored([1], None, range(4), medium=None)))  # vLLM before the medium field: the device
-    assert held.cached_tokens(list(range(8))) == 4
+    assert held.cached_tokens(list(range(8)), ACME) == 4
 
 
 def test_two_engine_blocks_with_one_chain_are_held_until_both_go():
     held = CachedPrefixes()
     held.apply(batch(stored([1], None, range(4)), stored([2], None, range(4))))
+    held.sent(list(range(4)), PUBLIC)
     held.apply(batch(BlockRemoved((1,), "GPU")))
-    assert held.cached_tokens(list(range(8))) == 4
+    assert held.cached_tokens(list(range(8)), ACME) == 4
     held.apply(batch(BlockRemoved((2,), "GPU")))
-    assert held.cached_tokens(list(range(8))) == 0
+    assert held.cached_tokens(list(range(8)), ACME) == 0
 
 
 # ------------------------------------------------------------------ over the socket
@@ -109,14 +145,15 @@ def test_the_subscription_follows_the_engine_and_survives_bad_batches_and_gaps(p
     sub = KVEventSubscription(publisher.endpoint, name="vllm-0")
     try:
         # A SUB socket misses what was sent before it joined: publish until it hears.
-        assert until(lambda: (publisher(stored([1], None, range(4))) or sub.cached_tokens(list(range(8))) == 4))
+        sub.sent(list(range(12)), PUBLIC)
+        assert until(lambda: (publisher(stored([1], None, range(4))) or sub.cached_tokens(list(range(8)), ACME) == 4))
         publisher(payload=b"\x93not an event batch")
         publisher(stored([2], 1, range(4, 8)))
-        assert until(lambda: sub.cached_tokens(list(range(12))) == 8)
+        assert until(lambda: sub.cached_tokens(list(range(12)), ACME) == 8)
         assert sub.errors == 1
         publisher(stored([3], 2, range(8, 12)), skip=1)  # the batch before it went missing
         assert until(lambda: sub.gaps == 1)
-        assert sub.cached_tokens(list(range(16))) == 0, "after a gap nothing is trusted, even the new batch's chain"
+        assert sub.cached_tokens(list(range(16)), ACME) == 0, "after a gap nothing is trusted, even the new batch's chain"
     finally:
         sub.close()
 
@@ -128,6 +165,8 @@ def test_replica_i_publishes_on_the_declared_port_plus_i_and_a_launched_vllm_is_
     flag, config = vllm_kv_events_args("tcp://0.0.0.0:6000", 1)
     assert flag == "--kv-events-config"
     assert json.loads(config) == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:6001"}
+    # Prompts' tokens travel on it: a loopback declaration binds loopback only.
+    assert json.loads(vllm_kv_events_args("tcp://127.0.0.1:6000", 0)[1])["endpoint"] == "tcp://127.0.0.1:6000"
     assert ProviderDeclaration(model="m", kind="vllm", kv_events="tcp://127.0.0.1:5557").kv_events
 
 
@@ -139,8 +178,14 @@ class Observed:
         self.prefixes = prefixes
         self.closed = False
 
-    def cached_tokens(self, prompt):
-        return self.prefixes.cached_tokens(prompt)
+    def cached_tokens(self, prompt, owners):
+        return self.prefixes.cached_tokens(prompt, owners)
+
+    def sent(self, tokens, spans):
+        self.prefixes.sent(tokens, spans)
+
+    def clear(self):
+        self.prefixes.clear()
 
     def close(self):
         self.closed = True
@@ -154,7 +199,7 @@ def test_placement_counts_a_prefix_the_engine_reports_after_the_node_lost_track_
         pod = make_pod(name="first", turns=["tell me about caches"])
         assert wait_terminal(node, node.submit_pod(pod).id).status.phase.value == "Succeeded"
         [managed] = node.executor.pool.all()
-        prompt = managed.expected.tokens
+        prompt, spans = managed.expected.tokens, managed.expected.spans
         managed.expected = HeldContext()  # the node's own guess is gone (another prompt was placed since)
         again = make_pod(name="again", turns=["tell me about caches"])
         assert node.executor.score(again).chosen.cached_tokens == 0
@@ -163,6 +208,8 @@ def test_placement_counts_a_prefix_the_engine_reports_after_the_node_lost_track_
         n = len(prompt) // BS
         prefixes.apply(batch(stored(range(1, n + 1), None, prompt[:n * BS])))
         managed.observed = Observed(prefixes)
+        assert node.executor.score(again).chosen.cached_tokens == 0, "held, but never sent by the node"
+        managed.observed.sent(prompt, spans)
         decision = node.executor.score(again)
         assert decision.chosen.cache_source == "T0"
         # Its prompt is the first pod's (the first turn's prompt and answer went to the engine):
@@ -211,12 +258,17 @@ def test_two_attached_vllm_servers_with_kv_events_a_session_returns_to_the_one_t
             [held_a] = [m for m in node.executor.pool.all() if m.name == x]
             assert held_a.observed is not None
             prompt_a = held_a.expected.tokens
-            assert until(lambda: held_a.observed.cached_tokens(prompt_a) > 0), "X's events never arrived"
+            owners_a = ["acme", "acme/coder", "public"]
+            assert until(lambda: held_a.observed.cached_tokens(prompt_a, owners_a) > 0), "X's events never arrived"
             other = wait_terminal(node, node.submit_pod(make_pod(
                 name="b", system="You answer in French.", turns=["bonjour"], provider=x)).id)
             assert other.status.phase.value == "Succeeded" and other.status.turns[0].provider == x
             guess = common_prefix_tokens(held_a.expected.tokens, prompt_a)  # the node's own guess: B's prompt
-            assert guess < held_a.observed.cached_tokens(prompt_a)
+            assert guess < held_a.observed.cached_tokens(prompt_a, owners_a)
+
+            # Another tenant with the very same text learns nothing: acme's blocks are acme's.
+            stranger = node.executor.score(make_pod(name="g", tenant="globex", turns=["tell me about caches"]))
+            assert all(a.cached_tokens == 0 for a in stranger.assessments)
 
             again = make_pod(name="a-again", turns=["tell me about caches"])
             decision = node.executor.score(again)

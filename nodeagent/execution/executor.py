@@ -389,7 +389,7 @@ class PodExecutor:
             by_name[m.name] = m
             t0 = m.expected.reusable(session.tokens, owners)
             if m.observed is not None:  # the engine's own report: every prefix it still holds
-                t0 = max(t0, m.observed.cached_tokens(session.tokens))
+                t0 = max(t0, m.observed.cached_tokens(session.tokens, owners))
             rejected = self._rejections(tenant, m.name, m.kind, pinned)
             load, queue = float(sum(m.sessions.values())), queue_of(m)
             if m.group is not None and not t0 and not rejected and m.name != session_provider:

@@ -118,7 +118,14 @@ class RunningTurn:
 class PrefixObserver(Protocol):
     """What an engine's own cache reports it holds (vLLM's KV events: `providers.vllm_events`)."""
 
-    def cached_tokens(self, prompt: Sequence[int]) -> int: ...
+    def cached_tokens(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
+        """Leading tokens of ``prompt`` it holds that a pod seeing ``owners`` may count."""
+
+    def sent(self, tokens: Sequence[int], spans: Sequence[tuple[int, Any]]) -> None:
+        """The node gave the engine these tokens, owned as ``spans`` say."""
+
+    def clear(self) -> None:
+        """What the engine holds is unknown (it restarted, or a request failed)."""
 
     def close(self) -> None: ...
 
@@ -164,6 +171,8 @@ class ManagedProvider:
     def hold(self, context: HeldContext) -> None:
         """Record what the engine's context holds now, and tell the listeners."""
         self.held = context
+        if self.observed is not None and context.tokens:
+            self.observed.sent(context.tokens, context.spans)
         for listener in list(self.context_listeners):
             try:
                 listener(self, context)
@@ -187,6 +196,8 @@ class ManagedProvider:
     def forget_context(self) -> None:
         """The engine's context is unknown (crash, failed request, restore): reuse nothing of it."""
         self.hold(HeldContext())
+        if self.observed is not None:  # its own report too, until it speaks again
+            self.observed.clear()
         if self.queued_requests <= 1:
             self.expected = HeldContext()
 

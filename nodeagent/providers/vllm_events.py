@@ -16,8 +16,17 @@ its tokens in the engine's block size. A stored block whose parent the node
 never saw (stored before it subscribed, or in a batch it missed) is skipped:
 its prefix is unknown, so it is never counted as a hit.
 
+Isolation: vLLM shares its cache across every request, so a block it holds
+says nothing of whose it is. The node counts a held block for a pod only if
+the node itself sent that block's tokens to the engine under an owner the pod
+may see (`sent`, from what the engine was given; the owner of a block is that
+of the span its last token is in, scopes only narrowing along a context).
+Otherwise a pod could learn from placement, or from ``cached_tokens`` in a
+decision, that another tenant's prompt is cached.
+
 Only blocks on the device (medium ``GPU``, or no medium: vLLM before the
-medium field) count; vLLM's CPU offload tier is a restore, not T0. Batches are
+medium field) count (stored and removed alike), and blocks of a LoRA adapter
+are skipped (the base model's prompt does not reuse them); vLLM's CPU offload tier is a restore, not T0. Batches are
 numbered; on a gap (a missed batch may have removed blocks) everything known
 is dropped, since a false hit costs a placement more than a missed one.
 """
@@ -44,6 +53,8 @@ class CachedPrefixes:
         self._lock = threading.Lock()
         self._key_of: dict[Any, int] = {}  # the engine's block hash -> the node's chain key
         self._held: Counter[int] = Counter()  # chain key -> engine blocks holding it
+        self._sent: dict[int, set[str]] = {}  # chain key -> owners the node sent it under
+        self._pending: list[tuple[Sequence[int], Sequence[tuple[int, Any]]]] = []  # sent before the block size was known
         self.block_size: int | None = None
         self.unchained = 0  # stored blocks skipped: their parent was never announced
         self.batches = 0
@@ -55,25 +66,59 @@ class CachedPrefixes:
                 if isinstance(event, BlockStored):
                     self._stored(event)
                 elif isinstance(event, BlockRemoved):
+                    if event.medium not in DEVICE_MEDIA:
+                        continue
                     for block in event.block_hashes:
                         key = self._key_of.pop(block, None)
                         if key is not None:
                             self._release(key)
                 elif isinstance(event, AllBlocksCleared):
-                    self._key_of.clear()
-                    self._held.clear()
+                    self._forget()
 
     def clear(self) -> None:
+        """What the engine holds is unknown (a restart, a missed batch): count nothing
+        until it says again. What the node sent it stays known."""
         with self._lock:
-            self._key_of.clear()
-            self._held.clear()
+            self._forget()
+
+    def _forget(self) -> None:
+        self._key_of.clear()
+        self._held.clear()
+        self.block_size = None  # a restarted engine may use another block size
+
+    def sent(self, tokens: Sequence[int], spans: Sequence[tuple[int, Any]]) -> None:
+        """The node gave the engine ``tokens`` (spans: ``(first token, Namespace)``): note
+        under which owner each of its whole blocks was sent."""
+        if not spans:
+            return
+        with self._lock:
+            if not self.block_size:
+                self._pending = [*self._pending[-63:], (tuple(tokens), tuple(spans))]
+                return
+            self._note(tokens, spans)
+
+    def _note(self, tokens: Sequence[int], spans: Sequence[tuple[int, Any]]) -> None:
+        """Under the lock, with the block size known."""
+        size = self.block_size or 0
+        key, span = _ROOT, 0
+        for start in range(0, len(tokens) - size + 1, size):
+            last = start + size - 1
+            while span + 1 < len(spans) and spans[span + 1][0] <= last:
+                span += 1
+            key = hash((key, tuple(tokens[start:start + size])))
+            self._sent.setdefault(key, set()).add(spans[span][1].owner)
+        if len(self._sent) > 4 * max(1, len(self._held)) + 100_000:  # keep it bounded by what is held
+            self._sent = {k: v for k, v in self._sent.items() if k in self._held}
 
     def _stored(self, event: BlockStored) -> None:
-        if event.medium not in DEVICE_MEDIA:
+        if event.medium not in DEVICE_MEDIA or event.lora_id is not None or event.lora_name is not None:
             return
         size = event.block_size
         if self.block_size is None:
             self.block_size = size
+            pending, self._pending = self._pending, []
+            for tokens, spans in pending:
+                self._note(tokens, spans)
         elif size != self.block_size:
             log.warning("vLLM KV events: block size %d after %d; keeping %d", size, self.block_size, self.block_size)
             return
@@ -100,17 +145,17 @@ class CachedPrefixes:
         else:
             del self._held[key]
 
-    def cached_tokens(self, prompt: Sequence[int]) -> int:
-        """Leading tokens of ``prompt`` the engine holds (whole blocks; never the whole
-        prompt: at least one token is always evaluated)."""
+    def cached_tokens(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
+        """Leading tokens of ``prompt`` the engine holds and that a pod seeing ``owners``
+        may count (whole blocks; never the whole prompt: one token is always evaluated)."""
         size = self.block_size
         if not size or not self._held:
             return 0
         key, matched = _ROOT, 0
-        held = self._held
+        held, sent, visible = self._held, self._sent, set(owners)
         for start in range(0, len(prompt) - size + 1, size):
             key = hash((key, tuple(prompt[start:start + size])))
-            if key not in held:
+            if key not in held or visible.isdisjoint(sent.get(key, ())):
                 break
             matched += size
         return min(matched, max(0, len(prompt) - 1))
@@ -143,12 +188,21 @@ class KVEventSubscription:
         self._thread = threading.Thread(target=self._run, name=f"vllm-kv-events-{name or endpoint}", daemon=True)
         self._thread.start()
 
-    def cached_tokens(self, prompt: Sequence[int]) -> int:
-        return self.prefixes.cached_tokens(prompt)
+    def cached_tokens(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
+        return self.prefixes.cached_tokens(prompt, owners)
+
+    def sent(self, tokens: Sequence[int], spans: Sequence[tuple[int, Any]]) -> None:
+        self.prefixes.sent(tokens, spans)
+
+    def clear(self) -> None:
+        self.prefixes.clear()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._thread.is_alive():  # a ZMQ socket is not to be closed under its reader
+            log.warning("vLLM KV events from %s: the reader did not stop; its socket is left open", self.endpoint)
+            return
         self._sub.close(linger=0)
         self._ctx.term()
 
@@ -173,10 +227,10 @@ class KVEventSubscription:
             return
         seq = int.from_bytes(frames[1], "big")
         if self._last_seq is not None and seq != self._last_seq + 1:
-            self.gaps += 1
             log.warning("vLLM KV events from %s: batch %d after %d; what it holds is unknown until it says again",
                         self.endpoint, seq, self._last_seq)
             self.prefixes.clear()
+            self.gaps += 1
         self._last_seq = seq
         try:
             batch = decode_batch(frames[2])
