@@ -61,7 +61,7 @@ def test_the_protocol_metrics_move_under_load_and_settle(served):
         assert any(key[0] == "vllm:lora_requests_info" for key in samples(idle))
 
         pods = [make_pod(name=f"load{i}", agent=f"a{i}", system=f"Agent {i}: " + "be brief. " * 30,
-                         max_tokens=48) for i in range(4)]
+                         max_tokens=160) for i in range(4)]  # long enough to be seen running
         ids = [client.post("/v1/pods", json=p.to_wire()).json()["id"] for p in pods]
         seen_waiting, seen_running = 0.0, 0.0
         deadline = time.monotonic() + 120
