@@ -14,10 +14,10 @@ replica's queued tokens split among them); every slot's queue term carries its
 siblings' work at the executor's contention weights. There ``before`` is the
 current lookup and `place` scoring every slot (what this benchmark measured of
 the node before), and ``after`` is the node's path now: `SlotFolder` leaves
-out each slot that matches nothing of the prompt and that a sibling beats on
-every queue term and on the tie-break (all but one of a replica's idle slots,
-and the busy ones behind them), and `place` scores the rest. Both must choose
-the same slot (``choice_mismatches``).
+out each slot that a sibling holding as much of the prompt in T0 (most often
+nothing) beats on every queue term and on the tie-break (all but one of a
+replica's idle slots, and the busy ones behind them), and `place` scores the
+rest. Both must choose the same slot (``choice_mismatches``).
 
 The index is a real SQLite CacheIndex (WAL, in a temporary state dir) filled
 with ~1M indexed blocks: pods of agents whose 2-8K-token contexts are shared,
@@ -322,17 +322,19 @@ def measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, q
             candidates = []
             for i, name in enumerate(providers):
                 q = queued[name]
-                if path == "after" and not t0[i]:  # the slots of a replica share its rates here
-                    folder.offer(engine_of[name], 0.0, q.prefill, q.decode, 0.0, name, name)  # type: ignore[index]
+                if path == "after":  # the slots of a replica share its rates here
+                    folder.offer(engine_of[name], t0[i], 0.0, q.prefill, q.decode, 0.0, name,  # type: ignore[index]
+                                 (name, t0[i]))
                     continue
                 candidates.append(CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=t0[i],
                                                  state_format=FORMAT, queued_requests=0 if q.idle else 1,
                                                  queued_prefill_tokens=q.prefill, queued_decode_tokens=q.decode))
             if path == "after":
                 kept, folded_now = folder.fold()
-                for name in kept:
+                for name, held in kept:
                     q = queued[name]
-                    candidates.append(CandidateState(name, hot[name], model_bytes=2 << 30, state_format=FORMAT,
+                    candidates.append(CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=held,
+                                                     state_format=FORMAT,
                                                      queued_requests=0 if q.idle else 1,
                                                      queued_prefill_tokens=q.prefill, queued_decode_tokens=q.decode))
         else:

@@ -9,20 +9,30 @@ found, restarted, and every turn still ends with a receipt.
 from __future__ import annotations
 
 import os
+import random
+import sqlite3
 import subprocess
 import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from nodeagent.config import ConfigError, ProviderDeclaration, load_config
 from nodeagent.contracts.pod import PodPhase
+from nodeagent.execution import executor as executor_module
+from nodeagent.execution.executor import PodExecutor
+from nodeagent.execution.pool import HeldContext, ManagedProvider, ProviderPool, RunningTurn
 from nodeagent.fleet import FleetError, default_rule, plan_fleet
+from nodeagent.kvcache.blocks import Namespace
 from nodeagent.models.store import ModelStore
 from nodeagent.node import Node, default_executor
+from nodeagent.providers.base import Rates
 from nodeagent.providers.llama_server import locate_llama_server
+from nodeagent.scheduler import placement
+from nodeagent.scheduler.placement import LoadGuard, busy_fraction
 from nodeagent.scheduler.rates import DECODE, PREFILL
 
 from pod_factory import make_pod, wait_for
@@ -125,6 +135,118 @@ def test_the_default_rule_is_stated_and_follows_the_host():
     assert gpu.kind == "llama_server" and gpu.gpu_layers == -1 and "a GPU" in why
     none, why = default_rule(cpus=64, has_gpu=True, llama_server=None, context=4096, threads=None)
     assert none is None and "no llama-server binary" in why
+
+
+# ------------------------------------------------------------------ placement over many slots
+class Slot:
+    """Stands in for one slot of a replica: only what the pool and the executor's placement read."""
+
+    def __init__(self, name: str, rates: Rates) -> None:
+        self.name, self.kind, self.running, self._rates = name, "llama_server", True, rates
+
+    def rates(self) -> Rates:
+        return self._rates
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class FrozenClock:
+    """The executor's `time` with a fixed `monotonic`, so that both placements see one instant."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def monotonic() -> float:
+        return 1000.0
+
+
+def random_fleet(rng: random.Random, prompt: list[int]) -> tuple[PodExecutor, str | None]:
+    """4-8 replicas x 8 slots of a model: slots holding nothing, the prompt's first 300
+    tokens (a shared system prompt) or more of it, some running or queued (their siblings
+    carry their work), some holding sessions (load), replicas of different speeds."""
+    refused = {f"r{rng.randrange(8)}/s{rng.randrange(8)}" for _ in range(rng.randrange(3))}
+    policy = SimpleNamespace(provider_refusal=lambda tenant, provider, kind: "not allowed" if provider in refused
+                             else None)
+    node = SimpleNamespace(db=sqlite3.connect(":memory:", check_same_thread=False), _db_lock=threading.RLock(),
+                           policy=policy)
+    pool = ProviderPool(loader=lambda record: None)
+    executor = PodExecutor(node, pool=pool, models=None, cache=None, receipts=None,
+                           guard=rng.choice([LoadGuard(enabled=False), LoadGuard()]))
+    names = []
+    for r in range(rng.randint(4, 8)):
+        rates = Rates(prefill_tokens_per_s=rng.choice([300.0, 600.0]), decode_tokens_per_s=rng.choice([20.0, 40.0]))
+        for s in range(8):
+            managed = pool.add(ManagedProvider(Slot(f"r{r}/s{s}", rates), RECORD.digest, launch_mode="attach",
+                                               group=f"r{r}"))
+            names.append(managed.name)
+            held = rng.choice([0, 0, 0, 300, 300, 301, 2000])
+            other = [rng.randrange(1000, 2000) for _ in range(rng.randrange(1, 500))]
+            managed.expected = HeldContext(tuple(prompt[:held] + other) if held else tuple(other))
+            if rng.random() < 0.3:
+                prefill, decode = rng.choice([0, 800, 4000]), rng.choice([0, 16, 64])
+                managed.queued_requests, managed.queued_prefill_tokens = 1, prefill
+                managed.queued_decode_tokens = decode
+                if rng.random() < 0.5:
+                    managed.running = RunningTurn(0, 1000.0 - rng.choice([0.0, 0.5, 3.0]),
+                                                  rng.choice([None, 2.0, 6.0]), prefill, decode)
+            if rng.random() < 0.3:
+                managed.sessions = {f"pod-{s}": rng.choice([500, 2000, 6000])}
+    if rng.random() < 0.5:
+        return executor, None
+    # A later turn: its provider holds the session (and, at times, so does a sibling: the
+    # sibling beats it on the tie-break, yet the guard may move only the sibling away).
+    slots = {m.name: m for m in pool.all()}
+    home = slots[rng.choice(names)]
+    home.expected, home.sessions = HeldContext(tuple(prompt[:-20])), {"pod-home": 2000}
+    if rng.random() < 0.5:
+        twin = slots[f"{home.group}/s{rng.randrange(8)}"]
+        twin.expected, twin.sessions = home.expected, dict(home.sessions)
+        twin.queued_requests, twin.queued_prefill_tokens, twin.queued_decode_tokens = (
+            home.queued_requests, home.queued_prefill_tokens, home.queued_decode_tokens)
+        twin.running = home.running
+    return executor, home.name
+
+
+RECORD = SimpleNamespace(digest="sha256:" + "cd" * 32, names=["tiny"], size_bytes=10**9)
+
+
+def test_placement_over_many_slots_chooses_what_scoring_every_slot_chooses(monkeypatch):
+    """The executor's own candidates (queue terms with sibling contention, refused slots,
+    a pinned pod, a later turn's provider, T0 prefixes of several lengths): leaving out
+    the slots a sibling beats changes neither the choice, nor its estimate, nor the
+    guard's part, and the decision says how many slots it did not score."""
+    monkeypatch.setattr(executor_module, "time", FrozenClock())
+    weights = []  # the busy fraction each placement weighs work by
+
+    def place(request, states, registry, guard, folded=None):
+        weights.append(busy_fraction(states, folded))
+        return placement.place(request, states, registry, guard, folded=folded)
+
+    monkeypatch.setattr(executor_module, "place", place)
+    rng = random.Random(13)
+    folded_any = 0
+    for trial in range(300):
+        prompt = [rng.randrange(1, 900) for _ in range(rng.choice([400, 3000]))]
+        executor, session_provider = random_fleet(rng, prompt)
+        session = SimpleNamespace(tokens=prompt, spans=[(0, Namespace("m", "public"))], tenant="acme", agent="a")
+        pinned = rng.choice([None] * 8 + ["r0/s3"])
+        pod = make_pod(**({"provider": pinned} if pinned else {}))
+        decisions = []
+        for fold in (True, False):
+            executor.fold_slots = fold
+            decision, _ = executor._place(pod, RECORD, session, dry_run=True, session_provider=session_provider)
+            decisions.append(decision)
+        part, full = decisions
+        assert part.provider == full.provider, (trial, part.reason, full.reason)
+        assert weights[-2] == pytest.approx(weights[-1])
+        assert part.guard_applied == full.guard_applied
+        assert (part.chosen.ttft_s if part.chosen else None) == (full.chosen.ttft_s if full.chosen else None)
+        left_out = len(full.to_contract().candidates) - len(part.to_contract().candidates)
+        assert (f"; {left_out} slots not scored" in part.reason) if left_out else ("not scored" not in part.reason)
+        folded_any += left_out
+    assert folded_any > 300 * 4 * 8 // 2  # most slots were left out
 
 
 # ------------------------------------------------------------------ a running fleet

@@ -340,8 +340,8 @@ engine = st.tuples(st.lists(slot, min_size=1, max_size=6), known_rates, st.boole
 def test_scoring_only_the_slots_no_sibling_beats_decides_as_scoring_them_all(engines, matches, prompt, session, guard):
     """The slots of an engine share its rates, and each one's queue term carries its
     siblings' work at the executor's contention weights (prefill 1.0, decode 0.1). Leaving
-    out of `place` the unmatched slots a sibling dominates (with their counts) changes
-    neither the choice, nor the guard's part in it, nor the busy fraction."""
+    out of `place` the slots a sibling holding the same T0 prefix dominates (with their
+    counts) changes neither the choice, nor the guard's part in it, nor the busy fraction."""
     registry = RateRegistry()
     every, kept, folder = [], [], SlotFolder()
     for e, (slots, rates, hot) in enumerate(engines):
@@ -359,8 +359,8 @@ def test_scoring_only_the_slots_no_sibling_beats_decides_as_scoring_them_all(eng
                 running_remaining_s=spec["running"], load=float(spec["load"]),
                 rejected=("pinned elsewhere",) if spec["rejected"] else ())
             every.append(state)
-            if not state.t0_cached_tokens and not state.rejected and name != session:
-                folder.offer(f"e{e}", state.running_remaining_s, state.queued_prefill_tokens,
+            if not state.rejected and name != session:
+                folder.offer(f"e{e}", state.t0_cached_tokens, state.running_remaining_s, state.queued_prefill_tokens,
                              state.queued_decode_tokens, state.load, name, state)
             else:
                 kept.append(state)
@@ -377,18 +377,20 @@ def test_scoring_only_the_slots_no_sibling_beats_decides_as_scoring_them_all(eng
         assert f"{folded.total} slots not scored" in part.reason
 
 
-def test_a_slot_is_left_out_only_when_a_sibling_has_no_more_queue_and_wins_the_tie_break():
+def test_a_slot_is_left_out_only_when_a_sibling_holding_as_much_has_no_more_queue_and_wins_the_tie_break():
     folder = SlotFolder()
-    folder.offer("a", 0.0, 0, 0, 0, "a/1", "a/1")  # idle: the best of engine a
-    folder.offer("a", 0.0, 0, 0, 0, "a/2", "a/2")  # its twin, later by name: left out (idle)
-    folder.offer("a", 2.0, 100, 19, 0, "a/3", "a/3")  # more of everything: left out (busy)
-    folder.offer("a", 2.0, 100, 19, -1, "a/4", "a/4")  # more queue but a lower load, it may win a tie: kept
-    folder.offer("b", 0.0, 90, 30, 0, "b/1", "b/1")  # less prefill than b/2 ...
-    folder.offer("b", 0.0, 100, 10, 0, "b/2", "b/2")  # ... less decode than b/1: neither beats the other
-    folder.offer("b", 1.0, 100, 30, 0, "b/3", "b/3")  # b/2 beats it: left out (busy)
+    folder.offer("a", 0, 0.0, 0, 0, 0, "a/1", "a/1")  # idle: the best of engine a
+    folder.offer("a", 0, 0.0, 0, 0, 0, "a/2", "a/2")  # its twin, later by name: left out (idle)
+    folder.offer("a", 0, 2.0, 100, 19, 0, "a/3", "a/3")  # more of everything: left out (busy)
+    folder.offer("a", 0, 2.0, 100, 19, -1, "a/4", "a/4")  # more queue but a lower load, it may win a tie: kept
+    folder.offer("a", 300, 5.0, 900, 90, 9, "a/5", "a/5")  # holds 300 tokens of the prompt: no rival of a/1, kept
+    folder.offer("a", 300, 5.0, 900, 90, 9, "a/6", "a/6")  # holds as much, later by name: left out (busy)
+    folder.offer("b", 0, 0.0, 90, 30, 0, "b/1", "b/1")  # less prefill than b/2 ...
+    folder.offer("b", 0, 0.0, 100, 10, 0, "b/2", "b/2")  # ... less decode than b/1: neither beats the other
+    folder.offer("b", 0, 1.0, 100, 30, 0, "b/3", "b/3")  # b/2 beats it: left out (busy)
     kept, folded = folder.fold()
-    assert sorted(kept) == ["a/1", "a/4", "b/1", "b/2"]
-    assert folded == Folded(idle=1, busy=2) and folded.total == 3
+    assert sorted(kept) == ["a/1", "a/4", "a/5", "b/1", "b/2"]
+    assert folded == Folded(idle=1, busy=3) and folded.total == 4
 
 
 def test_resolved_rates_follow_every_change_that_can_move_them():

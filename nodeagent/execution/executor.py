@@ -110,6 +110,9 @@ class PodExecutor:
         # The token load guard is off: users feel latency, not balance, and the queue
         # term prices balance (issue #14's sweep; bench/README.md "## routing").
         self.guard = guard or LoadGuard(enabled=False)
+        # Leave out of `place` the slots a sibling slot of their engine beats (`SlotFolder`);
+        # False scores every slot: the same decision, slower (the tests compare the two).
+        self.fold_slots = True
         self.block_tokens = block_tokens
         # A provider's own start-up measurement prices it until its first turns are observed:
         # without one the first placements of a fleet have no TTFT to compare.
@@ -361,7 +364,7 @@ class PodExecutor:
         states, by_name = [], {}
         now = time.monotonic()
         shared = self._engine_work(managed, now)
-        folder, resolved = SlotFolder(), self.rates.resolved
+        folder, resolved, fold = SlotFolder(), self.rates.resolved, self.fold_slots
 
         def queue_of(m: ManagedProvider) -> tuple[int, int, float]:
             """(prefill, decode) tokens ahead of a new turn and the running turn's time left."""
@@ -392,17 +395,18 @@ class PodExecutor:
                 t0 = max(t0, m.observed.cached_tokens(session.tokens, owners))
             rejected = self._rejections(tenant, m.name, m.kind, pinned)
             load, queue = float(sum(m.sessions.values())), queue_of(m)
-            if m.group is not None and not t0 and not rejected and m.name != session_provider:
+            if fold and m.group is not None and not rejected and m.name != session_provider:
                 # Siblings share their engine's rates (`_observe` feeds them alike); folding
-                # compares only slots whose rates are equal, so a difference never misleads it.
+                # compares only slots whose T0 prefix and rates are equal, so a difference
+                # never misleads it.
                 rates = resolved(m.name)
                 engine = (m.group, rates.prefill_value, rates.decode_value, rates.load_value,
                           rates.restore_t1_value, rates.restore_t2_value)
-                folder.offer(engine, queue[2], queue[0], queue[1], load, m.name, (m, load, queue))
+                folder.offer(engine, t0, queue[2], queue[0], queue[1], load, m.name, (m, t0, load, queue))
                 continue
             states.append(state_of(m, t0, rejected, load, queue))
         offered, folded = folder.fold()
-        states += [state_of(m, 0, (), load, queue) for m, load, queue in offered]
+        states += [state_of(m, t0, (), load, queue) for m, t0, load, queue in offered]
         if not managed:
             name = f"load:{model_name(record)}"
             kind = self.pool.load_kind(record.digest)

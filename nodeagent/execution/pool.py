@@ -42,7 +42,8 @@ class HeldContext:
         return len(self.tokens)
 
     def reusable(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
-        return min(common_prefix_tokens(self.tokens, prompt), self.visible_prefix(owners))
+        shared = common_prefix_tokens(self.tokens, prompt)
+        return min(shared, self.visible_prefix(owners)) if shared else 0
 
 
 class TurnQueue:

@@ -370,22 +370,23 @@ class SlotFolder:
 
     The slots of one engine (a llama-server replica's parallel slots) share its
     rates and residency, and each one's queue term counts its siblings' work.
-    Among its eligible slots that hold nothing of the prompt (no T0 prefix),
-    every cache option (none, T1, T2) costs the same restore and prefill, so
-    they differ only in their queue: time left of a running turn, queued
-    prefill and queued decode tokens, each of which only adds to the estimate.
-    A slot whose three are all >= a sibling's and whose tie-break key (load,
-    queued work, name) is greater can never be chosen over that sibling, nor
-    change what the load guard does (its load is not lower). `fold` keeps, per
-    engine, the slots no sibling dominates: one per engine when it has an idle
-    slot of the least load (64 replicas x 8 slots are then scored as ~70
-    candidates instead of 512).
+    Among its eligible slots that hold the same T0 prefix of the prompt (most
+    often none; with a shared system prompt, that prompt), every cache option
+    (T0, none, T1, T2) costs the same restore and prefill, so they differ only
+    in their queue: time left of a running turn, queued prefill and queued
+    decode tokens, each of which only adds to the estimate. A slot whose three
+    are all >= a sibling's and whose tie-break key (load, queued work, name) is
+    greater can never be chosen over that sibling, nor change what the load
+    guard does (its load is not lower). `fold` keeps, per engine and T0 prefix,
+    the slots no sibling dominates: one when the engine has an idle slot of the
+    least load (64 replicas x 8 slots are then scored as ~70 candidates instead
+    of 512).
 
-    The caller offers only eligible slots without a T0 prefix that are not the
-    session's own provider (the load guard reads that one's T0), under an
-    ``engine`` key that includes their rates if those could differ, and passes the
-    `Folded` counts to `place`, which counts them in the busy fraction and says
-    how many in the reason.
+    The caller offers only eligible slots that are not the session's own
+    provider (the load guard reads that one's T0), each with its T0 prefix
+    length and under an ``engine`` key that includes their rates if those could
+    differ, and passes the `Folded` counts to `place`, which counts them in the
+    busy fraction and says how many in the reason.
     """
 
     __slots__ = ("_fronts", "_idle", "_busy")
@@ -394,11 +395,13 @@ class SlotFolder:
         self._fronts: dict[Any, list[tuple]] = {}  # per engine: the slots no sibling offered so far beats
         self._idle = self._busy = 0
 
-    def offer(self, engine: Any, running_remaining_s: float, queued_prefill_tokens: int, queued_decode_tokens: int,
-              load: float, name: str, item: Any) -> None:
-        """One slot, in any order. Domination is transitive, so a slot beaten by one that
-        is itself beaten later stays beaten by the later one."""
+    def offer(self, engine: Any, t0_cached_tokens: int, running_remaining_s: float, queued_prefill_tokens: int,
+              queued_decode_tokens: int, load: float, name: str, item: Any) -> None:
+        """One slot, in any order; only slots of one engine holding as much of the prompt
+        are compared. Domination is transitive, so a slot beaten by one that is itself
+        beaten later stays beaten by the later one."""
         tie = (load, queued_prefill_tokens + queued_decode_tokens, name)
+        engine = (engine, t0_cached_tokens)
         front = self._fronts.get(engine)
         if front is None:
             self._fronts[engine] = [(running_remaining_s, queued_prefill_tokens, queued_decode_tokens, tie, item)]
@@ -593,6 +596,8 @@ def common_prefix_tokens(context: Sequence[int], prompt: Sequence[int]) -> int:
     """Tokens a provider's live context (T0) shares with ``prompt``; a prompt is never
     wholly cached (at least one token must be evaluated), hence the cap."""
     n = min(len(context), len(prompt))
+    if not n or context[0] != prompt[0]:
+        return 0  # the common case with many slots: nothing shared (1.6 -> 0.1 us, no slices copied)
     i = 0
     # Compare in slices: far faster than a per-token loop for long, equal prefixes.
     step = 256
