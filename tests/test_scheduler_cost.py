@@ -9,8 +9,8 @@ from nodeagent.contracts.placement import PlacementDecision
 from nodeagent.providers.base import Rates
 from nodeagent.scheduler.cost import CostInputs, ttft_terms
 from nodeagent.scheduler.placement import (CandidateState, ContextBlocks, Folded, LoadGuard, PlacementRequest,
-                                           SlotFolder, TierMatch, busy_fraction, common_prefix_tokens, explain,
-                                           place)
+                                           SlotFolder, TierMatch, busy_fraction, common_prefix_packed,
+                                           common_prefix_tokens, explain, packed_tokens, place)
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, QUANTITIES, RateEstimate, RateRegistry, restore_quantity
 
 rate = st.floats(min_value=1.0, max_value=1e9, allow_nan=False)
@@ -202,6 +202,15 @@ def test_a_later_turn_moved_off_its_busy_provider_lands_like_a_new_session():
     unguarded = place(PlacementRequest("m", 4000, session_provider="home"), candidates, registry,
                       LoadGuard(enabled=False))
     assert unguarded.provider == "crowded"
+
+
+@settings(max_examples=300, deadline=None)
+@given(shared=st.integers(0, 1500), context=st.lists(st.integers(0, 2**40), max_size=600),
+       prompt=st.lists(st.integers(0, 2**40), max_size=600))
+def test_packed_t0_matching_counts_what_token_matching_counts(shared, context, prompt):
+    head = list(range(7, 7 + shared))  # a shared prefix of any length, then anything
+    context, prompt = head + context, head + prompt
+    assert common_prefix_packed(packed_tokens(context), packed_tokens(prompt)) == common_prefix_tokens(context, prompt)
 
 
 def test_t0_helpers():

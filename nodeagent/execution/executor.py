@@ -45,8 +45,8 @@ from nodeagent.kvcache.manager import CacheManager
 from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
 from nodeagent.providers.base import GenerationRequest, ProviderError, ProviderUnavailable, StateCorrupt
 from nodeagent.scheduler.cost import queue_wait_s
-from nodeagent.scheduler.placement import (CandidateState, Decision, Folded, LoadGuard, PlacementRequest, SlotFolder,
-                                           TierMatch, place)
+from nodeagent.scheduler.placement import (CandidateState, Decision, Folded, LoadGuard, PackedPrompt, PlacementRequest,
+                                           SlotFolder, TierMatch, place)
 from nodeagent.scheduler.rates import DECODE, LOAD, PREFILL, RateRegistry, restore_quantity
 from nodeagent.segments import SegmentStore
 from nodeagent.session import SessionContext
@@ -365,6 +365,7 @@ class PodExecutor:
         now = time.monotonic()
         shared = self._engine_work(managed, now)
         folder, resolved, fold = SlotFolder(), self.rates.resolved, self.fold_slots
+        packed = PackedPrompt(session.tokens)  # compared with every context that starts like it
 
         def queue_of(m: ManagedProvider) -> tuple[int, int, float]:
             """(prefill, decode) tokens ahead of a new turn and the running turn's time left."""
@@ -390,7 +391,7 @@ class PodExecutor:
 
         for m in managed:
             by_name[m.name] = m
-            t0 = m.expected.reusable(session.tokens, owners)
+            t0 = m.expected.reusable(session.tokens, owners, packed)
             if m.observed is not None:  # the engine's own report: every prefix it still holds
                 t0 = max(t0, m.observed.cached_tokens(session.tokens, owners))
             rejected = self._rejections(tenant, m.name, m.kind, pinned)

@@ -16,10 +16,11 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from nodeagent.providers.base import Provider, ProviderError, ProviderUnavailable
-from nodeagent.scheduler.placement import common_prefix_tokens
+from nodeagent.scheduler.placement import PackedPrompt, common_prefix_packed, common_prefix_tokens, packed_tokens
 
 log = logging.getLogger("agent_machine.execution")
 
@@ -41,9 +42,22 @@ class HeldContext:
                 return start
         return len(self.tokens)
 
-    def reusable(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
-        shared = common_prefix_tokens(self.tokens, prompt)
+    def reusable(self, prompt: Sequence[int], owners: Sequence[str], packed: PackedPrompt | None = None) -> int:
+        """Leading tokens of ``prompt`` this context holds and a pod seeing ``owners`` may
+        reuse. ``packed``: the same prompt, when it is matched against many contexts."""
+        tokens = self.tokens
+        if not tokens or not prompt or tokens[0] != prompt[0]:
+            return 0  # the common case with many slots: nothing shared
+        if packed is not None:
+            shared = common_prefix_packed(self.packed, packed.packed)
+        else:
+            shared = common_prefix_tokens(tokens, prompt)
         return min(shared, self.visible_prefix(owners)) if shared else 0
+
+    @cached_property
+    def packed(self) -> bytes:
+        """``tokens`` packed (`packed_tokens`), once per context."""
+        return packed_tokens(self.tokens)
 
 
 class TurnQueue:
