@@ -23,7 +23,7 @@ from nodeagent.models.store import ModelStore
 from nodeagent.node import Node, default_executor
 from nodeagent.providers.vllm_events import CachedPrefixes, KVEventSubscription
 
-from pod_factory import make_pod
+from pod_factory import make_pod, wait_for
 from test_execution import env_for, wait_terminal
 
 
@@ -132,27 +132,19 @@ def publisher():
     ctx.term()
 
 
-def until(check, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_the_subscription_follows_the_engine_and_survives_bad_batches_and_gaps(publisher):
     sub = KVEventSubscription(publisher.endpoint, name="vllm-0")
     try:
         # A SUB socket misses what was sent before it joined: publish until it hears.
         sub.sent(list(range(12)), PUBLIC)
-        assert until(lambda: (publisher(stored([1], None, range(4))) or sub.cached_tokens(list(range(8)), ACME) == 4))
+        assert wait_for(lambda: publisher(stored([1], None, range(4))) or sub.cached_tokens(list(range(8)), ACME) == 4,
+                        timeout=10.0)
         publisher(payload=b"\x93not an event batch")
         publisher(stored([2], 1, range(4, 8)))
-        assert until(lambda: sub.cached_tokens(list(range(12)), ACME) == 8)
+        assert wait_for(lambda: sub.cached_tokens(list(range(12)), ACME) == 8, timeout=10.0)
         assert sub.errors == 1
         publisher(stored([3], 2, range(8, 12)), skip=1)  # the batch before it went missing
-        assert until(lambda: sub.gaps == 1)
+        assert wait_for(lambda: sub.gaps == 1, timeout=10.0)
         assert sub.cached_tokens(list(range(16)), ACME) == 0, "after a gap nothing is trusted, even the new batch's chain"
     finally:
         sub.close()
@@ -259,7 +251,8 @@ def test_two_attached_vllm_servers_with_kv_events_a_session_returns_to_the_one_t
             assert held_a.observed is not None
             prompt_a = held_a.expected.tokens
             owners_a = ["acme", "acme/coder", "public"]
-            assert until(lambda: held_a.observed.cached_tokens(prompt_a, owners_a) > 0), "X's events never arrived"
+            assert wait_for(lambda: held_a.observed.cached_tokens(prompt_a, owners_a) > 0, timeout=10.0), \
+                "X's events never arrived"
             other = wait_terminal(node, node.submit_pod(make_pod(
                 name="b", system="You answer in French.", turns=["bonjour"], provider=x)).id)
             assert other.status.phase.value == "Succeeded" and other.status.turns[0].provider == x
