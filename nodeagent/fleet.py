@@ -171,10 +171,10 @@ def _check_kv_events(index: int, decl: ProviderDeclaration) -> None:
     if not host or port + decl.replicas - 1 > 65535:
         raise FleetError(f"{where}: {decl.kv_events!r} is not tcp://HOST:PORT with a port for each of "
                          f"{decl.replicas} replica(s)")
-    from nodeagent.kvevents import KVEventsUnavailable, _zmq
+    from nodeagent.kvevents import KVEventsUnavailable, require_zmq
 
     try:
-        _zmq()
+        require_zmq()
     except KVEventsUnavailable as exc:
         raise FleetError(f"{where}: {exc}") from None
 

@@ -71,7 +71,7 @@ log = logging.getLogger("agent_machine.kvevents")
 
 __all__ = [
     "MEDIUM", "AllBlocksCleared", "BlockLedger", "BlockRemoved", "BlockStored", "EventBatch", "KVEventSource",
-    "KVEventsUnavailable", "Subscriber", "ZmqPublisher", "decode_batch", "encode_batch", "install_from_config",
+    "KVEventsUnavailable", "Subscriber", "require_zmq", "ZmqPublisher", "decode_batch", "encode_batch", "install_from_config",
     "topic_for",
 ]
 
@@ -94,7 +94,8 @@ def _msgpack() -> Any:
     return msgpack
 
 
-def _zmq() -> Any:
+def require_zmq() -> Any:
+    """The pyzmq module, or `KVEventsUnavailable` saying what to install."""
     try:
         import zmq
     except ImportError:
@@ -294,7 +295,7 @@ class ZmqPublisher:
 
     def __init__(self, endpoint: str, replay_endpoint: str | None = None, *, connect: bool = False,
                  buffer_steps: int = 10_000, hwm: int = 100_000) -> None:
-        zmq = _zmq()
+        zmq = require_zmq()
         _msgpack()
         self.endpoint, self.replay_endpoint = endpoint, replay_endpoint
         self._ctx = zmq.Context()
@@ -344,7 +345,7 @@ class ZmqPublisher:
         self._ctx.term()
 
     def _run(self) -> None:
-        zmq = _zmq()
+        zmq = require_zmq()
         while True:
             try:
                 item = self._queue.get(timeout=0.02)
@@ -606,7 +607,7 @@ class Subscriber:
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        zmq = _zmq()
+        zmq = require_zmq()
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt_string(zmq.SUBSCRIBE, self.topic)
@@ -622,7 +623,7 @@ class Subscriber:
         return self.received
 
     def replay(self, start: int, timeout_s: float = 2.0) -> list[tuple[int, EventBatch]]:
-        zmq = _zmq()
+        zmq = require_zmq()
         if self.replay_endpoint is None:
             raise KVEventsUnavailable("this subscriber has no replay endpoint")
         dealer = self._ctx.socket(zmq.DEALER)

@@ -171,9 +171,9 @@ class KVEventSubscription:
     """
 
     def __init__(self, endpoint: str, prefixes: CachedPrefixes | None = None, *, name: str = "") -> None:
-        from nodeagent.kvevents import _zmq
+        from nodeagent.kvevents import require_zmq
 
-        zmq = _zmq()
+        zmq = require_zmq()
         self.endpoint = endpoint
         self.prefixes = prefixes or CachedPrefixes()
         self.errors = 0
