@@ -345,12 +345,16 @@ def busy_fraction(candidates: Sequence[CandidateState], folded: "Folded | None" 
     much as it delays this one. ``folded``: eligible slots the caller left out
     (`SlotFolder`), counted as they are."""
     eligible = [c for c in candidates if not c.rejected]
-    busy = sum(1 for c in eligible
-               if c.running_remaining_s > 0 or c.queued_prefill_tokens > 0 or c.queued_decode_tokens > 0)
+    busy = sum(1 for c in eligible if _has_work(c.running_remaining_s, c.queued_prefill_tokens, c.queued_decode_tokens))
     total = len(eligible)
     if folded is not None:
         busy, total = busy + folded.busy, total + folded.idle + folded.busy
     return busy / total if total else 0.0
+
+
+def _has_work(running_remaining_s: float, queued_prefill_tokens: int, queued_decode_tokens: int) -> bool:
+    """A candidate with work ahead of a new request: what `busy_fraction` counts as busy."""
+    return running_remaining_s > 0 or queued_prefill_tokens > 0 or queued_decode_tokens > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +427,7 @@ class SlotFolder:
         self._fronts[engine] = kept
 
     def _count(self, remaining: float, prefill: int, decode: int) -> None:
-        if remaining > 0 or prefill > 0 or decode > 0:  # as `busy_fraction` counts a candidate busy
+        if _has_work(remaining, prefill, decode):
             self._busy += 1
         else:
             self._idle += 1
