@@ -363,7 +363,7 @@ class PodExecutor:
         owners = _owners(session)
         states, by_name = [], {}
         now = time.monotonic()
-        shared = self._engine_work(managed, now)
+        shared, outstanding = self._engine_work(managed, now)
         folder, resolved, fold = SlotFolder(), self.rates.resolved, self.fold_slots
         packed = PackedPrompt(session.tokens)  # compared with every context that starts like it
 
@@ -376,7 +376,7 @@ class PodExecutor:
                 prefill, decode, remaining = prefill - running.prefill_tokens, decode - running.decode_tokens, left
             if m.group is not None:  # its engine's other slots run batched with it: their work slows it
                 engine_prefill, engine_decode = shared.get(m.group, (0, 0))
-                own_prefill, own_decode = self._outstanding(m, now)
+                own_prefill, own_decode = outstanding[m.name]
                 prefill += int(SLOT_PREFILL_CONTENTION * (engine_prefill - own_prefill))
                 decode += int(SLOT_DECODE_CONTENTION * (engine_decode - own_decode))
             return prefill, decode, remaining
@@ -558,15 +558,18 @@ class PodExecutor:
                                                       self.rates.estimate(managed.name, DECODE).value)
         return max(0, prefill - done_prefill), max(0, decode - done_decode)
 
-    def _engine_work(self, managed: Sequence[ManagedProvider], now: float) -> dict[str, tuple[int, int]]:
-        """Outstanding (prefill, decode) tokens per engine, summed over its slots."""
+    def _engine_work(self, managed: Sequence[ManagedProvider],
+                     now: float) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+        """Outstanding (prefill, decode) tokens per engine, summed over its slots, and per
+        slot (each computed once per decision)."""
         work: dict[str, tuple[int, int]] = {}
+        own: dict[str, tuple[int, int]] = {}
         for m in managed:
             if m.group is not None:
                 prefill, decode = work.get(m.group, (0, 0))
-                own_prefill, own_decode = self._outstanding(m, now)
+                own_prefill, own_decode = own[m.name] = self._outstanding(m, now)
                 work[m.group] = (prefill + own_prefill, decode + own_decode)
-        return work
+        return work, own
 
     def _busy_siblings(self, managed: ManagedProvider) -> int:
         """The other slots of ``managed``'s engine running a turn now."""
