@@ -68,7 +68,7 @@ def main() -> int:
                     for rep in range(3):
                         provider.generate(GenerationRequest(prompt_tokens=prompt(8, 100 + rep), max_tokens=0))
                         t0 = time.perf_counter()
-                        assert provider.restore_state(0, state) == n
+                        assert provider.restore_state(0, state).n_tokens == n
                         restores.append(time.perf_counter() - t0)
                     check = provider.generate(GenerationRequest(prompt_tokens=tokens + [400], max_tokens=1))
                     assert (check.cached_tokens, check.evaluated_tokens) == (n, 1), check

@@ -32,7 +32,7 @@ from nodeagent.node import Node, default_executor
 from nodeagent.providers.base import Rates
 from nodeagent.providers.llama_server import locate_llama_server
 from nodeagent.scheduler import placement
-from nodeagent.scheduler.placement import LoadGuard, busy_fraction
+from nodeagent.scheduler.placement import LoadGuard, busy_fraction, explain
 from nodeagent.scheduler.rates import DECODE, PREFILL
 
 from pod_factory import make_pod, wait_for
@@ -292,7 +292,7 @@ def test_the_example_fleet_places_sixteen_sessions_where_their_prefix_is(tmp_pat
                 # After the first turn every turn lands where its prefix is: its slot (T0)
                 # or a restore of its saved state into a free slot (T1/T2).
                 chosen = next(c for c in decision.candidates if c.provider == decision.chosen)
-                assert chosen.cache_source in ("T0", "T1", "T2"), decision.reason
+                assert chosen.cache_source in ("T0", "T1", "T2"), explain(decision)
                 # (llama-server may evaluate the last shared token again to get its logits)
                 assert turn.cache_tier == chosen.cache_source and turn.cached_tokens >= chosen.cached_tokens - 1 > 0
                 assert turn.provider == decision.chosen
@@ -468,7 +468,7 @@ def test_one_model_over_a_subprocess_a_podman_container_and_an_attached_server(t
             assert got.status.phase is PodPhase.succeeded, got.status.reasons
             for turn, decision in zip(got.status.turns[1:], node.pod_decisions(pod.id)[1:]):
                 chosen = next(c for c in decision.candidates if c.provider == decision.chosen)
-                assert chosen.cache_source in ("T0", "T1", "T2") and turn.cached_tokens > 0, decision.reason
+                assert chosen.cache_source in ("T0", "T1", "T2") and turn.cached_tokens > 0, explain(decision)
             used |= {modes[t.provider] for t in got.status.turns}
         assert used == {"subprocess", "podman", "attach"}
     finally:

@@ -157,7 +157,7 @@ def test_save_restore_round_trip_continues_identically(server, control, tiers):
     assert cold.cached_tokens == 0  # after an erase nothing is reused...
 
     server.erase(1)
-    assert server.restore_state(1, t1 / "pod-a.bin") == len(tokens)
+    assert server.restore_state(1, t1 / "pod-a.bin").n_tokens == len(tokens)
     assert server.context_tokens(1) == tokens
     warm = greedy(server, tokens, 1)
     assert warm.cached_tokens == len(tokens) - 1  # ...after a restore the whole prefix is
@@ -170,8 +170,42 @@ def test_restore_into_another_slot(server, control, tiers):
     prime(server, tokens, 0)
     server.save_state(0, t1 / "from-slot-0.bin")
     server.erase(1)
-    assert server.restore_state(1, t1 / "from-slot-0.bin") == len(tokens)
+    assert server.restore_state(1, t1 / "from-slot-0.bin").n_tokens == len(tokens)
     assert greedy(server, tokens, 1).completion_tokens == expected
+
+
+def test_a_restore_behind_a_sibling_slots_prefill_reports_the_servers_own_time(
+        llama_server_binary, smollm2_path, tmp_path):
+    """llama-server runs a slot restore between batches: behind another slot's prefill the
+    request waits seconds for a ~1 ms restore. The wait is queue; the rate placement
+    prices restores with is the server's own time (a wall-clock rate made restores look
+    slower than recomputing the prompt, and placement recomputed prompts it held)."""
+    spec = resolve_spec(
+        load_catalog().get("llama-server"), name="ls-busy", mode="subprocess", model_path=smollm2_path,
+        port=free_port(), executable=str(llama_server_binary), slot_save_dir=tmp_path / "slots",
+        params={"ctx_size": 4096, "parallel": 2}, extra_args=["--threads", "1"], start_timeout_s=60)
+    server = LlamaServerProvider.from_spec(spec, SubprocessLauncher(Registry(tmp_path / "registry")))
+    server.start()
+    try:
+        tokens = server.tokenize("You are a helpful assistant. " * 20)
+        greedy(server, tokens, 1)
+        saved = server.save_state(1, tmp_path / "saved.bin")
+        # ~700 tokens: over a second of prefill on one thread (GET /slots would itself wait
+        # for the batch, so the sibling is given time to start instead of being polled).
+        long_prompt = server.tokenize("The quick brown fox jumps over the lazy dog. " * 70)
+        sibling = threading.Thread(target=lambda: greedy(server, long_prompt, 0))
+        sibling.start()
+        time.sleep(0.3)
+        began = time.perf_counter()
+        restored = server.restore_state(1, tmp_path / "saved.bin")
+        waited = time.perf_counter() - began
+        sibling.join()
+        assert (restored.n_tokens, restored.size_bytes) == (saved.n_tokens, saved.size_bytes)
+        assert waited > 0.1 and restored.restore_s < waited / 10, (restored, waited)
+        assert server.rates().restore_bytes_per_s == pytest.approx(restored.size_bytes / restored.restore_s)
+    finally:
+        server.stop()
+        server.close()
 
 
 def test_tier_move_keeps_state_and_digest(server, control, tiers):
@@ -234,7 +268,7 @@ def test_unverified_states_are_refused_unless_asked(server, control, tiers):
     meta_path(path).unlink()
     with pytest.raises(StateCorrupt, match="no .meta.json sidecar"):
         server.restore_state(1, path)
-    assert server.restore_state(1, path, verify=False) == len(tokens)
+    assert server.restore_state(1, path, verify=False).n_tokens == len(tokens)
 
 
 def test_the_servers_own_refusal_is_state_corrupt(server, control, tiers):

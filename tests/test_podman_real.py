@@ -84,7 +84,7 @@ def test_llama_server_in_podman_mode(podman_image, tiny_model_path, tmp_path):
         provider.generate(GenerationRequest(prompt_tokens=tokens, max_tokens=0, slot=0))
         saved = provider.save_state(0, tmp_path / "t2" / "pod.bin")  # written in the container, moved to T2
         assert saved.n_tokens == len(tokens) and read_slot_file_tokens(saved.path) == tokens
-        assert provider.restore_state(1, saved.path) == len(tokens)  # staged back through the mount
+        assert provider.restore_state(1, saved.path).n_tokens == len(tokens)  # staged back through the mount
         resumed = provider.generate(GenerationRequest(prompt_tokens=tokens, max_tokens=6, slot=1))
         assert resumed.cached_tokens == len(tokens) - 1
         assert resumed.completion_tokens == control.completion_tokens

@@ -90,7 +90,7 @@ def test_save_restore_continues_exactly_as_without_the_round_trip(provider, tiny
     assert direct.cached_tokens == 300
 
     provider.generate(GenerationRequest(prompt_tokens=_prompt(200, 2000), max_tokens=1))  # overwrite the context
-    assert provider.restore_state(0, tmp_path / "s.state") == 300
+    assert provider.restore_state(0, tmp_path / "s.state").n_tokens == 300
     assert provider.context_tokens() == prefix
     resumed = provider.generate(GenerationRequest(prompt_tokens=prefix + suffix, max_tokens=16))
     assert (resumed.cached_tokens, resumed.evaluated_tokens) == (300, 4)
@@ -101,7 +101,7 @@ def test_save_restore_continues_exactly_as_without_the_round_trip(provider, tiny
                                    options=LlamaOptions(n_ctx=1024, n_threads=1))
     other.start()
     try:
-        assert other.restore_state(0, tmp_path / "s.state") == 300
+        assert other.restore_state(0, tmp_path / "s.state").n_tokens == 300
         again = other.generate(GenerationRequest(prompt_tokens=prefix + suffix, max_tokens=16))
         assert again.completion_tokens == direct.completion_tokens and again.evaluated_tokens == 4
     finally:
@@ -128,7 +128,7 @@ def test_corrupt_or_foreign_state_is_refused(provider, tiny_model_path, tmp_path
     # structure is still checked, and an intact file restores.
     with pytest.raises(StateCorrupt, match="truncated"):
         provider.restore_state(0, tmp_path / "short.state", verify=False)
-    assert provider.restore_state(0, path, verify=False) == 50
+    assert provider.restore_state(0, path, verify=False).n_tokens == 50
 
     stranger = LlamaCppPythonProvider("stranger", tiny_model_path, model_digest="sha256:" + "cd" * 32,
                                       options=LlamaOptions(n_ctx=1024, n_threads=1))

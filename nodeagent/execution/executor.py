@@ -43,7 +43,8 @@ from nodeagent.execution.tokens import PromptTokens, Tokenizer
 from nodeagent.kvcache.blocks import block_keys
 from nodeagent.kvcache.manager import CacheManager
 from nodeagent.pods import PodInvalid, PodNotPlaceable, PodReferenceUnknown
-from nodeagent.providers.base import GenerationRequest, ProviderError, ProviderUnavailable, StateCorrupt
+from nodeagent.providers.base import (GenerationRequest, ProviderError, ProviderUnavailable, StateCorrupt,
+                                     StateUnsupported)
 from nodeagent.scheduler.cost import queue_wait_s
 from nodeagent.scheduler.placement import (CandidateState, Decision, Folded, LoadGuard, PackedPrompt, PlacementRequest,
                                            SlotFolder, TierMatch, place)
@@ -645,7 +646,7 @@ class PodExecutor:
             with self._place_lock:
                 if managed.queued_requests <= 1:  # nothing placed behind it: this is the future too
                     managed.expected = managed.held
-            if self.cache is not None and pod.spec.policy.cache_reuse:
+            if self.cache is not None and pod.spec.policy.cache_reuse and managed.saves_state:
                 self._save(managed, session)
             finished = time.time()
         from nodeagent import metrics
@@ -686,17 +687,17 @@ class PodExecutor:
         with self.cache.restoring(prefix) as restore:
             if restore is None:
                 return None  # corrupt or gone: dropped and counted by the cache
-            began = time.perf_counter()
             try:
                 # The cache has just hashed the file against its index: one check is enough.
-                provider_tokens = managed.provider.restore_state(0, restore.path, verify=False)
+                restored = managed.provider.restore_state(0, restore.path, verify=False)
             except StateCorrupt as exc:
                 self.cache.report_corrupt(match.entry_id, reason=str(exc))
                 managed.forget_context()
                 return None
-            self._observe(managed, restore_quantity(restore.served_from), restore.entry.bytes,
-                               time.perf_counter() - began)
-            del provider_tokens
+            # The engine's own restore time: a wait for its other slots' batch is queue,
+            # priced as such; folded into the rate it made a 1 ms restore look like seconds
+            # and placement recompute prompts it could restore.
+            self._observe(managed, restore_quantity(restore.served_from), restore.entry.bytes, restored.restore_s)
             managed.hold(HeldContext())  # the turn's generate sets it from what the provider now holds
             return restore.served_from
 
@@ -706,10 +707,15 @@ class PodExecutor:
             managed.provider.save_state(0, staging)
             covered = managed.provider.context_tokens(0)
             self.cache.put(staging, covered, session.spans_for(len(covered)), state_format=managed.kind)
-        except Exception:
-            # A failed save costs the next turn a recompute, never this turn's answer.
+        except StateUnsupported as exc:
+            managed.saves_state = False
+            log.info("provider %s keeps no saved contexts in T1/T2 (%s)", managed.name, exc)
             staging.unlink(missing_ok=True)
-            return
+        except Exception as exc:
+            # A failed save costs the next turn a recompute, never this turn's answer.
+            log.warning("provider %s: saving the context to T1 failed (%s: %s); its next turn recomputes",
+                        managed.name, type(exc).__name__, exc)
+            staging.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ endings
     def _fail(self, pod: AgentPod, message: str, error_class: str, queued: float, *, turn: int | None,

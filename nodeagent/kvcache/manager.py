@@ -7,7 +7,7 @@ Typical use by the node (one turn of a pod)::
     if found.best is not None:
         with cache.restoring(found.best) as restore:   # None: corrupt, dropped, counted
             if restore is not None:
-                provider.restore_state(slot, restore.path)
+                provider.restore_state(slot, restore.path)  # -> RestoredState
     ... generate ...
     staging = cache.staging_path()
     provider.save_state(slot, staging)

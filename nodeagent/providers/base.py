@@ -111,6 +111,16 @@ class SavedState:
 
 
 @dataclass(frozen=True)
+class RestoredState:
+    n_tokens: int  # the context length the slot holds now
+    size_bytes: int  # of the state read
+    # The engine's own time restoring, without any wait in its queue (a sibling slot's
+    # batch): the restore rate placement prices; the wait is a queue term, alike for
+    # every cache option of the slot.
+    restore_s: float
+
+
+@dataclass(frozen=True)
 class Rates:
     """Measured on this machine by the provider; the cost model's inputs."""
 
@@ -163,8 +173,8 @@ class Provider(Protocol):
         """The tokens whose KV the slot holds now (tier T0)."""
         ...
     def save_state(self, slot: int, path: Path) -> SavedState: ...
-    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> int:
-        """Restore into ``slot``; returns the number of tokens restored.
+    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> RestoredState:
+        """Restore into ``slot``: the tokens it now holds and what the restore cost.
 
         ``verify=False``: the caller has just checked the whole file against a
         digest it keeps (the cache does, on every restore), so the provider may

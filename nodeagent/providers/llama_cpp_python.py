@@ -45,6 +45,7 @@ from nodeagent.providers.base import (
     ProviderError,
     ProviderUnavailable,
     Rates,
+    RestoredState,
     SavedState,
     StateCorrupt,
     TextSink,
@@ -352,13 +353,12 @@ class LlamaCppPythonProvider:
             self._measured.update("save", info["size_bytes"] / info["save_s"])
         return SavedState(path=Path(path), n_tokens=info["n_tokens"], size_bytes=info["size_bytes"], save_s=info["save_s"])
 
-    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> int:
+    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> RestoredState:
         self._check_slot(slot)
         info = self._call("restore_state", path=str(Path(path).resolve()), verify=verify)
         if info["restore_s"] > 0:
             self._measured.update("restore", info["size_bytes"] / info["restore_s"])
-        self.last_restore = info
-        return info["n_tokens"]
+        return RestoredState(n_tokens=info["n_tokens"], size_bytes=info["size_bytes"], restore_s=info["restore_s"])
 
     def rates(self) -> Rates:
         return self._measured.snapshot()

@@ -33,6 +33,7 @@ from nodeagent.providers.base import (
     ProviderCrashed,
     ProviderUnavailable,
     Rates,
+    RestoredState,
     SavedState,
     TextSink,
 )
@@ -151,7 +152,7 @@ class SlotProvider:
     def save_state(self, slot: int, path: Path) -> SavedState:
         return self._alive_call(lambda: self.replica.server.save_state(self.slot, path))
 
-    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> int:
+    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> RestoredState:
         return self._alive_call(lambda: self.replica.server.restore_state(self.slot, path, verify=verify))
 
     def erase(self) -> int:

@@ -35,6 +35,7 @@ from nodeagent.providers.base import (
     ProviderError,
     ProviderUnavailable,
     Rates,
+    RestoredState,
     SavedState,
     StateUnsupported,
     TextSink,
@@ -259,7 +260,7 @@ class VllmProvider:
     def save_state(self, slot: int, path: Path) -> SavedState:
         raise StateUnsupported(f"{self.name}: vLLM cannot save KV state to a file (tiering is left to vLLM)")
 
-    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> int:
+    def restore_state(self, slot: int, path: Path, *, verify: bool = True) -> RestoredState:
         raise StateUnsupported(f"{self.name}: vLLM cannot restore KV state from a file (tiering is left to vLLM)")
 
     def rates(self) -> Rates:
