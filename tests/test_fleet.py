@@ -8,6 +8,7 @@ found, restarted, and every turn still ends with a receipt.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
@@ -29,7 +30,7 @@ from nodeagent.fleet import FleetError, default_rule, plan_fleet
 from nodeagent.kvcache.blocks import Namespace
 from nodeagent.models.store import ModelStore
 from nodeagent.node import Node, default_executor
-from nodeagent.providers.base import Rates
+from nodeagent.providers.base import ProviderUnavailable, Rates
 from nodeagent.providers.llama_server import locate_llama_server
 from nodeagent.scheduler import placement
 from nodeagent.scheduler.placement import LoadGuard, busy_fraction, explain
@@ -356,11 +357,12 @@ def test_a_replica_killed_mid_run_is_restarted_and_every_turn_ends_with_a_receip
 
 @pytest.mark.llama
 @pytest.mark.slow
-def test_an_attached_server_is_placed_on_and_left_running(tmp_path, tiny_model_path, llama_server):
+def test_an_attached_server_is_placed_on_and_left_running(tmp_path, tiny_model_path, llama_server, caplog):
     from nodeagent.launch.registry import Registry
     from nodeagent.launch.subprocess import SubprocessLauncher, free_port
     from nodeagent.providers.catalog import load_catalog, resolve_spec
 
+    caplog.set_level(logging.INFO, logger="agent_machine.execution")
     store = ModelStore(tmp_path / "state")
     record = store.import_model(tiny_model_path, "tiny")
     launcher = SubprocessLauncher(Registry(tmp_path / "mine"))
@@ -381,6 +383,12 @@ def test_an_attached_server_is_placed_on_and_left_running(tmp_path, tiny_model_p
                 assert got.status.phase is PodPhase.succeeded, got.status.reasons
                 assert all(t.provider.startswith("tiny-ls-0/slot-") for t in got.status.turns)
             assert {r.mode for r in node.list_providers()} == {"attach"}
+            # Attached without a slot-save directory: its slots cannot save, say so once each and
+            # are not asked again (a vLLM engine alike).
+            ran = {t.provider for pod in pods for t in node.get_pod(pod.id).status.turns}
+            said = [r.getMessage().split()[1] for r in caplog.records if "keeps no saved contexts" in r.getMessage()]
+            assert {m.name for m in node.executor.pool.all() if not m.saves_state} == ran
+            assert sorted(said) == sorted(ran)
         finally:
             node.close()
         assert launcher.state("mine") == "running"  # attached: not the node's to stop
@@ -408,6 +416,17 @@ def test_a_bad_config_on_sighup_leaves_the_running_fleet_untouched(tmp_path, tin
         assert len(node.executor.pool.all()) == 2 and node.config.providers[0].kind == "llama_server"
     finally:
         node.close()
+
+
+def test_a_load_that_leaves_no_running_provider_is_a_clear_error():
+    """A declared fleet's loader hands the residency manager a handle and adds its slots to
+    the pool itself; when none is running after it returns, the load says so (the handle
+    is not a provider to place turns on)."""
+    handle = SimpleNamespace(name="tiny-ls", unload=lambda: None)
+    pool = ProviderPool(loader=lambda record, **options: handle)
+    with pytest.raises(ProviderUnavailable, match="loading tiny left no running provider"):
+        pool.load(RECORD)
+    assert pool.all() == []
 
 
 def test_serve_refuses_a_bad_declaration_at_start_naming_the_field(tmp_path, tiny_model_path):

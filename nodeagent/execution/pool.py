@@ -176,6 +176,9 @@ class ManagedProvider:
     next_restart_at: float = 0.0
     last_restart_error: str | None = None
     restarts: int = 0
+    # False once the provider said it cannot save its context (a vLLM engine, a llama-server
+    # without a slot-save directory): its turns stop trying, and say so once.
+    saves_state: bool = True
     # Called with (self, new held context) whenever what the engine holds changes
     # (KV events publish T0 from here); set by the pool when it is added.
     context_listeners: list[Callable[["ManagedProvider", HeldContext], None]] = field(default_factory=list)
@@ -491,6 +494,8 @@ class ProviderPool:
             started = self.for_model(record.digest)  # a declared fleet adds its own (one per slot)
             if started:
                 return started[0]
+            if not isinstance(provider, Provider):
+                raise ProviderUnavailable(f"loading {model_name(record)} left no running provider in the pool")
             return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
 
 
