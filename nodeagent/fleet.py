@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nodeagent.config import LAUNCH_MODES, PROVIDER_KINDS, ProviderDeclaration
-from nodeagent.execution.pool import ManagedProvider, ProviderPool, ProviderStart, model_name
+from nodeagent.execution.pool import ManagedProvider, ProviderPool, ProviderStart, SelfAddingHandle, model_name
 from nodeagent.providers.base import ProviderError
 
 log = logging.getLogger("agent_machine.fleet")
@@ -220,7 +220,7 @@ def _gib(size: int) -> str:
 
 # ------------------------------------------------------------------ running
 @dataclass
-class FleetHandle:
+class FleetHandle(SelfAddingHandle):
     """What the residency manager holds for a loaded declared model: unloading stops its replicas."""
 
     name: str

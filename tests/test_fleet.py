@@ -26,7 +26,7 @@ from nodeagent.contracts.pod import PodPhase
 from nodeagent.execution import executor as executor_module
 from nodeagent.execution.executor import PodExecutor
 from nodeagent.execution.pool import HeldContext, ManagedProvider, ProviderPool, RunningTurn
-from nodeagent.fleet import FleetError, default_rule, plan_fleet
+from nodeagent.fleet import FleetError, FleetHandle, default_rule, plan_fleet
 from nodeagent.kvcache.blocks import Namespace
 from nodeagent.models.store import ModelStore
 from nodeagent.node import Node, default_executor
@@ -422,7 +422,7 @@ def test_a_load_that_leaves_no_running_provider_is_a_clear_error():
     """A declared fleet's loader hands the residency manager a handle and adds its slots to
     the pool itself; when none is running after it returns, the load says so (the handle
     is not a provider to place turns on)."""
-    handle = SimpleNamespace(name="tiny-ls", unload=lambda: None)
+    handle = FleetHandle("tiny-ls", fleet=None, digest=RECORD.digest)
     pool = ProviderPool(loader=lambda record, **options: handle)
     with pytest.raises(ProviderUnavailable, match="loading tiny left no running provider"):
         pool.load(RECORD)

@@ -145,6 +145,11 @@ class PrefixObserver(Protocol):
     def close(self) -> None: ...
 
 
+class SelfAddingHandle:
+    """What a loader returns when the engines it started put their own slots in the pool
+    (a declared fleet) instead of being one provider: a handle to unload, not a provider."""
+
+
 @dataclass
 class ManagedProvider:
     """A provider as the executor sees it: one request at a time, with its queue and live context."""
@@ -494,7 +499,7 @@ class ProviderPool:
             started = self.for_model(record.digest)  # a declared fleet adds its own (one per slot)
             if started:
                 return started[0]
-            if not isinstance(provider, Provider):
+            if isinstance(provider, SelfAddingHandle):
                 raise ProviderUnavailable(f"loading {model_name(record)} left no running provider in the pool")
             return self.add(ManagedProvider(provider, record.digest, version=_version_of(provider)))
 
