@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from nodeagent.config import ConfigError, LoadedConfig, load_config
+from nodeagent.fleet import FleetError
 from nodeagent.fsutil import ensure_private_dir, restrict_umask
 from nodeagent.notify import Notifier, listen_fds, watchdog_interval
 from nodeagent.paths import APP
@@ -502,6 +503,10 @@ def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedC
         if paused:
             node.pause_dispatch()
         listeners = open_listeners(loaded, token)
+    except FleetError as exc:  # a bad [[providers]] declaration: named, not a traceback
+        node.close()
+        notifier.status(f"failed: {exc}")
+        raise ServeError(str(exc)) from exc
     except BaseException as exc:
         node.close()
         notifier.status(f"failed: {exc}")

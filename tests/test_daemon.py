@@ -227,6 +227,17 @@ def test_tcp_needs_a_token(running, tmp_path):
     assert not server.socket_path.exists()
 
 
+def test_a_declared_provider_for_a_missing_model_is_a_named_error_not_a_traceback(running, tmp_path):
+    config = tmp_path / "fleet.toml"
+    config.write_text('[[providers]]\nmodel = "smollm2"\n')
+    server = running(AGENT_MACHINE_CONFIG=str(config))
+    assert server.proc.wait(timeout=60) == 1
+    log = server.read_log()
+    assert "agent-machine: error: providers[0].model: 'smollm2' is not in the model store" in log
+    assert "agent-machine models import" in log and "Traceback" not in log
+    assert not server.socket_path.exists()
+
+
 def test_tcp_with_a_token(running, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
