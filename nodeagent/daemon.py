@@ -461,7 +461,12 @@ def _configure_logging(level: str) -> None:
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt)
+    chosen = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=chosen, format=fmt)
+    # httpx logs every request at INFO: each replica's health check every few seconds and
+    # every slot action would fill the journal. They show at debug.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(chosen, logging.WARNING) if chosen > logging.DEBUG else chosen)
 
 
 def load_start(loaded: LoadedConfig | None = None,

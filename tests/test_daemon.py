@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import pytest
 
 from nodeagent.config import load_config
 from nodeagent.contracts.pod import PodPhase
-from nodeagent.daemon import ServeError, bind_unix, open_listeners, parse_tcp
+from nodeagent.daemon import ServeError, _configure_logging, bind_unix, open_listeners, parse_tcp
 from nodeagent.pods import RESTART_REASON
 
 from pod_factory import make_pod
@@ -236,6 +237,19 @@ def test_a_declared_provider_for_a_missing_model_is_a_named_error_not_a_tracebac
     assert "agent-machine: error: providers[0].model: 'smollm2' is not in the model store" in log
     assert "agent-machine models import" in log and "Traceback" not in log
     assert not server.socket_path.exists()
+
+
+@pytest.mark.parametrize("level, httpx_level", [("info", logging.WARNING), ("warning", logging.WARNING),
+                                                ("error", logging.ERROR), ("debug", logging.DEBUG)])
+def test_the_http_clients_request_lines_show_only_at_debug(level, httpx_level):
+    before = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    try:
+        _configure_logging(level)
+        assert logging.getLogger("httpx").getEffectiveLevel() == httpx_level
+        assert logging.getLogger("httpcore").getEffectiveLevel() == httpx_level
+    finally:
+        for name, value in before.items():
+            logging.getLogger(name).setLevel(value)
 
 
 def test_tcp_with_a_token(running, tmp_path):
