@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import psutil
 import pytest
 
@@ -74,6 +76,38 @@ def test_load_then_unload_frees_the_worker_memory(models, clock):
     finally:
         for digest in list(manager.resident):
             manager.unload(digest, force=True)
+
+
+def test_a_model_being_loaded_counts_as_loaded_so_its_providers_are_kept(models, clock):
+    """A declared fleet puts its slots in the provider pool while its loader runs; the
+    reconcile pass drops providers of models not loaded, so a load in progress is listed."""
+    entered, release = threading.Event(), threading.Event()
+    real = residency_loader(n_threads=1)
+
+    def slow_loader(request):
+        entered.set()
+        assert release.wait(30)
+        return real(request)
+
+    manager = ResidencyManager([PoolBudget("system", ("cpu",), 1 << 40, 0)], slow_loader, clock=clock)
+    loading = threading.Thread(target=lambda: manager.load(models[0]))
+    loading.start()
+    try:
+        assert entered.wait(30)
+        assert manager.loaded_digests() == {models[0].digest}  # without waiting for the load's lock
+    finally:
+        release.set()
+        loading.join(60)
+    assert manager.loaded_digests() == {models[0].digest} and len(manager.snapshot()) == 1
+    manager.unload(models[0].digest)
+
+    def failing_loader(request):
+        raise RuntimeError("no such engine")
+
+    manager.loader = failing_loader
+    with pytest.raises(RuntimeError):
+        manager.load(models[1])
+    assert manager.loaded_digests() == set()
 
 
 def test_keep_alive_timer_starts_when_the_last_request_ends(models, clock):

@@ -259,6 +259,10 @@ class ResidencyManager:
         self.default_keep_alive_s = _normalize_keep_alive(default_keep_alive_s, DEFAULT_KEEP_ALIVE_S)
         self.load_bytes_per_s = load_bytes_per_s
         self.resident: dict[str, Resident] = {}
+        # Digests whose loader is running: a declared fleet adds its slots to the provider
+        # pool before the loader returns, and a reconcile pass seeing them unlisted would
+        # drop them as evicted (the model then stayed "loaded" with no provider).
+        self._loading: set[str] = set()
         self._lock = threading.RLock()
         self.conn = conn
         if conn is not None:
@@ -390,7 +394,11 @@ class ResidencyManager:
             if request.digest in self.resident:  # reload with other options
                 self._unload(request.digest)
             start = time.perf_counter()
-            handle = self.loader(request)
+            self._loading.add(request.digest)
+            try:
+                handle = self.loader(request)
+            finally:
+                self._loading.discard(request.digest)
             load_seconds = time.perf_counter() - start
             if load_seconds > 0:
                 self.load_bytes_per_s = 0.7 * self.load_bytes_per_s + 0.3 * (request.meta.file_size / load_seconds)
@@ -497,7 +505,8 @@ class ResidencyManager:
 
     # ---------------------------------------------------------------- views
     def loaded_digests(self) -> set[str]:
-        return set(self.resident)
+        """The models loaded, and the one being loaded now (its providers are the node's)."""
+        return set(self.resident) | self._loading
 
     def snapshot(self) -> list[ModelResidency]:
         with self._lock:
