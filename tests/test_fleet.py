@@ -304,6 +304,10 @@ def test_the_example_fleet_places_sixteen_sessions_where_their_prefix_is(tmp_pat
         held = [row for row in rows.values() if row.held_tokens]
         assert held and all(row.owner and row.owner.startswith("t") and row.busy is False for row in held)
         assert {row.replica for row in rows.values()} == {"smollm2-ls-0", "smollm2-ls-1"}
+        # Each slot names its engine's process: one per replica, alive.
+        pids = {row.replica: {r.pid for r in rows.values() if r.replica == row.replica} for row in rows.values()}
+        assert all(len(p) == 1 and os.path.exists(f"/proc/{next(iter(p))}") for p in pids.values()), pids
+        assert len({next(iter(p)) for p in pids.values()}) == 2
     finally:
         node.close()
     assert not (tmp_path / "state" / "fleet").exists() or not list((tmp_path / "state" / "fleet").glob("*.json"))
@@ -383,6 +387,7 @@ def test_an_attached_server_is_placed_on_and_left_running(tmp_path, tiny_model_p
                 assert got.status.phase is PodPhase.succeeded, got.status.reasons
                 assert all(t.provider.startswith("tiny-ls-0/slot-") for t in got.status.turns)
             assert {r.mode for r in node.list_providers()} == {"attach"}
+            assert {r.pid for r in node.list_providers()} == {None}  # not the node's process
             # Attached without a slot-save directory: its slots cannot save, say so once each and
             # are not asked again (a vLLM engine alike).
             ran = {t.provider for pod in pods for t in node.get_pod(pod.id).status.turns}

@@ -52,6 +52,7 @@ import httpx
 from nodeagent.contracts.provider import ProviderSpec
 from nodeagent.fsutil import atomic_write_text, fsync_dir
 from nodeagent.launch.health import check_health
+from nodeagent.launch.registry import LaunchRecord
 from nodeagent.providers.base import (
     TextSink,
     feed,
@@ -79,7 +80,7 @@ CALIBRATION_TEXT = ("A node agent keeps models resident, keeps their caches warm
 
 
 class Launcher(Protocol):
-    def up(self, spec: ProviderSpec, wait: bool = True) -> Any: ...
+    def up(self, spec: ProviderSpec, wait: bool = True) -> LaunchRecord: ...
     def down(self, name: str, missing_ok: bool = False) -> bool: ...
 
 
@@ -246,6 +247,7 @@ class LlamaServerProvider:
         self._context: dict[int, list[int]] = {}
         self._lock = threading.Lock()
         self._measured = MeasuredRates()
+        self.pid: int | None = None  # the process it launched (None: attached, or a container)
 
     @classmethod
     def from_spec(cls, spec: ProviderSpec, launcher: Launcher | None = None, **kwargs: Any) -> "LlamaServerProvider":
@@ -260,12 +262,14 @@ class LlamaServerProvider:
             raise ProviderError(f"{self.name}: attached to {self.base_url}; it has no spec/launcher to start")
         if self.slot_dir is not None:
             self.slot_dir.mkdir(parents=True, exist_ok=True)
-        self.launcher.up(self.spec, wait=True)
+        record = self.launcher.up(self.spec, wait=True)
+        self.pid = record.pid
         self._context.clear()
 
     def stop(self) -> None:
         if self.launcher is not None:
             self.launcher.down(self.name, missing_ok=True)
+        self.pid = None
         self._context.clear()
 
     def close(self) -> None:

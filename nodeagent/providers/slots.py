@@ -126,6 +126,11 @@ class SlotProvider:
     def running(self) -> bool:
         return self.replica.running
 
+    @property
+    def pid(self) -> int | None:
+        """The engine process this slot lives in (None: attached, or in a container)."""
+        return self.replica.server.pid
+
     def start(self) -> None:
         self.replica.start()
 
