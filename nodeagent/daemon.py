@@ -508,13 +508,11 @@ def serve(loaded: LoadedConfig | None = None, *, node_factory: Callable[[LoadedC
         if paused:
             node.pause_dispatch()
         listeners = open_listeners(loaded, token)
-    except FleetError as exc:  # a bad [[providers]] declaration: named, not a traceback
-        node.close()
-        notifier.status(f"failed: {exc}")
-        raise ServeError(str(exc)) from exc
     except BaseException as exc:
         node.close()
         notifier.status(f"failed: {exc}")
+        if isinstance(exc, FleetError):  # a bad [[providers]] declaration: named, not a traceback
+            raise ServeError(str(exc)) from exc
         raise
     daemon = Daemon(node=node, listeners=listeners, token=token, notifier=notifier,
                     drain_timeout_s=drain_timeout_s, access_log=access_log, recovered=list(recovered or []),
