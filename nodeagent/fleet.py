@@ -189,12 +189,21 @@ def kv_events_endpoint(declared: str, index: int) -> tuple[str, int]:
     return host, int(port) + index
 
 
+_ANY_HOST = ("*", "0.0.0.0")  # kv_events on every interface: the engine binds "*", the node connects locally
+
+
+def kv_events_subscribe_url(declared: str, index: int) -> str:
+    """Where the node connects to read replica ``index``'s KV events."""
+    host, port = kv_events_endpoint(declared, index)
+    return f"tcp://{'127.0.0.1' if host in _ANY_HOST else host}:{port}"
+
+
 def vllm_kv_events_args(declared: str, index: int) -> list[str]:
     """What tells replica ``index`` of a launched vLLM to publish its KV events where the
     node subscribes (vLLM's ``KVEventsConfig``, as ``vllm serve --kv-events-config`` takes it)."""
     host, port = kv_events_endpoint(declared, index)
     # Its events carry every prompt's tokens on an unauthenticated socket: bind where declared.
-    bind = "*" if host in ("*", "0.0.0.0") else host
+    bind = "*" if host in _ANY_HOST else host
     return ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
                                               "endpoint": f"tcp://{bind}:{port}"})]
 
@@ -405,10 +414,8 @@ class Fleet:
         if decl.kv_events:
             from nodeagent.providers.vllm_events import KVEventSubscription
 
-            host, port = kv_events_endpoint(decl.kv_events, index)
             try:
-                observed = KVEventSubscription(
-                    f"tcp://{'127.0.0.1' if host in ('*', '0.0.0.0') else host}:{port}", name=name)
+                observed = KVEventSubscription(kv_events_subscribe_url(decl.kv_events, index), name=name)
             except Exception:
                 provider.stop()  # stops only what the node launched
                 provider.close()
