@@ -148,16 +148,18 @@ class CachedPrefixes:
     def cached_tokens(self, prompt: Sequence[int], owners: Sequence[str]) -> int:
         """Leading tokens of ``prompt`` the engine holds and that a pod seeing ``owners``
         may count (whole blocks; never the whole prompt: one token is always evaluated)."""
-        size = self.block_size
-        if not size or not self._held:
-            return 0
-        key, matched = _ROOT, 0
-        held, sent, visible = self._held, self._sent, set(owners)
-        for start in range(0, len(prompt) - size + 1, size):
-            key = hash((key, tuple(prompt[start:start + size])))
-            if key not in held or visible.isdisjoint(sent.get(key, ())):
-                break
-            matched += size
+        # Under the lock: the reader thread and `sent` change these sets while placement reads.
+        with self._lock:
+            size = self.block_size
+            if not size or not self._held:
+                return 0
+            key, matched = _ROOT, 0
+            held, sent, visible = self._held, self._sent, set(owners)
+            for start in range(0, len(prompt) - size + 1, size):
+                key = hash((key, tuple(prompt[start:start + size])))
+                if key not in held or visible.isdisjoint(sent.get(key, ())):
+                    break
+                matched += size
         return min(matched, max(0, len(prompt) - 1))
 
 
