@@ -319,24 +319,23 @@ def measure(cm, legacy, namespace, prompts, providers, registry, t0_held, hot, q
         matched = time.perf_counter_ns()
         folder, folded_now = SlotFolder(), None
         if slotted:
+            def slot_state(name: str, held: int) -> CandidateState:
+                q = queued[name]
+                return CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=held,
+                                      state_format=FORMAT, queued_requests=0 if q.idle else 1,
+                                      queued_prefill_tokens=q.prefill, queued_decode_tokens=q.decode)
+
             candidates = []
             for i, name in enumerate(providers):
                 q = queued[name]
                 if path == "after":  # the slots of a replica share its rates here
                     folder.offer(engine_of[name], t0[i], 0.0, q.prefill, q.decode, 0.0, name,  # type: ignore[index]
                                  (name, t0[i]))
-                    continue
-                candidates.append(CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=t0[i],
-                                                 state_format=FORMAT, queued_requests=0 if q.idle else 1,
-                                                 queued_prefill_tokens=q.prefill, queued_decode_tokens=q.decode))
+                else:
+                    candidates.append(slot_state(name, t0[i]))
             if path == "after":
                 kept, folded_now = folder.fold()
-                for name, held in kept:
-                    q = queued[name]
-                    candidates.append(CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=held,
-                                                     state_format=FORMAT,
-                                                     queued_requests=0 if q.idle else 1,
-                                                     queued_prefill_tokens=q.prefill, queued_decode_tokens=q.decode))
+                candidates += [slot_state(name, held) for name, held in kept]
         else:
             candidates = [CandidateState(name, hot[name], model_bytes=2 << 30, t0_cached_tokens=t0[i],
                                          state_format=FORMAT, queued_prefill_tokens=queued[name], load=queued[name])
